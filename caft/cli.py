@@ -1,0 +1,114 @@
+"""The `caft` command line. One subcommand per pipeline stage, each building a config and calling one library
+function. Heavy packages (torch, transformers, nnsight, sae_lens, peft) are imported inside the commands
+that need them, so `caft --help` and API-only commands start fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from caft import __version__
+from caft.errors import CaftError
+
+app = typer.Typer(
+    name="caft",
+    help="Concept Ablation Fine-Tuning with an LLM judge agent in the loop.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate run configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config field: --set train.lr=1e-5 (repeatable; values parsed as YAML)."),
+]
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def version() -> None:
+    """Print the caft version."""
+    print(__version__)
+
+
+@app.command()
+def doctor() -> None:
+    """Check the environment: package versions, devices, offline mode, which API keys are present."""
+    from caft.env import api_keys_present, devices, offline_mode, package_versions
+
+    print(f"caft {__version__}  (python {sys.version.split()[0]}, {sys.executable})")
+    print("packages:")
+    for name, ver in package_versions().items():
+        if name == "caft":
+            continue
+        print(f"  {name:<14} {ver or 'not installed'}")
+    print("devices:")
+    try:
+        dev = devices()
+    except ImportError as e:
+        print(f"  cannot import torch: {e}")
+    else:
+        print(f"  cpu: {dev['cpu_count']} cores, torch threads {dev['torch_threads']}")
+        for c in dev["cuda"]:
+            print(f"  cuda:{c['index']}: {c['name']} ({c['memory_gib']} GiB)")
+        if not dev["cuda"]:
+            print("  cuda: none")
+    print("offline mode:")
+    for k, v in offline_mode().items():
+        print(f"  {k:<22} {'yes' if v else 'no'}")
+    print("API keys (presence only; values are never printed):")
+    for k, present in api_keys_present().items():
+        print(f"  {k:<24} {'present' if present else 'absent'}")
+
+
+@config_app.command("validate")
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="A run config YAML file.")],
+    set_: SetOpt = None,
+) -> None:
+    """Validate a run config and print it resolved (defaults filled in, overrides applied)."""
+    from caft.config import RunConfig, config_to_yaml, load_config
+
+    try:
+        cfg = load_config(file, RunConfig, set_ or [])
+    except CaftError as e:
+        _fail(e)
+        return
+    print(config_to_yaml(cfg), end="")
+    typer.secho(f"{file}: valid", err=True, fg=typer.colors.GREEN)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """List every field of the run config with its type and documentation."""
+    from caft.config import RunConfig, describe_fields
+
+    for path, typ, doc in describe_fields(RunConfig):
+        print(f"{path}  ({typ})")
+        if doc:
+            for line in doc.splitlines():
+                print(f"    {line.strip()}")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the `caft` script."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    try:
+        return app(args=argv)
+    except CaftError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

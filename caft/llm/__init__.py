@@ -1,0 +1,1 @@
+"""caft.llm: LLM providers behind one async contract."""

@@ -1,0 +1,181 @@
+"""Model loading: causal LMs and encoders from a hub id or local path, peft adapters, dtype and device.
+
+    loaded = load_model(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct", adapter="runs/x/train/final"))
+    loaded.model, loaded.tokenizer, loaded.sites, loaded.device
+    with adapter_disabled(loaded.model): ...     # the base model, same weights in memory
+
+Tokenizers are set up for batching: a pad token (the EOS token when the model has none) and a padding
+side (`left` for generation, `right` for training; callers pick). Works offline with HF_HUB_OFFLINE=1 when
+the files are local or cached; a model that cannot be found says so and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+from caft.config import ModelConfig
+from caft.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from caft.sites import Sites
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but no CUDA device is available; use `device: cpu`")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    return table[dtype]
+
+
+def _not_found(name: str, err: Exception) -> ModelError:
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    hint = (
+        "HF_HUB_OFFLINE=1 is set, so only local directories and ids already in the Hugging Face cache load"
+        if offline
+        else "check the id or path, and your network access to the hub"
+    )
+    return ModelError(f"cannot load {name!r}: {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+
+
+def load_tokenizer(
+    name_or_path: str,
+    padding_side: Literal["left", "right"] = "right",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _not_found(name_or_path, e) from e
+    return prepare_tokenizer(tok, padding_side)
+
+
+def prepare_tokenizer(tok: PreTrainedTokenizerBase, padding_side: Literal["left", "right"] = "right") -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token (EOS if it has none) and a padding side."""
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError("the tokenizer has neither a pad nor an EOS token; add a pad token to it first")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    sites: Sites
+    device: torch.device
+    dtype: torch.dtype
+    config: ModelConfig
+
+    @property
+    def has_adapter(self) -> bool:
+        return is_peft_model(self.model)
+
+
+def _auto_class(kind: str) -> Any:
+    import transformers
+
+    return {
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "encoder": transformers.AutoModel,
+        "sequence_classification": transformers.AutoModelForSequenceClassification,
+    }[kind]
+
+
+def load_model(
+    cfg: ModelConfig,
+    padding_side: Literal["left", "right"] = "right",
+    adapter_trainable: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Load the model, its tokenizer and an optional peft adapter, on the configured device and dtype."""
+    from caft.sites import Sites
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tok = load_tokenizer(cfg.name_or_path, padding_side, cfg.revision, cfg.trust_remote_code)
+    try:
+        model = _auto_class(cfg.kind).from_pretrained(
+            cfg.name_or_path,
+            dtype=dtype,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **(model_kwargs or {}),
+        )
+    except (OSError, ValueError) as e:
+        raise _not_found(cfg.name_or_path, e) from e
+    model.to(device)
+    if cfg.adapter:
+        model = attach_adapter(model, cfg.adapter, trainable=adapter_trainable)
+    if not adapter_trainable:
+        model.eval()
+    return LoadedModel(model=model, tokenizer=tok, sites=Sites.of(model), device=device, dtype=dtype, config=cfg)
+
+
+def is_peft_model(model: Any) -> bool:
+    return type(model).__module__.startswith("peft") and hasattr(model, "disable_adapter")
+
+
+def attach_adapter(model: nn.Module, adapter: str | Path, trainable: bool = False) -> nn.Module:
+    """Put a saved peft adapter on `model`."""
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if path.exists() and not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{path} is not a peft adapter directory (no adapter_config.json)")
+    try:
+        wrapped: nn.Module = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except (OSError, ValueError) as e:
+        raise _not_found(str(adapter), e) from e
+    return wrapped
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model by switching the peft adapter off (a no-op for models without one)."""
+    if is_peft_model(model):
+        with cast(Any, model).disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold a peft adapter into the base weights and return the plain transformers model."""
+    if not is_peft_model(model):
+        return model
+    merged: nn.Module = cast(Any, model).merge_and_unload()
+    return merged

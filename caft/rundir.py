@@ -1,0 +1,255 @@
+"""Run directories: manifest, one folder per stage, completion markers, crash-safe file helpers.
+
+Layout of a run directory::
+
+    RUN/
+      manifest.json          resolved config, git commit + dirty flag, package versions, host, start time,
+                             model and judge ids (never an API key)
+      <stage>/               one folder per stage (train, diff, evidence, triage, caft, eval, ...)
+      <stage>/DONE.json      completion marker: written last, atomically; its presence means "finished"
+
+Stages resume from their own files: append-only JSONL (`JsonlWriter`: one flush + fsync per record) for
+record streams, `atomic_write_*` (temp file + rename) for whole files, so a crash never leaves a file that
+looks complete but is not. `read_jsonl` tolerates one torn final line (a crash mid-write) and reports any
+other malformed line with its line number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from caft.errors import DataError, RunDirError
+
+MANIFEST = "manifest.json"
+DONE_MARKER = "DONE.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder + fsync + rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(p.parent)
+    return p
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"object of type {type(o).__name__} is not JSON serializable")
+
+
+class JsonlWriter:
+    """Append-only JSONL: each `write` is one line, flushed and fsynced before it returns.
+
+    A torn last line from an earlier crash is cut off when the file is opened, so appends never glue a new
+    record onto half of an old one.
+    """
+
+    def __init__(self, path: str | Path, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        _truncate_torn_tail(self.path)
+        self._f: IO[str] | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self._f is None:
+            raise RunDirError(f"{self.path} is closed")
+        line = json.dumps(record, ensure_ascii=False, default=_json_default)
+        if "\n" in line:  # json.dumps escapes newlines; this guards against custom defaults
+            raise ValueError("a JSONL record must serialize to one line")
+        self._f.write(line + "\n")
+        self._f.flush()
+        if self._fsync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _truncate_torn_tail(path: Path) -> None:
+    """Drop a final line that has no newline (a write cut short by a crash)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        size = f.seek(0, os.SEEK_END)
+        pos = size
+        chunk = 4096
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step)
+            idx = buf.rfind(b"\n")
+            if idx >= 0:
+                f.truncate(pos + idx + 1)
+                return
+        f.truncate(0)
+
+
+def read_jsonl(path: str | Path, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
+    """Read a JSONL file of objects. A malformed line is a `DataError` with its line number, except a torn
+    final line (no trailing newline) when `allow_torn_tail`, which is skipped."""
+    return list(iter_jsonl(path, allow_torn_tail=allow_torn_tail))
+
+
+def iter_jsonl(path: str | Path, allow_torn_tail: bool = True) -> Iterator[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"file not found: {p}")
+    with open(p, encoding="utf-8", errors="strict") as f:
+        lineno = 0
+        for raw in f:
+            lineno += 1
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                if allow_torn_tail and not raw.endswith("\n"):
+                    return
+                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+class Stage:
+    """One stage's folder inside a run directory."""
+
+    def __init__(self, run: RunDir, name: str) -> None:
+        self.run = run
+        self.name = name
+        self.path = run.path / name
+
+    def ensure(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    @property
+    def done(self) -> bool:
+        return (self.path / DONE_MARKER).is_file()
+
+    def mark_done(self, info: Mapping[str, Any] | None = None, started: float | None = None) -> None:
+        """Write the completion marker (last, atomically). `info` holds the stage's key figures."""
+        self.ensure()
+        record: dict[str, Any] = {"stage": self.name, "finished_at": _now_iso()}
+        if started is not None:
+            record["seconds"] = round(time.time() - started, 3)
+        if info:
+            record["info"] = dict(info)
+        atomic_write_json(self.path / DONE_MARKER, record)
+
+    def marker(self) -> dict[str, Any] | None:
+        p = self.path / DONE_MARKER
+        if not p.is_file():
+            return None
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+
+    def invalidate(self) -> None:
+        """Remove the completion marker so the stage runs again (its partial files are kept for resume)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / DONE_MARKER).unlink()
+
+    def file(self, name: str) -> Path:
+        return self.ensure() / name
+
+
+class RunDir:
+    """A run directory. `RunDir.create(path, config=..., models=..., judges=...)` writes the manifest."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        config: Any = None,
+        models: Mapping[str, str] | None = None,
+        judges: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> RunDir:
+        """Create (or reopen) a run directory and (re)write its manifest.
+
+        Reopening keeps the first `started_at` and records each resume in `resumed_at`.
+        """
+        from caft.env import build_manifest
+
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        old = run.manifest()
+        manifest = build_manifest(config=config, models=models, judges=judges, extra=extra)
+        if old is not None:
+            manifest["started_at"] = old.get("started_at", manifest["started_at"])
+            manifest["resumed_at"] = [*old.get("resumed_at", []), _now_iso()]
+        atomic_write_json(run.path / MANIFEST, manifest)
+        return run
+
+    def manifest(self) -> dict[str, Any] | None:
+        p = self.path / MANIFEST
+        if not p.is_file():
+            return None
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+
+    def stage(self, name: str) -> Stage:
+        if not name or "/" in name or name.startswith("."):
+            raise RunDirError(f"invalid stage name {name!r}")
+        return Stage(self, name)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

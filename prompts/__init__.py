@@ -1,0 +1,1 @@
+"""caft.prompts."""
