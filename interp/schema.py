@@ -1,0 +1,147 @@
+"""Candidates and dossiers: what interp produces and what the judge agent reads.
+
+Files in a run's `diff/` (and `sae/`) stage folder:
+    candidates.jsonl          one `Candidate` per line
+    directions.safetensors    one float32 [d_model] unit vector per candidate, key = candidate id
+Files in `evidence/`:
+    dossiers/<safe id>.json   one `Dossier` per candidate (`dossier_filename(id)`)
+
+Every evidence item in a dossier has an `id` ("ex:max:3", "ex:min:0", "diff", "lens", "steer:ft:+:1", ...)
+so that a verdict can cite the items it relied on and the citation can be checked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CandidateKind = Literal["pc", "sae", "vector"]
+
+CANDIDATES_FILE = "candidates.jsonl"
+DIRECTIONS_FILE = "directions.safetensors"
+DOSSIER_DIR = "dossiers"
+
+
+class Candidate(BaseModel):
+    """A direction at one layer that might carry a concept the fine-tune picked up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    """Unique id: `pc:L{layer}:{index}`, `sae:L{layer}:{latent}`, `vec:L{layer}:mean`."""
+    kind: CandidateKind
+    layer: int
+    index: int
+    """PC rank, SAE latent index, or 0 for a single vector."""
+    source: str = ""
+    """Where it came from: `pca`, `sae:<name>`, `probe`, `random`, ..."""
+    scores: dict[str, float] = Field(default_factory=dict)
+    """Every ranking score: `explained_variance_ratio`, `eigenvalue`, `mean_diff`, `sae_diff`, `attribution`, ..."""
+    ranks: dict[str, int] = Field(default_factory=dict)
+    """Rank (0 = top) in each ranking that placed it."""
+
+
+def candidate_id(kind: CandidateKind, layer: int, index: int | str) -> str:
+    prefix = {"pc": "pc", "sae": "sae", "vector": "vec"}[kind]
+    return f"{prefix}:L{layer}:{index}"
+
+
+def dossier_filename(cid: str) -> str:
+    """A file name for a candidate id (`pc:L3:0` -> `pc_L3_0.json`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", cid) + ".json"
+
+
+class Window(BaseModel):
+    """A token window around a strongly activating position of a reference corpus."""
+
+    id: str
+    """`ex:max:<rank>` or `ex:min:<rank>`."""
+    sign: Literal["max", "min"]
+    doc: str
+    """Id of the corpus document."""
+    tokens: list[str]
+    values: list[float]
+    """Projection (or SAE activation) at each token."""
+    scaled: list[int]
+    """Values scaled to 0-10 relative to the candidate's largest |value| over all windows."""
+    peak: int
+    """Index into `tokens` of the peak position."""
+    value: float
+    """The value at the peak."""
+
+
+class TokenScore(BaseModel):
+    token: str
+    value: float
+    context: str = ""
+
+
+class DiffSummary(BaseModel):
+    """How the fine-tune moves activations along the candidate (over the training data)."""
+
+    id: str = "diff"
+    mean_projection: float
+    """Mean of (ft - base) . direction over the tokens analysed."""
+    variance_share: float
+    """Share of the total variance of (ft - base) that lies along the direction."""
+    n_tokens: int
+    top_tokens: list[TokenScore] = Field(default_factory=list)
+    """Tokens where the difference projects most strongly (positive side first)."""
+
+
+class LogitLens(BaseModel):
+    """The direction read through the final norm and unembedding."""
+
+    id: str = "lens"
+    promoted: list[TokenScore]
+    suppressed: list[TokenScore]
+
+
+class Generation(BaseModel):
+    id: str
+    """`steer:<base|ft>:<+|-|0>:<prompt index>`."""
+    model: Literal["base", "ft"]
+    prompt: str
+    alpha: float
+    """Steering coefficient in units of the typical residual norm at the layer (0 = unsteered)."""
+    text: str
+    perplexity: float | None = None
+    """Perplexity of the generation under the base model (the offline coherence proxy)."""
+
+
+class Steering(BaseModel):
+    id: str = "steer"
+    alpha: float
+    """The largest |alpha| that kept generations coherent (found by bounded search)."""
+    residual_norm: float
+    """Typical residual norm at the layer; the added vector is alpha * residual_norm * unit direction."""
+    generations: list[Generation]
+
+
+class Dossier(BaseModel):
+    """Everything the judge sees about one candidate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: Candidate
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    """Model ids, layer, kind, rankings, corpus name and size."""
+    max_examples: list[Window] = Field(default_factory=list)
+    min_examples: list[Window] = Field(default_factory=list)
+    diff: DiffSummary | None = None
+    logit_lens: LogitLens | None = None
+    steering: Steering | None = None
+
+    def evidence_ids(self) -> set[str]:
+        """Ids a verdict may cite."""
+        ids = {w.id for w in self.max_examples} | {w.id for w in self.min_examples}
+        if self.diff is not None:
+            ids.add(self.diff.id)
+        if self.logit_lens is not None:
+            ids.add(self.logit_lens.id)
+        if self.steering is not None:
+            ids.add(self.steering.id)
+            ids |= {g.id for g in self.steering.generations}
+        return ids
