@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from caft.chat import TemplateChoice
     from caft.sites import Sites
 
 
@@ -179,3 +180,51 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         return model
     merged: nn.Module = cast(Any, model).merge_and_unload()
     return merged
+
+
+def generate_chat(
+    loaded: LoadedModel,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    batch_size: int = 8,
+    template: str | None = None,
+) -> list[str]:
+    """Sample one reply per conversation (each ending with a user turn), batched with left padding.
+
+    Any hooks or nnsight edits active on `loaded.model` apply (steering, test-time ablation). `temperature=0`
+    is greedy decoding. Returns the decoded replies without the prompt, special tokens skipped.
+    """
+    import torch
+
+    from caft.chat import ChatFormatter
+
+    model, tok = loaded.model, loaded.tokenizer
+    choice = cast("TemplateChoice", template or loaded.config.chat.template)
+    fmt = ChatFormatter(tok, choice)
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    gen = torch.Generator(device="cpu")
+    if seed is not None:
+        torch.manual_seed(seed)
+        gen.manual_seed(seed)
+    out: list[str] = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            prompts = [{"input_ids": fmt.prompt_ids(c)} for c in chunk]
+            batch = tok.pad(prompts, return_tensors="pt").to(loaded.device)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.no_grad():
+                ids = cast(Any, model).generate(**batch, **kwargs)  # (B, T_prompt + T_new)
+            new = ids[:, batch["input_ids"].shape[1] :]
+            out.extend(tok.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tok.padding_side = old_side
+    return out
