@@ -1,7 +1,7 @@
 """Task descriptions, verdicts and selections: what the judge reads about the task and what it decides.
 
-    verdicts.jsonl     one `VerdictRecord` per line (a verdict, or an unscored record with its reason)
-    selection.json     a `Selection`: the chosen candidates and the policy that chose them
+verdicts.jsonl     one `VerdictRecord` per line (a verdict, or an unscored record with its reason)
+selection.json     a `Selection`: the chosen candidates and the policy that chose them
 """
 
 from __future__ import annotations
@@ -42,9 +42,13 @@ class JudgeVerdict(BaseModel):
 
     label: str = Field(description="A short concept label (a few words).")
     description: str = Field(description="One paragraph describing the concept the direction encodes.")
-    relation: Relation = Field(description="Relation of the concept to the task: intended | undesired | unrelated | unclear.")
+    relation: Relation = Field(
+        description="Relation of the concept to the task: intended | undesired | unrelated | unclear."
+    )
     confidence: float = Field(ge=0.0, le=1.0, description="Confidence in the relation, 0 to 1.")
-    evidence: list[str] = Field(description="Ids of the dossier evidence items relied on (e.g. ex:max:0, lens).")
+    evidence: list[str] = Field(
+        description="Ids of the dossier evidence items relied on (e.g. ex:max:0, lens)."
+    )
     rationale: str = Field(description="Why, in a few sentences.")
 
 

@@ -42,7 +42,9 @@ PLAIN_TEMPLATE = (
 TemplateChoice = Literal["model", "chatml", "plain"]
 
 
-def validate_messages(messages: Any, where: str = "conversation", require_assistant: bool = True) -> list[dict[str, str]]:
+def validate_messages(
+    messages: Any, where: str = "conversation", require_assistant: bool = True
+) -> list[dict[str, str]]:
     """Check an OpenAI-format message list; a `DataError` names `where` and the problem."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: `messages` must be a non-empty list of {{'role', 'content'}} objects")
@@ -52,7 +54,9 @@ def validate_messages(messages: Any, where: str = "conversation", require_assist
             raise DataError(f"{where}: message {i} is not an object")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise DataError(f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise DataError(
+                f"{where}: message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})"
+            )
         if not isinstance(content, str):
             raise DataError(f"{where}: message {i} ({role}) has no text `content`")
         if not content.strip():
@@ -95,7 +99,9 @@ class ChatFormatter:
         else:
             raise ModelError(f"unknown chat template choice {template!r} (model | chatml | plain)")
         if not getattr(tokenizer, "is_fast", False):
-            raise ModelError("assistant masks need a fast tokenizer (character offsets); load it with use_fast=True")
+            raise ModelError(
+                "assistant masks need a fast tokenizer (character offsets); load it with use_fast=True"
+            )
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
         if not messages:
@@ -146,7 +152,5 @@ class ChatFormatter:
         enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = list(enc["input_ids"])
         offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
-        mask = [
-            e > s and any(s < b and e > a for a, b in spans) for (s, e) in offsets
-        ]
+        mask = [e > s and any(s < b and e > a for a, b in spans) for (s, e) in offsets]
         return EncodedChat(input_ids=ids, assistant_mask=mask, text=full)

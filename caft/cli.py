@@ -26,7 +26,9 @@ app.add_typer(config_app, name="config")
 
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config field: --set train.lr=1e-5 (repeatable; values parsed as YAML)."),
+    typer.Option(
+        "--set", help="Override a config field: --set train.lr=1e-5 (repeatable; values parsed as YAML)."
+    ),
 ]
 
 

@@ -86,7 +86,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     out: dict[str, Any] = _deep_copy(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.field=value (e.g. train.lr=1e-5)")
+            raise ConfigError(
+                f"override {item!r} is not of the form section.field=value (e.g. train.lr=1e-5)"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:

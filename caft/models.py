@@ -64,7 +64,9 @@ def _not_found(name: str, err: Exception) -> ModelError:
         if offline
         else "check the id or path, and your network access to the hub"
     )
-    return ModelError(f"cannot load {name!r}: {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+    return ModelError(
+        f"cannot load {name!r}: {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    )
 
 
 def load_tokenizer(
@@ -76,13 +78,17 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise _not_found(name_or_path, e) from e
     return prepare_tokenizer(tok, padding_side)
 
 
-def prepare_tokenizer(tok: PreTrainedTokenizerBase, padding_side: Literal["left", "right"] = "right") -> PreTrainedTokenizerBase:
+def prepare_tokenizer(
+    tok: PreTrainedTokenizerBase, padding_side: Literal["left", "right"] = "right"
+) -> PreTrainedTokenizerBase:
     """Give the tokenizer a pad token (EOS if it has none) and a padding side."""
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -143,7 +149,9 @@ def load_model(
         model = attach_adapter(model, cfg.adapter, trainable=adapter_trainable)
     if not adapter_trainable:
         model.eval()
-    return LoadedModel(model=model, tokenizer=tok, sites=Sites.of(model), device=device, dtype=dtype, config=cfg)
+    return LoadedModel(
+        model=model, tokenizer=tok, sites=Sites.of(model), device=device, dtype=dtype, config=cfg
+    )
 
 
 def is_peft_model(model: Any) -> bool:

@@ -109,7 +109,11 @@ class Sites:
         n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
         if n_layers is None and text_config is not None:
             n_layers = getattr(text_config, "num_hidden_layers", None)
-        d_model = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or getattr(config, "dim", None)
+        d_model = (
+            getattr(config, "hidden_size", None)
+            or getattr(config, "n_embd", None)
+            or getattr(config, "dim", None)
+        )
         if d_model is None and text_config is not None:
             d_model = getattr(text_config, "hidden_size", None)
         if n_layers is None or d_model is None:
@@ -122,6 +126,7 @@ class Sites:
             cand = f"{base_prefix}.{norm_rel}" if base_prefix else norm_rel
             norm_path = cand if _has(inner, cand) else None
         is_causal = hasattr(inner, "get_output_embeddings") and inner.get_output_embeddings() is not None
+
         def join(p: str) -> str:
             return f"{prefix}.{p}" if prefix else p
 
@@ -131,7 +136,9 @@ class Sites:
             d_model=int(d_model),
             layers_path=join(layers_path),
             final_norm_path=join(norm_path) if norm_path else None,
-            is_causal_lm=bool(is_causal and model_type not in ("bert", "roberta", "xlm-roberta", "distilbert")),
+            is_causal_lm=bool(
+                is_causal and model_type not in ("bert", "roberta", "xlm-roberta", "distilbert")
+            ),
         )
 
     # ---- layers -----------------------------------------------------------------------------------------
@@ -197,7 +204,9 @@ class Sites:
         """Resolve a list of layers, rejecting duplicates after resolution."""
         out = [self.resolve_layer(layer) for layer in layers]
         if len(set(out)) != len(out):
-            raise SiteError(f"layers {list(layers)} name the same layer twice (after resolving negative indices)")
+            raise SiteError(
+                f"layers {list(layers)} name the same layer twice (after resolving negative indices)"
+            )
         return out
 
 

@@ -90,19 +90,25 @@ class Subspace:
         return h.hexdigest()
 
     # ---- validation -------------------------------------------------------------------------------------
-    def validate(self, d_model: int | None = None, n_layers: int | None = None, tol: float = ORTHO_TOL) -> None:
+    def validate(
+        self, d_model: int | None = None, n_layers: int | None = None, tol: float = ORTHO_TOL
+    ) -> None:
         import torch
 
         want_d = d_model if d_model is not None else self.d_model
         if d_model is not None and self.d_model != d_model:
-            raise SubspaceError(f"subspace has d_model={self.d_model} but the model's hidden size is {d_model}")
+            raise SubspaceError(
+                f"subspace has d_model={self.d_model} but the model's hidden size is {d_model}"
+            )
         for layer, q in sorted(self.bases.items()):
             if n_layers is not None and not 0 <= layer < n_layers:
                 raise SubspaceError(
                     f"subspace names layer {layer}, but the model has {n_layers} layers (0..{n_layers - 1})"
                 )
             if q.ndim != 2 or q.shape[0] != want_d:
-                raise SubspaceError(f"layer {layer}: basis has shape {tuple(q.shape)}, expected [{want_d}, k]")
+                raise SubspaceError(
+                    f"layer {layer}: basis has shape {tuple(q.shape)}, expected [{want_d}, k]"
+                )
             if not torch.isfinite(q).all():
                 raise SubspaceError(f"layer {layer}: basis holds NaN or inf values")
             k = q.shape[1]
@@ -155,7 +161,8 @@ class Subspace:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {
-            f"layer.{layer}": q.detach().to("cpu", torch.float32).contiguous() for layer, q in sorted(self.bases.items())
+            f"layer.{layer}": q.detach().to("cpu", torch.float32).contiguous()
+            for layer, q in sorted(self.bases.items())
         }
         meta = {
             "format": FORMAT,
@@ -164,7 +171,9 @@ class Subspace:
             "n_layers": self.n_layers,
             "total_dims": self.total_dims,
             "digest": self.digest(),
-            "layers": {str(layer): [c.to_json() for c in self.columns.get(layer, [])] for layer in sorted(self.bases)},
+            "layers": {
+                str(layer): [c.to_json() for c in self.columns.get(layer, [])] for layer in sorted(self.bases)
+            },
         }
         atomic_write_bytes(d / TENSORS_FILE, save(tensors))
         atomic_write_json(d / META_FILE, meta)
@@ -172,7 +181,11 @@ class Subspace:
 
     @classmethod
     def load(
-        cls, directory: str | Path, d_model: int | None = None, n_layers: int | None = None, tol: float = ORTHO_TOL
+        cls,
+        directory: str | Path,
+        d_model: int | None = None,
+        n_layers: int | None = None,
+        tol: float = ORTHO_TOL,
     ) -> Subspace:
         """Load and validate; `d_model`/`n_layers` (from the model's sites) are checked when given."""
         from safetensors import SafetensorError
@@ -184,13 +197,17 @@ class Subspace:
         tpath, mpath = d / TENSORS_FILE, d / META_FILE
         for p in (tpath, mpath):
             if not p.is_file():
-                raise SubspaceError(f"{p} is missing: a subspace directory holds {TENSORS_FILE} and {META_FILE}")
+                raise SubspaceError(
+                    f"{p} is missing: a subspace directory holds {TENSORS_FILE} and {META_FILE}"
+                )
         try:
             meta = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise SubspaceError(f"{mpath} is not valid JSON: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise SubspaceError(f"{mpath}: expected format {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}")
+            raise SubspaceError(
+                f"{mpath}: expected format {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}"
+            )
         try:
             raw = load_file(str(tpath))
         except (SafetensorError, OSError) as e:

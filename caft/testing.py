@@ -91,7 +91,9 @@ def tiny_tokenizer(
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         pad_token="<pad>",
-        eos_token="<|endoftext|>" if template in (None, "chatml") else ("<|eot_id|>" if template == "llama3" else "<end_of_turn>"),
+        eos_token="<|endoftext|>"
+        if template in (None, "chatml")
+        else ("<|eot_id|>" if template == "llama3" else "<end_of_turn>"),
         bos_token="<|begin_of_text|>",
     )
     if template is not None:
@@ -106,9 +108,23 @@ def tiny_config(arch: str, vocab_size: int = 400, hidden: int = 32, layers: int 
     heads = max(2, hidden // 16)
     common: dict[str, Any]
     if arch == "gpt2":
-        common = {"n_embd": hidden, "n_layer": layers, "n_head": heads, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 1}
+        common = {
+            "n_embd": hidden,
+            "n_layer": layers,
+            "n_head": heads,
+            "n_positions": 512,
+            "bos_token_id": 1,
+            "eos_token_id": 1,
+        }
     elif arch == "bert":
-        common = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": hidden * 2, "max_position_embeddings": 512, "pad_token_id": 0}
+        common = {
+            "hidden_size": hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "intermediate_size": hidden * 2,
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+        }
     else:
         common = {
             "hidden_size": hidden,
@@ -128,7 +144,14 @@ def tiny_config(arch: str, vocab_size: int = 400, hidden: int = 32, layers: int 
     return AutoConfig.for_model(arch, vocab_size=vocab_size, **common)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400, hidden: int = 32, layers: int = 3, **overrides: Any) -> nn.Module:
+def tiny_model(
+    arch: str = "llama",
+    seed: int = 0,
+    vocab_size: int = 400,
+    hidden: int = 32,
+    layers: int = 3,
+    **overrides: Any,
+) -> nn.Module:
     """A randomly initialized tiny model: a causal LM for decoders, a plain encoder for `bert`."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
@@ -141,10 +164,16 @@ def tiny_model(arch: str = "llama", seed: int = 0, vocab_size: int = 400, hidden
     return model
 
 
-def save_tiny(directory: str | Path, arch: str = "llama", template: Literal["chatml", "llama3", "gemma"] | None = "chatml", seed: int = 0, **kw: Any) -> Path:
+def save_tiny(
+    directory: str | Path,
+    arch: str = "llama",
+    template: Literal["chatml", "llama3", "gemma"] | None = "chatml",
+    seed: int = 0,
+    **kw: Any,
+) -> Path:
     """Save a tiny model and tokenizer to `directory` so code paths that load by name can be exercised."""
     d = Path(directory)
-    model = tiny_model(arch, seed=seed, **kw)
+    model: Any = tiny_model(arch, seed=seed, **kw)
     tok = tiny_tokenizer(template)
     model.save_pretrained(d)
     tok.save_pretrained(d)
