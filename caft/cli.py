@@ -13,6 +13,7 @@ import typer
 
 from caft import __version__
 from caft.errors import CaftError
+from caft.training.cli import train_command
 
 app = typer.Typer(
     name="caft",
@@ -100,6 +101,9 @@ def config_show() -> None:
         if doc:
             for line in doc.splitlines():
                 print(f"    {line.strip()}")
+
+
+app.command("train")(train_command)
 
 
 def main(argv: list[str] | None = None) -> Any:
