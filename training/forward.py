@@ -18,9 +18,15 @@ if TYPE_CHECKING:
 
 def wrap(model: Any) -> Any:
     """An nnsight wrapper around a torch module (transformers model, peft model, or classifier)."""
+    import warnings
+
     from nnsight import NNsight
 
-    return NNsight(model)
+    with warnings.catch_warnings():
+        # BERT-style layers have a child called `output`; nnsight renames it and keeps `.output` as the
+        # module's output, which is what the ablation edits
+        warnings.filterwarnings("ignore", message=r".*has a submodule named 'output'")
+        return NNsight(model)
 
 
 def ablated_forward(nn_model: Any, sites: Sites, abl: Ablation, inputs: dict[str, Any]) -> Any:

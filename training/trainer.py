@@ -26,7 +26,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,10 +56,14 @@ MEANS_FILE = "ablation_means.safetensors"
 
 @dataclass
 class TrainResult:
+    """Where the run's files are, its last metrics, and (when this call trained) the trained model in
+    memory, hook-free, in eval mode."""
+
     out_dir: Path
     final_path: Path
     log_path: Path
     metrics: dict[str, Any]
+    model: Any = field(default=None, repr=False)
 
 
 def train(
@@ -230,7 +234,7 @@ def train(
                         cfg.keep_checkpoints,
                     )
                 writer.write({"event": "stopped", "step": done})
-                return TrainResult(out, out / FINAL_DIR, log_path, dict(metrics))
+                return TrainResult(out, out / FINAL_DIR, log_path, dict(metrics), model=prep.model)
         if prep.held_out:
             ev = _evaluate(cfg, prep, task, forward, pad_id)
             writer.write({"event": "eval", "step": total_steps, **ev})
@@ -244,7 +248,7 @@ def train(
     record = _record(cfg, mcfg, prep, abl, metrics, total_steps)
     atomic_write_json(final / RECORD_FILE, record)
     atomic_write_json(record_path, record)
-    return TrainResult(out, final, log_path, metrics)
+    return TrainResult(out, final, log_path, metrics, model=prep.model)
 
 
 # ---- pieces of the loop -------------------------------------------------------------------------------
