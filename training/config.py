@@ -43,7 +43,7 @@ class LoraSettings(CaftConfig):
 
     r: int = Field(default=32, gt=0)
     """Adapter rank."""
-    alpha: float = Field(default=64.0, gt=0)
+    alpha: int = Field(default=64, gt=0)
     """Scaling numerator: the update is scaled by alpha/r (or alpha/sqrt(r) with rsLoRA)."""
     rslora: bool = True
     """Rank-stabilized LoRA scaling alpha/sqrt(r)."""
@@ -230,10 +230,11 @@ def build_train_config(
     source = f"preset {preset_name}" if preset_name else "<defaults>"
     if file is not None:
         raw = read_yaml(file)
-        section = raw.get("train") if isinstance(raw.get("train"), dict) else raw
-        if section is not raw and "model" in raw and "model" not in section:
-            section = {**section, "model": raw["model"]}
-        data = _merge(data, dict(section))
+        train_section = raw.get("train")
+        section: dict[str, Any] = dict(train_section) if isinstance(train_section, dict) else raw
+        if isinstance(train_section, dict) and "model" in raw and "model" not in section:
+            section["model"] = raw["model"]
+        data = _merge(data, section)
         source = file
     if values:
         data = _merge(data, values)
