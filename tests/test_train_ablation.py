@@ -274,3 +274,22 @@ def test_random_subspace_and_spec() -> None:
         random_subspace("5:2", d_model=D, seed=0, n_layers=LAYERS)
     with pytest.raises(SubspaceError, match=r"must be in 1\.\.32"):
         random_subspace("0:40", d_model=D, seed=0, n_layers=LAYERS)
+
+
+def test_linear_modes_keep_no_activation_for_backward() -> None:
+    """project / mean / detached / gradient save only Q for backward, never an activation-sized tensor."""
+    sub = _subspace()
+    for mode in MODES:
+        abl = make_ablation(mode, sub, means=_means(sub))
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
+            sizes.append(t.numel())
+            return t
+
+        h = torch.randn(4, 16, D, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = abl.apply(h, 0)
+        out.sum().backward()
+        assert h.grad is not None
+        assert all(n <= D * 3 for n in sizes), (mode, sizes)

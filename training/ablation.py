@@ -96,8 +96,8 @@ class ProjectAblation(Ablation):
     mode: AblationMode = "project"
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        q = self._q(h, layer)  # (d, k)
-        return h - (h @ q) @ q.T  # (..., d)
+        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), None)  # (..., d)
+        return out
 
 
 class DetachedAblation(Ablation):
@@ -106,8 +106,8 @@ class DetachedAblation(Ablation):
     mode: AblationMode = "detached"
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        q = self._q(h, layer)
-        return h - ((h @ q) @ q.T).detach()
+        out: torch.Tensor = _fn("detached").apply(h, self._q(h, layer))
+        return out
 
 
 class MeanAblation(Ablation):
@@ -149,9 +149,9 @@ class MeanAblation(Ablation):
         return dict(self._means)
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        q = self._q(h, layer)
-        mu_q = self._cast("muq", layer, self._means[layer] @ self._bases[layer].T, h)  # (d,)
-        return h - (h @ q) @ q.T + mu_q
+        mu_q = self._cast("muq", layer, self._means[layer] @ self._bases[layer].T, h)  # (d,) = mu Q^T
+        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), mu_q)
+        return out
 
 
 class GradientAblation(Ablation):
@@ -162,7 +162,8 @@ class GradientAblation(Ablation):
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         if not h.requires_grad:
             return h
-        return _ProjectGrad.apply(h, self._q(h, layer))
+        out: torch.Tensor = _fn("gradient").apply(h, self._q(h, layer))
+        return out
 
 
 class SteerAblation(Ablation):
@@ -187,8 +188,37 @@ class SteerAblation(Ablation):
         return out
 
 
-def _project_grad_function() -> Any:
+def _build_functions() -> dict[str, Any]:
+    """Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward
+    is P applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd
+    would keep h (B, T, d) alive per ablated layer; these keep nothing of size B x T."""
     import torch
+
+    class Project(torch.autograd.Function):
+        """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
+
+        @staticmethod
+        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+            ctx.save_for_backward(q)
+            out = h - (h @ q) @ q.T  # (..., d)
+            return out + shift if shift is not None else out
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            (q,) = ctx.saved_tensors
+            q = q.to(g.dtype)
+            return g - (g @ q) @ q.T, None, None
+
+    class Detached(torch.autograd.Function):
+        """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
+
+        @staticmethod
+        def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+            return h - (h @ q) @ q.T
+
+        @staticmethod
+        def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return g, None
 
     class ProjectGrad(torch.autograd.Function):
         """Forward: identity. Backward: g - (gQ)Q^T."""
@@ -201,24 +231,20 @@ def _project_grad_function() -> Any:
         @staticmethod
         def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
             (q,) = ctx.saved_tensors
+            q = q.to(g.dtype)
             return g - (g @ q) @ q.T, None
 
-    return ProjectGrad
+    return {"project": Project, "detached": Detached, "gradient": ProjectGrad}
 
 
-class _LazyProjectGrad:
-    """Build the autograd Function on first use so importing this module does not import torch."""
-
-    _fn: Any = None
-
-    def apply(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        if self._fn is None:
-            type(self)._fn = _project_grad_function()
-        out: torch.Tensor = self._fn.apply(h, q)
-        return out
+_FUNCTIONS: dict[str, Any] = {}
 
 
-_ProjectGrad = _LazyProjectGrad()
+def _fn(name: str) -> Any:
+    """The autograd Function `name`, built on first use so that importing this module does not import torch."""
+    if not _FUNCTIONS:
+        _FUNCTIONS.update(_build_functions())
+    return _FUNCTIONS[name]
 
 
 def make_ablation(
