@@ -180,7 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_steps": 5,
             "schedule": "linear",
         },
-        "data": {"max_length": 2048},
+        # max_seq_len 2048: the model config's chat.max_length default
     },
     # Spurious correlation (multiple choice): full FT, AdamW lr 5e-6, betas (0.9, 0.95), warmup ratio 0.5,
     # batch 16, loss over the answer letters at the last position.
