@@ -7,5 +7,6 @@ Modules (import them directly; this package imports nothing heavy):
     caft.training.config      TrainConfig, presets `em` and `spurious`, build_train_config
     caft.training.trainer     train(cfg, out_dir, ...) -> TrainResult
     caft.training.classifier  EncoderClassifier, predict, predict_logits, accuracy
+    caft.training.choice      choice_scores, choice_accuracy (causal LM, answer letters)
     caft.training.forward     the nnsight ablated forward used by the trainer
 """

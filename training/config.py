@@ -198,6 +198,22 @@ PRESETS: dict[str, dict[str, Any]] = {
             "schedule": "linear",
         },
     },
+    # Encoder + linear head (the MiniLM spurious-correlation demo): all blocks trained, embeddings frozen.
+    "encoder": {
+        "objective": "encoder_classifier",
+        "method": "full",
+        "freeze_embeddings": True,
+        "optim": {
+            "lr": 3e-5,
+            "head_lr": 1e-3,
+            "weight_decay": 0.01,
+            "batch_size": 32,
+            "grad_accum": 1,
+            "epochs": 2,
+            "warmup_steps": 0,
+            "schedule": "linear",
+        },
+    },
 }
 
 
