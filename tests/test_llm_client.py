@@ -238,8 +238,9 @@ def test_stage_accounting_and_call_log(tmp_path: Path) -> None:
         client = LLMClient.from_config(cfg, run_dir=tmp_path, stage="grade", replies=["x y", "z", "w"])
         await client.generate(user("a"))
         await client.generate(user("b c"), stage="agent")
+        await client.generate(user("d"), stage="agent")
         with pytest.raises(ScriptExhaustedError):
-            await client.generate(user("d"), stage="agent")
+            await client.generate(user("e"), stage="agent")
         await client.aclose()
         u = client.usage
         assert set(u.by_stage) == {"grade", "agent"}
