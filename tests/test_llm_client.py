@@ -266,3 +266,25 @@ def test_get_provider_errors() -> None:
     with pytest.raises(ValueError, match="provider"):
         JudgeConfig(model="gpt-4.1")
     assert isinstance(get_provider("mock/a", replies=["r"]), MockProvider)
+
+
+def test_redact_matches_scrub_obj(monkeypatch: pytest.MonkeyPatch) -> None:
+    from caft.env import scrub_obj
+    from caft.llm.redact import redact, redact_json
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abcdefghijklmnop1234")
+    obj = {
+        "a": "key sk-live-abcdefghijklmnop1234 here",
+        "Authorization": "Bearer x",
+        "n": [1, {"api_key": "z", "t": "hf_abcdefghijklmnopqrstuvwxyz"}],
+        "ok": "plain",
+    }
+    assert redact(obj) == scrub_obj(obj)
+    assert json.loads(redact_json(obj)) == scrub_obj(obj)
+    assert "abcdefghijklmnop1234" not in redact_json(obj)
+    plain = {"x": ["y", 1]}
+    assert redact(plain) is plain  # nothing to remove: no copy
+    monkeypatch.setenv("ANTHROPIC_API_KEY", 'odd"secret\\value123')  # JSON would escape it: fallback path
+    odd = {"s": 'has odd"secret\\value123 inside'}
+    assert redact(odd) == scrub_obj(odd) == {"s": "has *** inside"}
+    assert json.loads(redact_json(odd)) == {"s": "has *** inside"}

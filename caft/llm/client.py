@@ -27,11 +27,12 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
-from caft.env import scrub, scrub_obj
+from caft.env import scrub
 from caft.llm import structured
 from caft.llm.cache import CachePolicy, ResponseCache, cache_key, should_read, should_write
 from caft.llm.config import JudgeConfig
 from caft.llm.prices import Price, find_price, load_prices
+from caft.llm.redact import redact
 from caft.llm.types import (
     BudgetExceededError,
     Capabilities,
@@ -278,7 +279,14 @@ class LLMClient:
                 result = await asyncio.wait_for(self.provider.generate(messages, config), self.timeout_s)
             except asyncio.TimeoutError:
                 raise RetryableError(f"no reply within {self.timeout_s:g} s (request timeout)") from None
-            return result.model_copy(update={"latency_s": time.perf_counter() - t0})
+            # Redacted once here; the cache and the call log store these copies as they are.
+            return result.model_copy(
+                update={
+                    "latency_s": time.perf_counter() - t0,
+                    "raw_request": redact(result.raw_request),
+                    "raw_response": redact(result.raw_response),
+                }
+            )
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -353,7 +361,10 @@ class LLMClient:
             "cached": bool(result is not None and result.cached),
             "attempts": attempts,
         }
-        if result is not None:
+        if result is not None and result.cached:
+            # The full exchange is in the cache entry and in the record of the call that filled it.
+            record.update(text=scrub(result.text), finish_reason=result.finish_reason)
+        elif result is not None:
             record.update(
                 repair_round=repair_round,
                 latency_s=round(result.latency_s, 4),
@@ -362,14 +373,14 @@ class LLMClient:
                 cost_usd=result.usage.cost_usd,
                 finish_reason=result.finish_reason,
                 text=scrub(result.text),
-                request=scrub_obj(result.raw_request),
-                response=scrub_obj(result.raw_response),
+                request=result.raw_request,
+                response=result.raw_response,
             )
         if error is not None:
             record["error"] = {"type": type(error).__name__, "message": scrub(str(error))}
             if isinstance(error, StructuredOutputError) and error.result is not None:
-                record["request"] = scrub_obj(error.result.raw_request)
-                record["response"] = scrub_obj(error.result.raw_response)
+                record["request"] = error.result.raw_request
+                record["response"] = error.result.raw_response
         self._log.write(record)
 
     # -- many requests -------------------------------------------------------------------------------
