@@ -363,7 +363,8 @@ class LLMClient:
         }
         if result is not None and result.cached:
             # The full exchange is in the cache entry and in the record of the call that filled it.
-            record.update(text=scrub(result.text), finish_reason=result.finish_reason)
+            # (the cached text was redacted when it was stored).
+            record.update(text=result.text, finish_reason=result.finish_reason)
         elif result is not None:
             record.update(
                 repair_round=repair_round,
