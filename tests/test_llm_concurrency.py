@@ -44,7 +44,7 @@ def test_generate_many_time_and_in_flight_bound(fake: FakeLLM, model: str) -> No
     assert fake.max_in_flight <= C
     assert fake.max_in_flight >= C // 2  # the limit was actually used
     assert elapsed >= ideal * 0.9  # cannot beat the limit
-    assert elapsed < N * L / 2  # far from serial (2.0 s); the ideal is 0.25 s
+    assert elapsed < 0.75 * N * L  # well below serial (2.0 s); ideal 0.25 s, loose for shared CPUs
 
 
 def test_semaphore_bounds_independent_generate_calls(fake: FakeLLM) -> None:
@@ -63,7 +63,7 @@ def test_semaphore_bounds_independent_generate_calls(fake: FakeLLM) -> None:
 
 def test_backoff_does_not_hold_a_slot(fake: FakeLLM) -> None:
     """A request waiting out a Retry-After must not block the others (the slot is released while it sleeps)."""
-    fake.inject("429", times=1, retry_after=0.6, match="slow")
+    fake.inject("429", times=1, retry_after=1.5, match="slow")
 
     async def go() -> float:
         client = make_client(fake, "openai/gpt-4.1", max_concurrency=1, cache_policy="off")
@@ -78,4 +78,4 @@ def test_backoff_does_not_hold_a_slot(fake: FakeLLM) -> None:
         return fast_done
 
     fast_done = run(go())
-    assert fast_done < 0.6  # finished during the slow request's Retry-After wait
+    assert fast_done < 1.5  # finished during the slow request's Retry-After wait

@@ -71,7 +71,12 @@ class LLMClient:
 
     `prices`: None (the built-in table), a path to a YAML override file, or a ready table.
     `backoff_initial_s`, `backoff_max_s`: the exponential backoff (with jitter of one initial step);
-    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it)."""
+    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it).
+
+    One client serves one event loop (the SDK's connection pool belongs to it). `max_cost_usd` is checked
+    before each request, so requests already in flight may overshoot it by up to `max_concurrency` calls.
+    The call log is flushed per record but not fsynced: a process crash loses nothing, a power cut may lose
+    the last records (the cache keeps their replies)."""
 
     def __init__(
         self,
