@@ -76,7 +76,7 @@ class LLMClient:
     One client serves one event loop (the SDK's connection pool belongs to it). `max_cost_usd` is checked
     before each request, so requests already in flight may overshoot it by up to `max_concurrency` calls.
     The call log is flushed per record but not fsynced: a process crash loses nothing, a power cut may lose
-    the last records (the cache keeps their replies)."""
+    the last records."""
 
     def __init__(
         self,
