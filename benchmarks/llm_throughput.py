@@ -91,7 +91,8 @@ def serve(latency: float, in_process: bool) -> Iterator[Server]:
 
 async def one_pass(
     server: Server, model: str, args: argparse.Namespace, cache: Path, log: Path
-) -> tuple[float, int, int]:
+) -> tuple[float, float, int, int]:
+    """(wall seconds, client CPU seconds, requests the server saw, failed calls) for one pass of the batch."""
     base = server.url if model.startswith("anthropic/") else f"{server.url}/v1"
     provider = get_provider(model, base_url=base, api_key_env=KEY_ENV, timeout_s=30.0)
     client = LLMClient(

@@ -169,7 +169,7 @@ def test_tool_calls_round_trip(fake: FakeLLM, model: str) -> None:
         "It means flattery.",
     )
 
-    async def go() -> None:
+    async def go() -> ToolCall:
         client = make_client(fake, model)
         cfg = GenerateConfig(tools=[LOOKUP], tool_choice="auto")
         msgs = user("what is sycophancy?")
