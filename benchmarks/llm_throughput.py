@@ -128,7 +128,7 @@ def main() -> None:
         cache, log = Path(tmp) / "llm_cache.sqlite", Path(tmp) / "llm_calls.jsonl"
         cold, cold_cpu, cold_reqs, cold_failed = asyncio.run(one_pass(server, model, args, cache, log))
         max_in_flight = server.refresh()["max_in_flight"]
-        warm, _, warm_reqs, warm_failed = asyncio.run(one_pass(server, model, args, cache, log))
+        warm, warm_cpu, warm_reqs, warm_failed = asyncio.run(one_pass(server, model, args, cache, log))
 
     achieved = args.calls / cold
     where = "an in-process thread" if args.in_process else "a separate process"
@@ -149,6 +149,7 @@ def main() -> None:
     print(f"{'requests sent, cold':28}{cold_reqs:>14d}{args.calls:>14d}")
     print(f"{'failed calls, cold':28}{cold_failed:>14d}{0:>14d}")
     print(f"{'warm rerun time (s)':28}{warm:>14.3f}")
+    print(f"{'warm rerun CPU (s)':28}{warm_cpu:>14.3f}")
     print(f"{'warm / cold time':28}{warm / cold:>14.4f}{'< 0.05':>14}")
     print(f"{'requests sent, warm':28}{warm_reqs:>14d}{0:>14d}")
     print(f"{'failed calls, warm':28}{warm_failed:>14d}{0:>14d}")
