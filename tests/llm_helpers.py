@@ -37,9 +37,10 @@ def make_client(fake: FakeLLM, model: str, **kw: Any) -> LLMClient:
     provider_kw: dict[str, Any] = {}
     if model.startswith("openai-compatible/"):
         provider_kw["api_key_env"] = "CAFT_JUDGE_API_KEY"
-    for name in ("structured", "timeout_s"):
-        if name in kw:
-            provider_kw[name] = kw.pop(name)
+    if "structured" in kw:
+        provider_kw["structured"] = kw.pop("structured")
+    if "timeout_s" in kw:  # the SDK's timeout and the client's, as from_config sets them
+        provider_kw["timeout_s"] = kw["timeout_s"]
     provider = get_provider(model, base_url=base_url(fake, model), **provider_kw)
     kw.setdefault("backoff_initial_s", 0.01)
     kw.setdefault("backoff_max_s", 0.05)
