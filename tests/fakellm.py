@@ -39,8 +39,9 @@ Faults (``inject(kind, ...)`` or ``Fault(kind, ...)`` as a reply): ``"429"`` (wi
 
 What it records: ``requests`` (every request, faulted ones included: path, headers, parsed body, api, time),
 ``in_flight`` and ``max_in_flight`` (concurrent requests being handled, latency included), ``count(match)``.
-``reset()`` clears records, rules, the script, faults and the ``on_request`` callable (``default`` stays). ``GET /_fake/stats`` returns the request count and
-in-flight figures as JSON, for a server running in another process.
+``reset()`` clears records, rules, the script, faults and the ``on_request`` callable (``default`` stays).
+``GET /_fake/stats`` returns the request count and in-flight figures as JSON, for a server running in another
+process.
 
 Run it as its own process (so that its threads do not share the client's GIL, as in the benchmark)::
 
