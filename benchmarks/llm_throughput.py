@@ -9,7 +9,9 @@ and take < 5% of the cold time.
 The fake server runs in its own process (as a real server would), so its threads do not compete with the
 client for the interpreter lock; `--in-process` runs it in a thread instead. The client's CPU time per call is
 printed too: the client runs on one core (one event loop), so it reaches 0.85 * C/L only if a call costs at most
-1 / (0.85 * C/L) of CPU time and that core is free; on a loaded machine the ratio measures the machine.
+1 / (0.85 * C/L) of CPU time and that core is free; on a loaded machine the ratio measures the machine. So a
+reference pass first sends the same calls through the bare SDK client (a semaphore, nothing else): the
+`caft / bare SDK` line is the layer's own cost, independent of the machine's load.
 
     .venv/bin/python benchmarks/llm_throughput.py                 # 2000 calls, L=200 ms, C=32, openai
     .venv/bin/python benchmarks/llm_throughput.py --provider anthropic --calls 500
@@ -108,6 +110,52 @@ async def one_pass(
     return elapsed, cpu, server.refresh()["requests"] - before, failed
 
 
+async def bare_sdk_pass(server: Server, model: str, args: argparse.Namespace) -> tuple[float, float]:
+    """The same calls through the bare SDK client with only a semaphore (no caft): (wall s, CPU s). This is
+    what the machine allows at best, so `caft / bare` isolates the layer's own cost from the machine's load."""
+    import anthropic
+    import openai
+
+    key = os.environ[KEY_ENV]
+    name = model.split("/", 1)[1]
+    sem = asyncio.Semaphore(args.concurrency)
+    prompts = [r[0][0].content for r in requests(args.calls, logprobs=False)]
+    if model.startswith("anthropic/"):
+        ac = anthropic.AsyncAnthropic(base_url=server.url, api_key=key, max_retries=0)
+
+        async def one(text: str) -> None:
+            async with sem:
+                await ac.messages.create(
+                    model=name,
+                    max_tokens=1,
+                    messages=[{"role": "user", "content": text}],
+                    extra_body={"temperature": 0.0},
+                )
+
+        close = ac.close
+    else:
+        oc = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+
+        async def one(text: str) -> None:
+            async with sem:
+                await oc.chat.completions.create(
+                    model=name,
+                    messages=[{"role": "user", "content": text}],
+                    max_completion_tokens=1,
+                    temperature=0.0,
+                    seed=0,
+                    logprobs=True,
+                    top_logprobs=20,
+                )
+
+        close = oc.close
+    t0, c0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(one(t) for t in prompts))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await close()
+    return elapsed, cpu
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -119,6 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--in-process", action="store_true", help="run the fake server in a thread of this process"
     )
+    parser.add_argument("--no-bare", action="store_true", help="skip the bare-SDK reference pass")
     args = parser.parse_args()
     os.environ.setdefault(KEY_ENV, "fake-key-for-the-local-fake-server")
     model = MODELS[args.provider]
@@ -126,6 +175,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, serve(args.latency, args.in_process) as server:
         cache, log = Path(tmp) / "llm_cache.sqlite", Path(tmp) / "llm_calls.jsonl"
+        bare, bare_cpu = (0.0, 0.0) if args.no_bare else asyncio.run(bare_sdk_pass(server, model, args))
         cold, cold_cpu, cold_reqs, cold_failed = asyncio.run(one_pass(server, model, args, cache, log))
         max_in_flight = server.refresh()["max_in_flight"]
         warm, warm_cpu, warm_reqs, warm_failed = asyncio.run(one_pass(server, model, args, cache, log))
@@ -145,6 +195,10 @@ def main() -> None:
     cpu_target = f"<= {1000 / (0.85 * limit):.2f}"
     print(f"{'client CPU per call (ms)':28}{cpu_ms:>14.2f}{cpu_target:>14}")
     print(f"{'client CPU / wall time':28}{cold_cpu / cold:>14.2f}")
+    if not args.no_bare:
+        print(f"{'bare SDK: throughput/(C/L)':28}{args.calls / bare / limit:>14.3f}")
+        print(f"{'bare SDK: CPU per call (ms)':28}{1000 * bare_cpu / args.calls:>14.2f}")
+        print(f"{'caft / bare SDK throughput':28}{bare / cold:>14.3f}")
     print(f"{'max in flight (server)':28}{max_in_flight:>14d}{'<= ' + str(args.concurrency):>14}")
     print(f"{'requests sent, cold':28}{cold_reqs:>14d}{args.calls:>14d}")
     print(f"{'failed calls, cold':28}{cold_failed:>14d}{0:>14d}")

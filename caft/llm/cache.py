@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from caft.env import scrub
 from caft.errors import RunDirError
 from caft.llm.redact import redact_json
 from caft.llm.structured import json_schema, schema_name
@@ -107,8 +108,17 @@ class ResponseCache:
             return None
         return GenerateResult.model_validate_json(row[0])
 
-    def put(self, key: str, provider: str, model: str, result: GenerateResult) -> None:
-        blob = redact_json(result.model_dump(mode="json", exclude={"parsed", "cached"}))
+    def put(
+        self, key: str, provider: str, model: str, result: GenerateResult, *, raw_redacted: bool = False
+    ) -> None:
+        """Store `result` with its secrets removed. `raw_redacted=True` says its raw request and response
+        have been through `redact` already (as `LLMClient` does), so only the text is scrubbed here."""
+        stored = result.model_dump(mode="json", exclude={"parsed", "cached"})
+        if raw_redacted:
+            stored["text"] = scrub(stored["text"])
+            blob = json.dumps(stored, ensure_ascii=False)
+        else:
+            blob = redact_json(stored)
         with self._lock:
             self._db().execute(
                 "INSERT OR REPLACE INTO responses (key, provider, model, created, result) VALUES (?, ?, ?, ?, ?)",

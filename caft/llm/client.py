@@ -195,7 +195,7 @@ class LLMClient:
             self._write_log(key, stage_name, None, error=e)
             raise
         if self._cache is not None and should_write(self.cache_policy, config):
-            self._cache.put(key, self.provider.name, self.provider.model, result)
+            self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
         return result
 
     def _check(self, messages: list[Message], config: GenerateConfig) -> None:
@@ -253,6 +253,21 @@ class LLMClient:
         stage: str,
         repair_round: bool = False,
     ) -> GenerateResult:
+        attempts = 1
+        try:  # the common case, without the retry machinery's per-call cost
+            result = await self._attempt(messages, config)
+        except RetryableError as first_failure:
+            result, attempts = await self._retry(messages, config, first_failure)
+        self._account(result, stage)
+        self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
+        return result
+
+    async def _retry(
+        self, messages: list[Message], config: GenerateConfig, first_failure: RetryableError
+    ) -> tuple[GenerateResult, int]:
+        """Tenacity takes over after a first failed attempt; that failure is replayed to it as attempt 1,
+        so its backoff and the Retry-After of that reply apply from the start. Returns (result, attempts)."""
+        replay: list[RetryableError] = [first_failure]
         attempts = 0
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
@@ -265,6 +280,8 @@ class LLMClient:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
+                    if replay:
+                        raise replay.pop()
                     result = await self._attempt(messages, config)
         except RetryableError as e:
             raise RetryableError(
@@ -272,9 +289,7 @@ class LLMClient:
                 retry_after=None,
                 status=e.status,
             ) from e
-        self._account(result, stage)
-        self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
-        return result
+        return result, attempts
 
     async def _attempt(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
         async with self._sem:
@@ -284,14 +299,9 @@ class LLMClient:
                 result = await asyncio.wait_for(self.provider.generate(messages, config), self.timeout_s)
             except asyncio.TimeoutError:
                 raise RetryableError(f"no reply within {self.timeout_s:g} s (request timeout)") from None
-            # Redacted once here; the cache and the call log store these copies as they are.
-            return result.model_copy(
-                update={
-                    "latency_s": time.perf_counter() - t0,
-                    "raw_request": redact(result.raw_request),
-                    "raw_response": redact(result.raw_response),
-                }
-            )
+            # Redacted once, here (one pass over both); the cache and the call log store these as they are.
+            raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
+            return result.model_copy(update={"latency_s": time.perf_counter() - t0, **raw})
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
