@@ -116,7 +116,7 @@ def render_judge_prompt(template: str, question: str, answer: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def _read_yaml_any(path: Path) -> Any:
+def read_yaml_any(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"question/prompt file not found: {path}")
     try:
@@ -201,7 +201,7 @@ def parse_question(entry: Any, where: str) -> Question:
 def load_questions(path: str | Path | None = None) -> list[Question]:
     """Load a question file (caft's own default set when `path` is None). Ids must be unique."""
     p = Path(path) if path is not None else default_prompt_path(DEFAULT_QUESTIONS)
-    data = _read_yaml_any(p)
+    data = read_yaml_any(p)
     if isinstance(data, Mapping) and "questions" in data:
         data = data["questions"]
     if not isinstance(data, list) or not data:
@@ -221,7 +221,7 @@ def load_judge_prompts(path: str | Path | None = None) -> dict[str, str]:
     """Load judge prompt templates (caft's own when `path` is None): `{judge_prompts: {metric: template}}`
     or `{metric: template}`."""
     p = Path(path) if path is not None else default_prompt_path(DEFAULT_JUDGE_PROMPTS)
-    data = _read_yaml_any(p)
+    data = read_yaml_any(p)
     if isinstance(data, Mapping) and "judge_prompts" in data:
         data = data["judge_prompts"]
     if not isinstance(data, Mapping) or not data:
