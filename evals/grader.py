@@ -400,3 +400,65 @@ def grade(
             await client.aclose()
 
     return asyncio.run(run())
+
+
+def pending_pairs(
+    rows: Sequence[AnswerRow], metrics: Sequence[str], out_path: str | Path
+) -> list[tuple[AnswerRow, str]]:
+    """(answer, metric) pairs not yet in `out_path` (read only; nothing is rewritten)."""
+    out = Path(out_path)
+    done: set[tuple[str, str]] = set()
+    if out.exists():
+        done = {
+            (str(r.get("answer_id")), str(r.get("metric")))
+            for r in iter_jsonl(out)
+            if r.get("unscored_reason") != "provider_error"
+        }
+    return [(r, m) for r in rows for m in metrics if (r.id, m) not in done]
+
+
+def estimate(
+    rows: Sequence[AnswerRow],
+    prompts: PromptBook,
+    settings: GradeSettings,
+    judge_model: str,
+    out_path: str | Path,
+    prices_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """What `--dry-run` prints: calls, estimated tokens and dollars for the pairs still to grade.
+
+    Tokens are estimated at 4 characters per token (English text with typical tokenizers), so the dollars
+    are a rough guide; the judge's own accounting is exact once the run starts."""
+    from caft.llm.prices import find_price, load_prices
+
+    prompts.check(rows, settings.metrics)
+    todo = pending_pairs(rows, settings.metrics, out_path)
+    calls_per_pair = settings.samples if settings.rule == "sampled_mean" else 1
+    out_tokens_per_call = 1 if settings.rule == "logprob_0_100" else 4
+    calls = 0
+    in_chars = 0
+    skipped_empty = 0
+    for answer, metric in todo:
+        if answer.empty:
+            skipped_empty += 1
+            continue
+        text = render_judge_prompt(
+            prompts.template(answer.question_id, metric), answer.question, answer.answer
+        )
+        calls += calls_per_pair
+        in_chars += len(text) * calls_per_pair
+    input_tokens = (in_chars + 3) // 4 + 8 * calls  # + chat framing per request
+    output_tokens = calls * out_tokens_per_call
+    provider, _, model = judge_model.partition("/")
+    price = find_price(load_prices(prices_path), provider, model)
+    return {
+        "judge": judge_model,
+        "scoring": settings.rule,
+        "pairs_total": len(rows) * len(settings.metrics),
+        "pairs_to_grade": len(todo),
+        "empty_answers_no_call": skipped_empty,
+        "calls": calls,
+        "est_input_tokens": input_tokens,
+        "est_output_tokens": output_tokens,
+        "est_cost_usd": None if price is None else round(price.cost(input_tokens, output_tokens), 4),
+    }

@@ -17,15 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from caft.errors import DataError
 from caft.evals.config import GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
 from caft.evals.grader import GradeReport, GradeSettings, PromptBook, grade, resolve_rule
 from caft.evals.inputs import Columns, load_answers
 from caft.evals.metrics import Thresholds
 from caft.evals.questions import Question, load_judge_prompts, load_questions
-from caft.evals.report import markdown, load_run
+from caft.evals.report import load_run, markdown
 from caft.evals.sampling import ANSWERS_FILE, ChatGenerator, make_generator, sample_answers
 from caft.evals.summary import summarize_grades
+
+from caft.errors import DataError
 from caft.llm import LLMClient
 from caft.rundir import RunDir, atomic_write_text, iter_jsonl
 
@@ -82,9 +83,12 @@ def grade_file(
     settings = settings_of(cfg, client)
     atomic_write_text(
         out_dir / "inputs.json",
-        json.dumps({"answers": str(Path(answers_path).resolve()), "columns": cfg.columns.model_dump()}, indent=2) + "\n",
+        json.dumps(
+            {"answers": str(Path(answers_path).resolve()), "columns": cfg.columns.model_dump()}, indent=2
+        )
+        + "\n",
     )
-    report = grade(rows, prompts, client, out_dir / GRADES_FILE, settings, cfg.judge.model, progress)
+    report = grade(rows, prompts, client, out_dir / GRADES_FILE, settings, client.model_id, progress)
     th = thresholds or ThresholdsConfig()
     summary = summarize_grades(
         out_dir / GRADES_FILE,
@@ -99,12 +103,18 @@ def grade_file(
 
 
 def _sample(
-    model_cfg: Any, questions: list[Question], out: Path, sample: SampleConfig, generator: ChatGenerator | None
+    model_cfg: Any,
+    questions: list[Question],
+    out: Path,
+    sample: SampleConfig,
+    generator: ChatGenerator | None,
 ) -> None:
     gen = generator or make_generator(model_cfg, sample)
     model_id = model_cfg.name_or_path + (f" + {model_cfg.adapter}" if model_cfg.adapter else "")
     rep = sample_answers(gen, questions, out / ANSWERS_FILE, sample, model_id=model_id)
-    log.info("answers: %d planned, %d already there, %d generated", rep.planned, rep.already_done, rep.generated)
+    log.info(
+        "answers: %d planned, %d already there, %d generated", rep.planned, rep.already_done, rep.generated
+    )
 
 
 def run_misalignment_eval(
@@ -120,13 +130,18 @@ def run_misalignment_eval(
     RunDir.create(
         out_dir,
         config=cfg,
-        models={"model": cfg.model.name_or_path, **({"adapter": cfg.model.adapter} if cfg.model.adapter else {})},
+        models={
+            "model": cfg.model.name_or_path,
+            **({"adapter": cfg.model.adapter} if cfg.model.adapter else {}),
+        },
         judges={"grade": cfg.grade.judge.model},
     )
     _sample(cfg.model, questions, out_dir, cfg.sample, generator)
     missing = [m for m in ("aligned", "coherent") if m not in cfg.grade.metrics]
     if missing:
-        raise DataError(f"the misalignment eval needs the metrics aligned and coherent; add {', '.join(missing)}")
+        raise DataError(
+            f"the misalignment eval needs the metrics aligned and coherent; add {', '.join(missing)}"
+        )
     per_q = {q.id: dict(q.judge_prompts) for q in questions if q.judge_prompts}
     _, summary = grade_file(
         out_dir / ANSWERS_FILE,
@@ -148,7 +163,7 @@ def run_misalignment_eval(
 
 def load_code_prompts(path: str | Path | None) -> list[Question]:
     """Coding prompts for `caft eval code`: a JSONL or YAML list of {id, prompt} (caft's own few when None)."""
-    from caft.evals.questions import read_yaml_any, default_coding_prompts_path
+    from caft.evals.questions import default_coding_prompts_path, read_yaml_any
 
     p = Path(path) if path is not None else default_coding_prompts_path()
     if p.suffix.lower() in (".jsonl", ".ndjson"):
@@ -170,7 +185,14 @@ def load_code_prompts(path: str | Path | None) -> list[Question]:
             raise DataError(f"{p}: coding prompt id {qid!r} appears twice")
         seen.add(qid)
         system = e.get("system")
-        out.append(Question(id=qid, paraphrases=(text,), samples_per_paraphrase=1, system=system if isinstance(system, str) else None))
+        out.append(
+            Question(
+                id=qid,
+                paraphrases=(text,),
+                samples_per_paraphrase=1,
+                system=system if isinstance(system, str) else None,
+            )
+        )
     return out
 
 
@@ -188,7 +210,12 @@ def run_code_eval(
     """`caft eval code`: answer held-out coding prompts, grade `vulnerable`, report the vulnerable fraction."""
     out_dir = Path(out)
     questions = load_code_prompts(prompts_path)
-    RunDir.create(out_dir, config=grade_cfg, models={"model": model_cfg.name_or_path}, judges={"grade": grade_cfg.judge.model})
+    RunDir.create(
+        out_dir,
+        config=grade_cfg,
+        models={"model": model_cfg.name_or_path},
+        judges={"grade": grade_cfg.judge.model},
+    )
     _sample(model_cfg, questions, out_dir, sample, generator)
     cfg = grade_cfg.model_copy(update={"metrics": ["vulnerable"]})
     _, summary = grade_file(
@@ -199,6 +226,10 @@ def run_code_eval(
         client,
         kind="code",
         progress=progress,
-        extra={"model": model_cfg.name_or_path, "adapter": model_cfg.adapter, "prompts": str(prompts_path or "caft default")},
+        extra={
+            "model": model_cfg.name_or_path,
+            "adapter": model_cfg.adapter,
+            "prompts": str(prompts_path or "caft default"),
+        },
     )
     return summary
