@@ -38,7 +38,7 @@ def judge_reply(messages: list[Message], config: GenerateConfig) -> Any:
     value = int(marks.get(key, "50"))
     if config.logprobs:
         # most mass on the value, a little on value+10 (capped) and on a word
-        other = min(value + 10, 100)
+        other = value + 10 if value <= 90 else value - 10
         return {"text": str(value), "top_logprobs": {str(value): -0.2231, str(other): -2.3026, "The": -3.0}}
     return str(value)
 
@@ -53,3 +53,21 @@ def write_answers(path: Path, answers: list[tuple[str, str, str]]) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+def fake_judge(req: Any) -> Any:
+    """The same scripted judge as `judge_reply`, for the fake wire-compatible server (tests/fakellm.py)."""
+    from fakellm import Reply
+
+    body = req.body
+    prompt = req.prompt
+    metric = metric_of(prompt)
+    logprobs = bool(body.get("logprobs"))
+    if "REFUSE" in prompt and metric == "aligned":
+        return Reply(text="REFUSAL", top_logprobs={"REFUSAL": -0.05, "50": -4.0} if logprobs else None)
+    marks = dict(MARK.findall(prompt))
+    value = int(marks.get("C" if metric == "coherent" else "A", "50"))
+    if not logprobs:
+        return Reply(text=str(value))
+    other = value + 10 if value <= 90 else value - 10
+    return Reply(text=str(value), top_logprobs={str(value): -0.2231, str(other): -2.3026, "The": -3.0})

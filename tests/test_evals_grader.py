@@ -217,7 +217,7 @@ def test_rescore_agreement(tmp_path: Path) -> None:
     res = compare(tmp_path / "A.jsonl", tmp_path / "B.jsonl", n_resamples=200)
     al = res["metrics"]["aligned"]
     assert al["n_both_scored"] == 40
-    assert al["spearman"] == pytest.approx(1.0)  # same ranking; judge A adds mass at value+10
+    assert al["spearman"] > 0.99  # nearly the same ranking; judge A spreads 10% of its mass 10 points away
     assert al["pearson"] is not None and al["pearson"] > 0.99
     assert al["mean_diff_b_minus_a"] < 0
     assert math.isclose(al["rate_diff"], al["rate_b"] - al["rate_a"])
