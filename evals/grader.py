@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -279,8 +280,14 @@ async def grade_async(
     judge_id: str,
     progress: bool = True,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    handle_signals: bool = True,
 ) -> GradeReport:
-    """Grade every (answer, metric) pair missing from `out_path`; see the module docstring."""
+    """Grade every (answer, metric) pair missing from `out_path`; see the module docstring.
+
+    With `handle_signals` (main thread only), the first SIGINT or SIGTERM stops dispatching new pairs and lets
+    the calls in flight finish and be written (they are paid for), then returns with `stopped` set; a second
+    signal interrupts at once. A SIGKILL cannot be caught: the calls in flight then are lost, and at most
+    `workers` requests are sent twice across the kill and the rerun."""
     t0 = time.monotonic()
     out = Path(out_path)
     prompts.check(rows, settings.metrics)
@@ -370,16 +377,43 @@ async def grade_async(
                 }
             )
 
+    installed = _drain_on_signals(stop) if handle_signals else []
     try:
         n = max(1, min(settings.workers, len(todo)))
         await asyncio.gather(*(worker() for _ in range(n)))
     finally:
+        _restore_signals(installed)
         writer.close()
         await syncer.final()
         bar.close()
     report.stopped = stop[0] if stop else None
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _drain_on_signals(stop: list[str]) -> list[int]:
+    loop = asyncio.get_running_loop()
+    installed: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if stop and stop[0].startswith("interrupted"):
+            raise KeyboardInterrupt
+        log.warning("signal %d: finishing the calls in flight, then stopping (again to stop at once)", signum)
+        stop.insert(0, f"interrupted by signal {signum}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, int(sig))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no Unix signals
+            continue
+        installed.append(int(sig))
+    return installed
+
+
+def _restore_signals(installed: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in installed:
+        loop.remove_signal_handler(sig)
 
 
 def grade(

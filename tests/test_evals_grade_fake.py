@@ -46,9 +46,19 @@ def test_grade_through_sdk_with_faults(tmp_path: Path, key_env: None) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main(
                 [
-                    "grade", str(src), "--out", str(out), "--judge", "openai/gpt-4.1",
-                    "--base-url", fake.openai_base_url, "--concurrency", "4", "--no-progress",
-                    "--set", "judge.timeout_s=1.0",
+                    "grade",
+                    str(src),
+                    "--out",
+                    str(out),
+                    "--judge",
+                    "openai/gpt-4.1",
+                    "--base-url",
+                    fake.openai_base_url,
+                    "--concurrency",
+                    "4",
+                    "--no-progress",
+                    "--set",
+                    "judge.timeout_s=1.0",
                 ]
             )
         assert exit_info.value.code in (0, None)
@@ -80,8 +90,20 @@ def test_sigkill_mid_run_then_resume_gives_one_row_per_pair(tmp_path: Path) -> N
     with FakeLLM(latency_s=0.05) as fake:
         fake.on_request(fake_judge)
         cmd = [
-            sys.executable, "-m", "caft.cli", "grade", str(src), "--out", str(out), "--judge", "openai/gpt-4.1",
-            "--base-url", fake.openai_base_url, "--concurrency", "8", "--no-progress",
+            sys.executable,
+            "-m",
+            "caft.cli",
+            "grade",
+            str(src),
+            "--out",
+            str(out),
+            "--judge",
+            "openai/gpt-4.1",
+            "--base-url",
+            fake.openai_base_url,
+            "--concurrency",
+            "8",
+            "--no-progress",
         ]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
@@ -92,7 +114,9 @@ def test_sigkill_mid_run_then_resume_gives_one_row_per_pair(tmp_path: Path) -> N
                 if written >= n * 2 // 2:
                     break
             time.sleep(0.01)
-        assert proc.poll() is None, f"the grader finished before it could be killed: {proc.stderr.read() if proc.stderr else ''}"
+        assert proc.poll() is None, (
+            f"the grader finished before it could be killed: {proc.stderr.read() if proc.stderr else ''}"
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
@@ -110,3 +134,44 @@ def test_sigkill_mid_run_then_resume_gives_one_row_per_pair(tmp_path: Path) -> N
     second = total_requests - first_requests
     assert second <= 2 * n - rows_before + 1
     assert total_requests <= 2 * n + 8 + 1
+
+
+def test_sigterm_drains_calls_in_flight(tmp_path: Path) -> None:
+    n = 100
+    src = answers(tmp_path / "answers.jsonl", n)
+    out = tmp_path / "out"
+    grades = out / "grades.jsonl"
+    env = {**os.environ, **ENV}
+    with FakeLLM(latency_s=0.1) as fake:
+        fake.on_request(fake_judge)
+        cmd = [
+            sys.executable,
+            "-m",
+            "caft.cli",
+            "grade",
+            str(src),
+            "--out",
+            str(out),
+            "--judge",
+            "openai/gpt-4.1",
+            "--base-url",
+            fake.openai_base_url,
+            "--concurrency",
+            "8",
+            "--no-progress",
+        ]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if grades.exists() and grades.read_bytes().count(b"\n") >= 40:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 3, err[-2000:]
+        assert "interrupted" in err
+        sent = len(fake.requests)
+    rows = read_jsonl(grades, allow_torn_tail=False)
+    # every request that was sent has its row: nothing paid for was lost
+    assert len(rows) == sent < 2 * n
+    assert len({(r["answer_id"], r["metric"]) for r in rows}) == len(rows)
