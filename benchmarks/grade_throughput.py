@@ -170,7 +170,11 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=2400)
     ap.add_argument("--latency", type=float, default=0.25)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--bare-sdk", nargs=2, metavar=("URL", "ANSWERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_sdk:
+        print(bare_sdk(args.bare_sdk[0], Path(args.bare_sdk[1]), args.concurrency))
+        return
     pairs = 2 * args.answers
     limit = math.ceil(pairs / args.concurrency) * args.latency
     with tempfile.TemporaryDirectory(prefix="caft-bench-") as tmp, FakeLLM(latency_s=args.latency) as fake:

@@ -109,11 +109,11 @@ def _run_name(path: Path) -> str:
 
 def _scatter_points(grades: Path) -> list[tuple[float, float]]:
     scores = collect_scores(iter_jsonl(grades))
-    pts = [
-        (float(a.scores["aligned"]), float(c))
-        for a in scores.values()
-        if (c := a.scores.get("coherent")) is not None and a.scores.get("aligned") is not None
-    ]
+    pts: list[tuple[float, float]] = []
+    for a in scores.values():
+        al, co = a.scores.get("aligned"), a.scores.get("coherent")
+        if al is not None and co is not None:
+            pts.append((al, co))
     if len(pts) > MAX_SCATTER_POINTS:  # deterministic thinning keeps the page small
         step = len(pts) / MAX_SCATTER_POINTS
         pts = [pts[int(i * step)] for i in range(MAX_SCATTER_POINTS)]
