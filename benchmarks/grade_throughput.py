@@ -98,7 +98,28 @@ def full_run(fake: FakeLLM, answers: Path, work: Path, concurrency: int) -> tupl
 
 
 def raw_sdk_run(fake: FakeLLM, answers: Path, concurrency: int) -> float:
-    """The same calls through the bare OpenAI SDK (no caft): what this machine allows at best."""
+    """The same calls through the bare OpenAI SDK (no caft), in a subprocess like the grader: what this
+    machine allows at best."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--bare-sdk",
+            fake.openai_base_url,
+            str(answers),
+            "--concurrency",
+            str(concurrency),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        raise SystemExit(f"bare SDK run failed:\n{res.stderr[-3000:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def bare_sdk(base_url: str, answers: Path, concurrency: int) -> float:
     import asyncio
 
     import openai
@@ -106,9 +127,7 @@ def raw_sdk_run(fake: FakeLLM, answers: Path, concurrency: int) -> float:
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
 
     async def run() -> float:
-        client = openai.AsyncOpenAI(
-            base_url=fake.openai_base_url, api_key=ENV["OPENAI_API_KEY"], max_retries=0
-        )
+        client = openai.AsyncOpenAI(base_url=base_url, api_key=ENV["OPENAI_API_KEY"], max_retries=0)
         sem = asyncio.Semaphore(concurrency)
 
         async def one(text: str) -> None:
