@@ -14,6 +14,7 @@ import typer
 from caft import __version__
 from caft.errors import CaftError
 from caft.evals.cli import eval_app, grade_command, report_command
+from caft.training.cli import train_command
 
 app = typer.Typer(
     name="caft",
@@ -103,6 +104,7 @@ def config_show() -> None:
                 print(f"    {line.strip()}")
 
 
+app.command("train")(train_command)
 app.command("grade")(grade_command)
 app.add_typer(eval_app, name="eval")
 app.command("report")(report_command)
