@@ -418,3 +418,40 @@ def report_command(
         typer.echo(f"wrote {md} and {page}")
     except CaftError as e:
         _fail(e)
+
+
+@eval_app.command("mc")
+def eval_mc(
+    out: Annotated[Path, Opt("--out", help="Output folder.")],
+    model: Annotated[
+        str, Opt("--model", help="A caft encoder classifier folder, or a causal LM (id or path).")
+    ],
+    id_data: Annotated[
+        Path, Opt("--id", help="In-distribution test set (JSONL rows of the training task format).")
+    ],
+    ood_data: Annotated[Path | None, Opt("--ood", help="Out-of-distribution test set.")] = None,
+    adapter: AdapterOpt = None,
+    subspace: Annotated[
+        Path | None,
+        Opt("--subspace", help="Ablate this subspace at test time only (the test-time-only baseline)."),
+    ] = None,
+    ablation_mode: Annotated[str, Opt("--ablation-mode", help="Test-time ablation: project.")] = "project",
+    batch_size: Annotated[int, Opt("--batch-size", help="Examples per forward pass.")] = 32,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Multiple-choice accuracy in distribution and out of distribution, optionally with a test-time ablation."""
+    try:
+        from caft.evals.mc import run_mc_eval
+
+        from caft.config import ModelConfig
+
+        _setup_logging()
+        cfg = ModelConfig.model_validate(_model_base(model, adapter, device, dtype, None))
+        summary = run_mc_eval(cfg, id_data, out, ood_data, subspace, ablation_mode, batch_size)
+        for split, r in summary["mc"].items():
+            typer.echo(
+                f"accuracy {split}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['k']}/{r['n']})"
+            )
+    except CaftError as e:
+        _fail(e)
