@@ -60,8 +60,12 @@ def test_encoder_classifier_id_ood_and_test_time_ablation(classifier: Path, tmp_
     tok = AutoTokenizer.from_pretrained(str(classifier / "encoder"))
     preds = predict(clf, tok, TEXTS)
     names = clf.label_names
-    id_file = write(tmp_path / "id.jsonl", [{"text": t, "label": names[p]} for t, p in zip(TEXTS, preds)])
-    ood_file = write(tmp_path / "ood.jsonl", [{"text": t, "label": 1 - p} for t, p in zip(TEXTS, preds)])
+    id_file = write(
+        tmp_path / "id.jsonl", [{"text": t, "label": names[p]} for t, p in zip(TEXTS, preds, strict=True)]
+    )
+    ood_file = write(
+        tmp_path / "ood.jsonl", [{"text": t, "label": 1 - p} for t, p in zip(TEXTS, preds, strict=True)]
+    )
     model = ModelConfig(name_or_path=str(classifier), kind="encoder", device="cpu")
     s = run_mc_eval(model, id_file, tmp_path / "plain", ood_file)
     assert s["mc"]["id"]["rate"] == 1.0 and s["mc"]["ood"]["rate"] == 0.0
@@ -76,7 +80,7 @@ def test_encoder_classifier_id_ood_and_test_time_ablation(classifier: Path, tmp_
     got = [r["pred"] for r in read_jsonl(tmp_path / "ablated" / "predictions.jsonl") if r["split"] == "id"]
     assert got == expected
     assert s2["mc"]["id"]["rate"] == pytest.approx(
-        sum(int(a == b) for a, b in zip(expected, preds)) / len(TEXTS)
+        sum(int(a == b) for a, b in zip(expected, preds, strict=True)) / len(TEXTS)
     )
 
 
