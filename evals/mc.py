@@ -122,7 +122,7 @@ def _predict_causal(
             for j, row in enumerate(logits[:, letters]):  # row: (n_opts,)
                 n = len(examples[i + j].options or [])  # rows may have fewer options than the widest
                 preds.append(int(row[:n].argmax().item()))
-    gold = [int(t.target) for t in items]
+    gold = [t.target if t.target is not None else -1 for t in items]  # tokenize_choice always sets it
     return preds, gold, {"kind": "causal_lm_letters", "letters": labels.names}
 
 
@@ -163,19 +163,20 @@ def run_mc_eval(
     with JsonlWriter(pred_path, fsync=False) as w:
         for r in records:
             w.write(r)
-    summary = {
+    accuracy = mc_accuracy(records)
+    summary: dict[str, Any] = {
         "kind": "mc",
         "model": model.name_or_path,
         "adapter": model.adapter,
         "model_kind": info.get("kind"),
         "test_time_ablation": {"subspace": str(subspace), "mode": ablation_mode} if subspace else None,
         "data": {k: str(v) for k, v in splits.items()},
-        "mc": mc_accuracy(records),
+        "mc": accuracy,
     }
     atomic_write_json(out_dir / "summary.json", summary)
     lines = [
         f"{split}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['k']}/{r['n']})"
-        for split, r in summary["mc"].items()
+        for split, r in accuracy.items()
     ]
     atomic_write_text(
         out_dir / "summary.md", "# multiple-choice accuracy\n\n" + "\n".join(f"- {x}" for x in lines) + "\n"
