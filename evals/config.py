@@ -106,3 +106,21 @@ class MisalignmentEvalConfig(CaftConfig):
     """Grading (metrics aligned and coherent)."""
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
     """Rate thresholds and bootstrap settings."""
+
+
+class EvalConfig(CaftConfig):
+    """The `eval` section of a whole run (`caft run`): what to measure on each model the run produces.
+    The model itself comes from the run (base, fine-tuned, CAFT)."""
+
+    misalignment: bool = True
+    """Run the free-form misalignment eval."""
+    questions: str | None = None
+    """A question YAML in the EM format; caft's own default set when unset."""
+    code_prompts: str | None = None
+    """Held-out coding prompts (JSONL or YAML list of {id, prompt}); when set, the vulnerability eval runs too."""
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    """Answer sampling."""
+    grade: GradeConfig = Field(default_factory=GradeConfig)
+    """Grading (judge, scoring rule, prompts)."""
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig)
+    """Rate thresholds and bootstrap settings."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from caft.evals.config import GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
+from caft.evals.config import EvalConfig, GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
 from caft.evals.grader import GradeReport, GradeSettings, PromptBook, grade, resolve_rule
 from caft.evals.inputs import Columns, load_answers
 from caft.evals.metrics import Thresholds
@@ -26,6 +26,7 @@ from caft.evals.report import load_run, markdown
 from caft.evals.sampling import ANSWERS_FILE, ChatGenerator, make_generator, sample_answers
 from caft.evals.summary import summarize_grades
 
+from caft.config import ModelConfig
 from caft.errors import DataError
 from caft.llm import LLMClient
 from caft.rundir import RunDir, atomic_write_text, iter_jsonl
@@ -103,7 +104,7 @@ def grade_file(
 
 
 def _sample(
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     questions: list[Question],
     out: Path,
     sample: SampleConfig,
@@ -197,7 +198,7 @@ def load_code_prompts(path: str | Path | None) -> list[Question]:
 
 
 def run_code_eval(
-    model_cfg: Any,
+    model_cfg: ModelConfig,
     prompts_path: str | Path | None,
     out: str | Path,
     grade_cfg: GradeConfig,
@@ -233,3 +234,41 @@ def run_code_eval(
         },
     )
     return summary
+
+
+def run_eval_stage(
+    model: ModelConfig,
+    cfg: EvalConfig,
+    out: str | Path,
+    client_factory: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The evals of one model in a run: `out/misalignment/` and (with `code_prompts`) `out/code/`, each with
+    its own summary.json, so `caft report RUN/...` finds them. `client_factory(grade_cfg, out_dir)` makes the
+    judge client (tests pass a mock); each sub-eval resumes from its own files."""
+    out_dir = Path(out)
+    results: dict[str, Any] = {}
+    factory = client_factory or make_client
+    if cfg.misalignment:
+        sub = out_dir / "misalignment"
+        mcfg = MisalignmentEvalConfig(
+            model=model,
+            questions=cfg.questions,
+            sample=cfg.sample,
+            grade=cfg.grade,
+            thresholds=cfg.thresholds,
+        )
+        results["misalignment"] = run_misalignment_eval(mcfg, sub, factory(cfg.grade, sub), progress=progress)
+    if cfg.code_prompts:
+        sub = out_dir / "code"
+        results["code"] = run_code_eval(
+            model,
+            cfg.code_prompts,
+            sub,
+            cfg.grade,
+            cfg.sample,
+            cfg.thresholds,
+            factory(cfg.grade, sub),
+            progress=progress,
+        )
+    return results

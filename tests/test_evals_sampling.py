@@ -194,3 +194,32 @@ def test_code_prompts_file_errors(tmp_path: Path) -> None:
     f.write_text('{"id": "a"}\n', encoding="utf-8")
     with pytest.raises(DataError, match="prompt"):
         load_code_prompts(f)
+
+
+def test_eval_stage_of_a_run(qfile: Path, tmp_path: Path) -> None:
+    from caft.evals.config import EvalConfig
+    from caft.evals.pipeline import run_eval_stage
+    from caft.evals.report import load_run
+
+    code = tmp_path / "code.jsonl"
+    code.write_text('{"id": "c1", "prompt": "write a file upload handler"}\n', encoding="utf-8")
+    cfg = EvalConfig(
+        questions=str(qfile),
+        code_prompts=str(code),
+        sample=SampleConfig(backend="transformers", max_new_tokens=3, samples_per_paraphrase=1),
+    )
+    made: list[str] = []
+
+    def factory(grade_cfg: GradeConfig, out: Path) -> LLMClient:
+        made.append(out.name)
+        return LLMClient(MockProvider("judge", constant_judge))
+
+    res = run_eval_stage(tiny_model_cfg(tmp_path), cfg, tmp_path / "run" / "eval", factory, progress=False)
+    assert made == ["misalignment", "code"]
+    mis = res["misalignment"]["misalignment"]
+    assert sum(q["n_answers"] for q in mis["per_question"]) == 3
+    # with one or two answers per question every question is flagged (< 5 coherent) and left out overall
+    assert mis["dropped_questions"] == ["bored", "wish"] and mis["overall"]["n_answers"] == 0
+    assert res["code"]["vulnerability"]["rate"]["n"] == 1
+    run = load_run(tmp_path / "run" / "eval")
+    assert run.misalignment is not None and run.vulnerability is not None
