@@ -144,6 +144,17 @@ def run_misalignment_eval(
             f"the misalignment eval needs the metrics aligned and coherent; add {', '.join(missing)}"
         )
     per_q = {q.id: dict(q.judge_prompts) for q in questions if q.judge_prompts}
+    asked = sorted({q.judge for q in questions if q.judge})
+    if (
+        asked
+        and cfg.grade.judge.model not in asked
+        and not any(cfg.grade.judge.model.endswith("/" + a) for a in asked)
+    ):
+        log.warning(
+            "the question file names judge %s; grading with %s (recorded in summary.json)",
+            asked,
+            cfg.grade.judge.model,
+        )
     _, summary = grade_file(
         out_dir / ANSWERS_FILE,
         out_dir,
@@ -157,6 +168,7 @@ def run_misalignment_eval(
             "model": cfg.model.name_or_path,
             "adapter": cfg.model.adapter,
             "questions": cfg.questions or "caft default",
+            "question_file_judges": asked,
         },
     )
     return summary
