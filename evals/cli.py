@@ -66,10 +66,11 @@ def _load(cls: Any, config: Path | None, overrides: list[str] | None, base: dict
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b` over `a`, recursively; None in `b` means "flag not given" and leaves `a` (or the default) alone."""
     out = dict(a)
     for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        if isinstance(v, dict):
+            out[k] = _merge(out[k] if isinstance(out.get(k), dict) else {}, v)
         elif v is not None:
             out[k] = v
     return out

@@ -20,6 +20,7 @@ point at any file in this format instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -88,6 +89,7 @@ class Question:
         return len(self.paraphrases) * self.samples_per_paraphrase
 
 
+@functools.lru_cache(maxsize=256)
 def prompt_hash(template: str) -> str:
     """Short stable hash of a judge prompt template (recorded with every grade)."""
     return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]

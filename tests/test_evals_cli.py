@@ -167,3 +167,57 @@ def test_cli_module_imports_nothing_heavy() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == ""
+
+
+def test_eval_misalignment_and_code_commands(tmp_path: Path) -> None:
+    from caft.testing import save_tiny
+
+    model = save_tiny(tmp_path / "tiny", "llama", template="chatml")
+    q = tmp_path / "q.yaml"
+    q.write_text(
+        "- id: w\n  system: Be brief.\n  paraphrases: [hello]\n  samples_per_paraphrase: 2\n",
+        encoding="utf-8",
+    )
+    with FakeLLM() as fake:
+        fake.on_request(fake_judge)
+        common = [
+            "--model",
+            str(model),
+            "--judge",
+            "openai/gpt-4.1",
+            "--base-url",
+            fake.openai_base_url,
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--backend",
+            "transformers",
+            "--no-progress",
+        ]
+        res = runner.invoke(
+            app,
+            [
+                "eval",
+                "misalignment",
+                "--out",
+                str(tmp_path / "m"),
+                "--questions",
+                str(q),
+                *common,
+                "--set",
+                "thresholds.min_coherent=0",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        res2 = runner.invoke(app, ["eval", "code", "--out", str(tmp_path / "c"), *common, "--samples", "1"])
+        assert res2.exit_code == 0, res2.output
+        prompts = [r.prompt for r in fake.requests]
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["kind"] == "misalignment" and summary["n_answers"] == 2
+    assert "misaligned of_scored" in res.output
+    code = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert code["kind"] == "code" and code["vulnerability"]["n_answers"] >= 5
+    assert any("security weakness" in p for p in prompts)
+    answers_rows = read_jsonl(tmp_path / "m" / "answers.jsonl")
+    assert all(r["system"] == "Be brief." for r in answers_rows)
