@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 MAX_SCATTER_POINTS = 1500
+MAX_EXAMPLES = 5
 
 
 @dataclass
@@ -36,6 +37,8 @@ class RunResults:
     """By kind: misalignment, code, mc, grade."""
     scatter: list[tuple[float, float]] = field(default_factory=list)
     """(aligned, coherent) per answer with both scored."""
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """The most misaligned coherent answers, with their text (shown escaped)."""
 
     @property
     def misalignment(self) -> dict[str, Any] | None:
@@ -92,6 +95,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunResults:
         grades = f.parent / str(data.get("grades_file", "grades.jsonl"))
         if kind in ("misalignment", "grade") and grades.is_file() and not run.scatter:
             run.scatter = _scatter_points(grades)
+            run.examples = _worst_examples(grades, data)
     return run
 
 
@@ -118,6 +122,68 @@ def _scatter_points(grades: Path) -> list[tuple[float, float]]:
         step = len(pts) / MAX_SCATTER_POINTS
         pts = [pts[int(i * step)] for i in range(MAX_SCATTER_POINTS)]
     return pts
+
+
+def _answer_texts(folder: Path, wanted: set[str]) -> dict[str, dict[str, str]]:
+    """Question and answer text of the `wanted` answer ids: from the folder's answers.jsonl (an eval), or
+    from the file a `caft grade` run read (named in inputs.json, with its column names). Empty when the
+    file is gone: the report then shows ids only."""
+    from caft.evals.inputs import Columns, load_answers
+
+    out: dict[str, dict[str, str]] = {}
+    try:
+        own = folder / "answers.jsonl"
+        if own.is_file():
+            rows = load_answers(own)
+        elif (folder / "inputs.json").is_file():
+            info = json.loads((folder / "inputs.json").read_text(encoding="utf-8"))
+            rows = load_answers(info["answers"], Columns(**info.get("columns", {})))
+        else:
+            return out
+    except (DataError, json.JSONDecodeError, KeyError, TypeError) as e:
+        log.warning("%s: answer texts not shown in the report (%s)", folder, e)
+        return out
+    for r in rows:
+        if r.id in wanted:
+            out[r.id] = {"question": r.question, "answer": r.answer}
+    return out
+
+
+def _worst_examples(grades: Path, summary: dict[str, Any], n: int = MAX_EXAMPLES) -> list[dict[str, Any]]:
+    """The `n` coherent answers with the lowest aligned score, with question and answer text when the
+    answers file is at hand (an eval folder's answers.jsonl, or the file a `caft grade` run read)."""
+    th = (summary.get("misalignment") or {}).get("thresholds") or {}
+    coherent_above = float(th.get("coherent_above", 50.0))
+    scores = collect_scores(iter_jsonl(grades))
+    ranked = sorted(
+        (
+            a
+            for a in scores.values()
+            if a.scores.get("aligned") is not None and (a.scores.get("coherent") or 0.0) > coherent_above
+        ),
+        key=lambda a: (a.scores["aligned"], a.answer_id),
+    )[:n]
+    if not ranked:
+        return []
+    text = _answer_texts(grades.parent, {a.answer_id for a in ranked})
+    out = []
+    for a in ranked:
+        row: dict[str, str] = text.get(a.answer_id, {})
+        out.append(
+            {
+                "answer_id": a.answer_id,
+                "question_id": a.question_id,
+                "aligned": a.scores.get("aligned"),
+                "coherent": a.scores.get("coherent"),
+                "question": _clip(str(row.get("question", ""))),
+                "answer": _clip(str(row.get("answer", ""))),
+            }
+        )
+    return out
+
+
+def _clip(text: str, limit: int = 700) -> str:
+    return text if len(text) <= limit else text[:limit] + f" [... {len(text) - limit} more characters]"
 
 
 def _pct(v: Any, digits: int = 1) -> str:
@@ -220,6 +286,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}
 .panels{display:flex;flex-wrap:wrap;gap:12px}
 .note{color:#555;font-size:13px}
+.txt{white-space:pre-wrap;max-width:520px;font-family:monospace;font-size:12px}
 """
 
 
@@ -276,6 +343,23 @@ def html_page(runs: Sequence[RunResults], title: str = "caft eval report") -> st
             )
             parts.append(f'<div class="note">{esc(r.label)}: {len(r.scatter)} answers shown</div>')
         parts.append("</div>")
+
+    with_examples = [r for r in runs if r.examples]
+    if with_examples:
+        parts.append("<h2>Most misaligned coherent answers (lowest aligned score)</h2>")
+        for r in with_examples:
+            parts.append(
+                f"<h3>{esc(r.label)}</h3><table><thead><tr><th>question</th><th>answer</th>"
+                "<th>aligned</th><th>coherent</th></tr></thead><tbody>"
+            )
+            for ex in r.examples:
+                q = ex["question"] or ex["question_id"]
+                a = ex["answer"] or f"(answer {ex['answer_id']}: text not available)"
+                parts.append(
+                    f'<tr><td class="txt">{esc(q)}</td><td class="txt">{esc(a)}</td>'
+                    f"<td>{ex['aligned']:.1f}</td><td>{ex['coherent']:.1f}</td></tr>"
+                )
+            parts.append("</tbody></table>")
 
     points = _tradeoff_points(runs)
     if points:

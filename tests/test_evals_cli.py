@@ -157,6 +157,8 @@ def test_csv_columns_budget_stop_resume_rescore_and_report(tmp_path: Path) -> No
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "report.html").is_file()
     assert "| gpt-4.1-mini |" in (tmp_path / "rep" / "report.md").read_text()
+    # the CSV's answer texts (found through inputs.json, with its column names) appear in the page
+    assert "reply A=" in (tmp_path / "rep" / "report.html").read_text()
 
 
 def test_cli_module_imports_nothing_heavy() -> None:

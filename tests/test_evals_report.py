@@ -63,6 +63,10 @@ def make_run(root: Path, name: str, mis_every: int, qids: tuple[str, ...] = ("q_
                     "judge": "mock/j",
                 }
             )
+    with JsonlWriter(d / "answers.jsonl") as w:
+        for qi, q in enumerate(qids):
+            for i in range(20):
+                w.write({"id": f"{qi}-{i}", "question_id": q, "question": f"ask {q}", "answer": f"answer {i} {EVIL}"})
     summarize_grades(d / "grades.jsonl", kind="misalignment", thresholds=Thresholds(), n_resamples=200)
     return d
 
@@ -123,7 +127,10 @@ def test_report_markdown_and_html(tmp_path: Path) -> None:
     urls = set(re.findall(r"(?:src|href)=\"([^\"]+)\"", page))
     assert not urls
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "Most misaligned coherent answers" in page and "answer 4 &lt;script&gt;" in page
     run = load_run(ft)
+    assert len(run.examples) == 5
+    assert all(e["aligned"] == 10.0 and e["coherent"] > 50 for e in run.examples)
     assert run.vulnerability is not None and len(run.scatter) == 40  # the refusals have no aligned score
 
 
