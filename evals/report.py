@@ -346,7 +346,7 @@ def html_page(runs: Sequence[RunResults], title: str = "caft eval report") -> st
 
     with_examples = [r for r in runs if r.examples]
     if with_examples:
-        parts.append("<h2>Most misaligned coherent answers (lowest aligned score)</h2>")
+        parts.append("<h2>Coherent answers with the lowest aligned scores</h2>")
         for r in with_examples:
             parts.append(
                 f"<h3>{esc(r.label)}</h3><table><thead><tr><th>question</th><th>answer</th>"

@@ -127,7 +127,7 @@ def test_report_markdown_and_html(tmp_path: Path) -> None:
     urls = set(re.findall(r"(?:src|href)=\"([^\"]+)\"", page))
     assert not urls
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")
-    assert "Most misaligned coherent answers" in page and "answer 4 &lt;script&gt;" in page
+    assert "Coherent answers with the lowest aligned scores" in page and "answer 4 &lt;script&gt;" in page
     run = load_run(ft)
     assert len(run.examples) == 5
     assert all(e["aligned"] == 10.0 and e["coherent"] > 50 for e in run.examples)
