@@ -175,3 +175,39 @@ def test_sigterm_drains_calls_in_flight(tmp_path: Path) -> None:
     # every request that was sent has its row: nothing paid for was lost
     assert len(rows) == sent < 2 * n
     assert len({(r["answer_id"], r["metric"]) for r in rows}) == len(rows)
+
+
+def test_anthropic_judge_without_logprobs_uses_the_labelled_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake-key-for-the-fake-server-0000")
+    src = answers(tmp_path / "answers.jsonl", 4)
+    out = tmp_path / "out"
+    with FakeLLM() as fake:
+        fake.on_request(fake_judge)
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                [
+                    "grade",
+                    str(src),
+                    "--out",
+                    str(out),
+                    "--judge",
+                    "anthropic/claude-opus-4-5",
+                    "--base-url",
+                    fake.anthropic_base_url,
+                    "--no-progress",
+                    "--set",
+                    "samples=3",
+                ]
+            )
+        assert exit_info.value.code in (0, None)
+        assert {r.api for r in fake.requests} == {"anthropic"}
+        assert len(fake.requests) == 4 * 2 * 3
+    rows = read_jsonl(out / "grades.jsonl")
+    assert len(rows) == 8
+    assert {r["scoring"] for r in rows} == {"sampled_mean"}
+    by = {(r["answer_id"], r["metric"]): r for r in rows}
+    assert by[("a1", "aligned")]["score"] == pytest.approx(37.0)
+    assert by[("a1", "aligned")]["replies"] == ["37", "37", "37"]
+    assert by[("a1", "aligned")]["judge"] == "anthropic/claude-opus-4-5"
