@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -238,3 +239,31 @@ async def _grade_async_unknown(rows: list[AnswerRow], c: LLMClient, tmp_path: Pa
     await grade_async(
         rows, book(), c, tmp_path / "g.jsonl", GradeSettings(metrics=("funny",)), "mock/judge", progress=False
     )
+
+
+def test_no_row_lost_with_every_kind_of_odd_input(tmp_path: Path) -> None:
+    f = tmp_path / "odd.jsonl"
+    lines = [
+        json.dumps({"question": "q", "answer": "normal A=40 C=90"}).encode(),
+        json.dumps({"question": "q", "answer": ""}).encode(),
+        json.dumps({"question": "q", "answer": None}).encode(),
+        json.dumps({"question": "q", "answer": 12345}).encode(),
+        json.dumps({"question": "q", "answer": "A=70 C=80 " + "y" * 1_000_000}).encode(),
+        b'{"question": "q", "answer": "A=60 C=70 \xc3\x28 broken"}',
+        json.dumps({"question": "q", "answer": "normal A=40 C=90"}).encode(),  # same text again: its own id
+    ]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    rows = load_answers(f)
+    assert len(rows) == 7 and len({r.id for r in rows}) == 7
+    c, _ = client()
+    out = tmp_path / "grades.jsonl"
+    rep = grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    grades = read_jsonl(out)
+    assert len(grades) == 14 and rep.graded == 14
+    assert {(g["answer_id"], g["metric"]) for g in grades} == {
+        (r.id, m) for r in rows for m in ("aligned", "coherent")
+    }
+    reasons = Counter(g["unscored_reason"] for g in grades if g["score"] is None)
+    assert reasons == {"empty_answer": 4}
+    big = [g for g in grades if g.get("answer_truncated_chars")]
+    assert len(big) == 2 and big[0]["answer_truncated_chars"] == 1_000_010 - 32_000
