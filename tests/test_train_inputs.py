@@ -84,6 +84,13 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path: Path) -> None:
         train(_cfg(tmp_path, data, data={"path": None}), tmp_path / "o")
 
 
+def test_max_length_beyond_model_positions_is_refused(tmp_path: Path, llama_dir: Path) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    with pytest.raises(ConfigError, match=r"exceeds the model's 512 positions"):
+        train(_cfg(llama_dir, data, data={"max_length": 4096}), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_skip_invalid_trains_on_good_rows(tmp_path: Path, llama_dir: Path) -> None:
     rows: list[Any] = [*CHAT[:6], "{oops", {"messages": []}]
     data = _jsonl(tmp_path / "d.jsonl", rows)

@@ -57,12 +57,13 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 def test_choice_objective_full_ft_with_steering(tmp_path: Path, llama_dir: Path) -> None:
     rows = [{"prompt": f"Is {i} even?", "options": ["yes", "no"], "label": i % 2} for i in range(16)]
-    data = _jsonl(tmp_path / "mc.jsonl", rows)
+    data = _jsonl(tmp_path / "mc.jsonl", rows[:12])
+    held = _jsonl(tmp_path / "held.jsonl", rows[12:])
     cfg = build_train_config(
         "spurious",
         values={
             "model": {"name_or_path": str(llama_dir), "device": "cpu"},
-            "data": {"path": str(data), "eval_fraction": 0.25},
+            "data": {"path": str(data), "eval_path": str(held)},
             "optim": {"lr": 1e-3, "batch_size": 4, "max_steps": 3},
             "ablation": {"random": "1:2", "mode": "steer", "steer_coef": 3.0},
             "progress": False,
@@ -73,6 +74,22 @@ def test_choice_objective_full_ft_with_steering(tmp_path: Path, llama_dir: Path)
     rec = json.loads((tmp_path / "o" / "caft_training.json").read_text())
     assert rec["objective"] == "choice_lm" and len(rec["letter_token_ids"]) == 2
     assert rec["ablation"]["steer_coef"] == 3.0 and rec["data"]["tokenize"]["train"]["kept"] == 12
+    # the evaluation helper scores exactly what the trainer evaluated (same format, same ablation)
+    from caft.training.ablation import make_ablation
+    from caft.training.choice import choice_accuracy, choice_scores
+    from caft.training.data import read_classification_jsonl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(res.final_path)
+    tok = AutoTokenizer.from_pretrained(res.final_path)
+    examples = read_classification_jsonl(held)
+    abl = make_ablation("steer", Subspace.load(tmp_path / "o" / "subspace"), steer_coef=3.0)
+    scores, gold = choice_scores(model, tok, examples, ablation=abl)
+    loss = torch.nn.functional.cross_entropy(scores, torch.tensor(gold))
+    assert abs(loss.item() - res.metrics["eval_loss"]) < 1e-4
+    assert choice_accuracy(model, tok, examples, ablation=abl) == res.metrics["eval_accuracy"]
+    plain, _ = choice_scores(model, tok, examples)
+    assert not torch.allclose(plain, scores)
 
 
 def test_encoder_classifier_trains_saves_and_predicts(tmp_path: Path) -> None:

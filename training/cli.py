@@ -30,7 +30,10 @@ def train_command(
     ] = None,
     preset: Annotated[
         str | None,
-        typer.Option("--preset", help="Recipe defaults: em (LoRA chat) or spurious (full FT, choice)."),
+        typer.Option(
+            "--preset",
+            help="Recipe defaults: em (LoRA chat), spurious (full FT, choice letters) or encoder (classifier head).",
+        ),
     ] = None,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", help="Stop after N optimizer steps.")

@@ -180,7 +180,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_steps": 5,
             "schedule": "linear",
         },
-        "data": {"max_length": 2048},
+        # max_seq_len 2048: the model config's chat.max_length default
     },
     # Spurious correlation (multiple choice): full FT, AdamW lr 5e-6, betas (0.9, 0.95), warmup ratio 0.5,
     # batch 16, loss over the answer letters at the last position.
@@ -195,6 +195,22 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 16,
             "grad_accum": 1,
             "epochs": 4,
+            "schedule": "linear",
+        },
+    },
+    # Encoder + linear head (the MiniLM spurious-correlation demo): all blocks trained, embeddings frozen.
+    "encoder": {
+        "objective": "encoder_classifier",
+        "method": "full",
+        "freeze_embeddings": True,
+        "optim": {
+            "lr": 3e-5,
+            "head_lr": 1e-3,
+            "weight_decay": 0.01,
+            "batch_size": 32,
+            "grad_accum": 1,
+            "epochs": 2,
+            "warmup_steps": 0,
             "schedule": "linear",
         },
     },

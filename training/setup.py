@@ -145,7 +145,7 @@ def prepare(cfg: TrainConfig, mcfg: ModelConfig, given_subspace: Subspace | None
     sites = Sites.of(model)
     subspace = load_subspace(cfg, sites, given_subspace)
 
-    max_length = cfg.data.max_length or mcfg.chat.max_length
+    max_length = _max_length(cfg, mcfg, model)
     letter_ids = None
     stats: dict[str, TokenizeStats] = {}
     if cfg.objective == "chat":
@@ -192,6 +192,20 @@ def prepare(cfg: TrainConfig, mcfg: ModelConfig, given_subspace: Subspace | None
         label_names=label_names,
         data_report=report,
     )
+
+
+def _max_length(cfg: TrainConfig, mcfg: ModelConfig, model: Any) -> int:
+    """The configured length, capped by the model's position limit (BERT-style encoders stop at 512)."""
+    want = cfg.data.max_length or mcfg.chat.max_length
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and 0 < limit < want:
+        if cfg.data.max_length is not None:
+            raise ConfigError(
+                f"data.max_length={want} exceeds the model's {limit} positions; set data.max_length <= {limit}"
+            )
+        log.info("max length capped at the model's %d positions", limit)
+        return limit
+    return want
 
 
 def _make_trainable(cfg: TrainConfig, model: Any) -> Any:

@@ -52,6 +52,8 @@ RECORD_FILE = "caft_training.json"
 LOG_FILE = "train_log.jsonl"
 FINAL_DIR = "final"
 MEANS_FILE = "ablation_means.safetensors"
+# settings that do not change the numbers, so a resumed run may differ in them
+_RESUME_FREE = {"progress", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "save_every"}
 
 
 @dataclass
@@ -115,13 +117,17 @@ def train(
         ckpt = checkpoints[-1]
         if ckpt.info.get("fingerprint") != fingerprint:
             raise RunDirError(
-                f"{ckpt.path} was written with a different configuration, model or subspace; resume needs the "
-                "same settings (only max_steps-independent fields such as progress may change)"
+                f"{ckpt.path} was written with a different configuration, model or subspace; resuming needs "
+                f"the same settings (only {', '.join(sorted(_RESUME_FREE))} and model.device may change): "
+                "restore them, or start a new --out directory"
             )
         load_checkpoint(ckpt, prep.model, optimizer, scheduler)
         start_step = ckpt.step
-        _cut_log(log_path, start_step)
         log.info("resuming %s at step %d of %d", out, start_step, total_steps)
+    elif resume:
+        log.info("no checkpoint in %s: starting from step 0", out)
+    if resume:
+        _cut_log(log_path, start_step)
     out.mkdir(parents=True, exist_ok=True)
     if prep.subspace is not None and not (out / "subspace").exists():
         prep.subspace.save(out / "subspace")
@@ -383,7 +389,7 @@ def _progress(cfg: TrainConfig, total: int, start: int) -> Any:
 def _fingerprint(cfg: TrainConfig, mcfg: ModelConfig, sub: Subspace | None) -> str:
     import hashlib
 
-    data = cfg.model_dump(mode="json", exclude={"progress", "keep_checkpoints", "model"})
+    data = cfg.model_dump(mode="json", exclude={*_RESUME_FREE, "model"})
     data["model"] = mcfg.model_dump(mode="json", exclude={"device"})
     data["subspace"] = sub.digest() if sub is not None else None
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
