@@ -88,42 +88,22 @@ def _predict_causal(
     batch_size: int,
     max_length: int,
 ) -> tuple[list[int], list[int], dict[str, Any]]:
-    import torch
-    from caft.training.ablation import ablated
-    from caft.training.data import LabelSpace, tokenize_choice
+    """Letter scoring at the last prompt token, exactly as `caft.training` trains it (`choice_scores`);
+    a row with fewer options than the widest row can only pick one of its own."""
+    from caft.training.choice import choice_scores
 
     from caft.models import load_model
 
-    loaded = load_model(cfg, padding_side="left")
-    tok = loaded.tokenizer
-    n_opts = max(len(ex.options or []) for ex in examples) if all(ex.is_choice for ex in examples) else 0
-    if n_opts == 0:
-        raise DataError("a causal LM is scored on multiple-choice rows ({'prompt', 'options', 'label'})")
-    labels = LabelSpace([chr(ord("A") + i) for i in range(n_opts)])
-    items, letter_ids, _ = tokenize_choice(examples, tok, labels, max_length)
-    if len(items) != len(examples):
-        raise DataError("some multiple-choice rows were dropped while tokenizing; raise --max-length")
+    loaded = load_model(cfg)
     abl = _load_ablation(loaded.model, subspace, mode)
-    letters = torch.tensor(letter_ids, device=loaded.device)
-    preds: list[int] = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    with torch.no_grad(), ablated(loaded.model, abl):
-        for i in range(0, len(items), batch_size):
-            chunk = items[i : i + batch_size]
-            width = max(len(t.input_ids) for t in chunk)
-            ids = torch.tensor(
-                [[pad] * (width - len(t.input_ids)) + t.input_ids for t in chunk], device=loaded.device
-            )
-            mask = torch.tensor(
-                [[0] * (width - len(t.input_ids)) + [1] * len(t.input_ids) for t in chunk],
-                device=loaded.device,
-            )
-            logits = loaded.model(input_ids=ids, attention_mask=mask).logits[:, -1, :]  # (B, V), left padded
-            for j, row in enumerate(logits[:, letters]):  # row: (n_opts,)
-                n = len(examples[i + j].options or [])  # rows may have fewer options than the widest
-                preds.append(int(row[:n].argmax().item()))
-    gold = [t.target if t.target is not None else -1 for t in items]  # tokenize_choice always sets it
-    return preds, gold, {"kind": "causal_lm_letters", "letters": labels.names}
+    scores, gold = choice_scores(
+        loaded.model, loaded.tokenizer, examples, ablation=abl, batch_size=batch_size, max_length=max_length
+    )  # (N, n_options)
+    preds = []
+    for ex, row in zip(examples, scores, strict=True):
+        n = len(ex.options) if ex.options is not None else row.shape[0]
+        preds.append(int(row[:n].argmax().item()))
+    return preds, gold, {"kind": "causal_lm_letters"}
 
 
 def run_mc_eval(
