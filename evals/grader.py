@@ -139,10 +139,14 @@ def resolve_rule(choice: str, client: LLMClient) -> ScoringRule:
     return cast(ScoringRule, choice)
 
 
-def read_done(path: Path, drop_reasons: Sequence[str] = ()) -> dict[tuple[str, str], dict[str, Any]]:
-    """The rows already in `grades.jsonl`, keyed by (answer_id, metric). When some rows have a reason in
-    `drop_reasons` (e.g. provider_error, to retry them) the file is rewritten without them, atomically, so
-    that the rerun still leaves one row per pair."""
+def read_done(
+    path: Path,
+    drop_reasons: Sequence[str] = (),
+    check: Callable[[dict[tuple[str, str], dict[str, Any]]], None] | None = None,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rows already in `grades.jsonl`, keyed by (answer_id, metric). `check` sees them first (and may
+    refuse the file). When some rows have a reason in `drop_reasons` (e.g. provider_error, to retry them) the
+    file is rewritten without them, atomically, so that the rerun still leaves one row per pair."""
     if not path.exists():
         return {}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -152,6 +156,8 @@ def read_done(path: Path, drop_reasons: Sequence[str] = ()) -> dict[tuple[str, s
         if key in rows:
             dup += 1
         rows[key] = row
+    if check is not None:
+        check(rows)
     dropped = {k for k, r in rows.items() if r.get("unscored_reason") in drop_reasons}
     if dup or dropped:
         import json
@@ -296,8 +302,7 @@ async def grade_async(
         for m in settings.metrics:
             hashes[m].add(prompt_hash(prompts.template(r.question_id, m)))
     drop = ("provider_error",) if settings.retry_provider_errors else ()
-    done = read_done(out, drop)
-    _check_consistent(done, judge_id, hashes, out)
+    done = read_done(out, drop, check=lambda old: _check_consistent(old, judge_id, hashes, out))
     todo = [(r, m) for r in rows for m in settings.metrics if (r.id, m) not in done]
     report = GradeReport(
         out,

@@ -267,3 +267,16 @@ def test_no_row_lost_with_every_kind_of_odd_input(tmp_path: Path) -> None:
     assert reasons == {"empty_answer": 4}
     big = [g for g in grades if g.get("answer_truncated_chars")]
     assert len(big) == 2 and big[0]["answer_truncated_chars"] == 1_000_010 - 32_000
+
+
+def test_refused_file_is_left_untouched(tmp_path: Path) -> None:
+    rows = load_answers(write_answers(tmp_path / "a.jsonl", [("x", "q", "FAIL A=3 C=99")]))
+    out = tmp_path / "grades.jsonl"
+    c, _ = client()
+    grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    before = out.read_bytes()
+    assert b"provider_error" in before
+    c2, _ = client()
+    with pytest.raises(RunDirError):
+        grade(rows, book(), c2, out, GradeSettings(), "mock/other", progress=False)
+    assert out.read_bytes() == before  # the provider_error rows of the other judge were not dropped
