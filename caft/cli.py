@@ -13,6 +13,8 @@ import typer
 
 from caft import __version__
 from caft.errors import CaftError
+from caft.evals.cli import eval_app, grade_command, report_command
+from caft.training.cli import train_command
 
 app = typer.Typer(
     name="caft",
@@ -100,6 +102,12 @@ def config_show() -> None:
         if doc:
             for line in doc.splitlines():
                 print(f"    {line.strip()}")
+
+
+app.command("train")(train_command)
+app.command("grade")(grade_command)
+app.add_typer(eval_app, name="eval")
+app.command("report")(report_command)
 
 
 def main(argv: list[str] | None = None) -> Any:
