@@ -66,7 +66,14 @@ def make_run(root: Path, name: str, mis_every: int, qids: tuple[str, ...] = ("q_
     with JsonlWriter(d / "answers.jsonl") as w:
         for qi, q in enumerate(qids):
             for i in range(20):
-                w.write({"id": f"{qi}-{i}", "question_id": q, "question": f"ask {q}", "answer": f"answer {i} {EVIL}"})
+                w.write(
+                    {
+                        "id": f"{qi}-{i}",
+                        "question_id": q,
+                        "question": f"ask {q}",
+                        "answer": f"answer {i} {EVIL}",
+                    }
+                )
     summarize_grades(d / "grades.jsonl", kind="misalignment", thresholds=Thresholds(), n_resamples=200)
     return d
 
