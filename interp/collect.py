@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from caft.interp.config import InputsConfig
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from caft.chat import TemplateChoice
     from caft.models import LoadedModel
     from caft.sites import Sites
 
@@ -398,7 +399,7 @@ def encode_row(
                 f"{where}: chat rows need a causal LM; an encoder reads plain text rows {{{text_field!r}: ...}}"
             )
         messages = validate_messages(row["messages"], where)
-        enc = ChatFormatter(tokenizer, template).encode(messages)  # type narrowed by ChatFormatter
+        enc = ChatFormatter(tokenizer, cast("TemplateChoice", template)).encode(messages)
         ids, sel = list(enc.input_ids), list(enc.assistant_mask)
         if tokens == "all":
             sel = [True] * len(ids)
@@ -491,7 +492,9 @@ def generate_answers(
     if not prompts:
         raise DataError(f"{cfg.prompts}: no prompts")
     jobs = [(p, s) for p in range(len(prompts)) for s in range(cfg.samples_per_prompt)]
-    done = {(int(r["prompt"]), int(r["sample"])): r for r in read_jsonl(cache)} if cache.exists() else {}
+    done: dict[tuple[int, int], dict[str, Any]] = {}
+    if cache.exists():
+        done = {(int(r["prompt"]), int(r["sample"])): r for r in read_jsonl(cache)}
     todo = [j for j in jobs if j not in done]
     if todo:
         from tqdm.auto import tqdm
@@ -510,7 +513,7 @@ def generate_answers(
                         seed=seed + start,
                     )
                 for (p, s), text in zip(chunk, texts, strict=True):
-                    rec = {"prompt": p, "sample": s, "messages": prompts[p], "answer": text}
+                    rec: dict[str, Any] = {"prompt": p, "sample": s, "messages": prompts[p], "answer": text}
                     w.write(rec)
                     done[(p, s)] = rec
                 bar.update(len(chunk))
@@ -520,7 +523,7 @@ def generate_answers(
         rec = done[(p, s)]
         if not str(rec["answer"]).strip():
             continue
-        msgs = [*rec["messages"], {"role": "assistant", "content": rec["answer"]}]
+        msgs: list[dict[str, str]] = [*list(rec["messages"]), {"role": "assistant", "content": rec["answer"]}]
         enc = fmt.encode(msgs)
         ids, sel = list(enc.input_ids), list(enc.assistant_mask)
         if cfg.tokens == "all":

@@ -119,6 +119,8 @@ class SAETrainConfig(CaftConfig):
 
 
 RankingName = Literal["mean_diff", "sae_diff", "attribution"]
+_ALL_RANKINGS: tuple[RankingName, ...] = ("mean_diff", "sae_diff", "attribution")
+_BOTH_MODELS: tuple[Literal["base", "ft"], ...] = ("base", "ft")
 
 
 class SAEConfig(CaftConfig):
@@ -132,7 +134,7 @@ class SAEConfig(CaftConfig):
     """The SAEs to rank, one per layer."""
     inputs: InputsConfig | None = None
     """Tokens to rank on (default: the `diff` stage's cached inputs, else required)."""
-    rankings: list[RankingName] = Field(default_factory=lambda: ["mean_diff", "sae_diff", "attribution"])
+    rankings: list[RankingName] = Field(default_factory=lambda: list(_ALL_RANKINGS))
     """`mean_diff`: mean latent activation ft - base; `sae_diff`: mean SAE encoding of (ft - base);
     `attribution`: decoder direction . dLoss/dx x latent activation summed over tokens (causal LMs)."""
     attribution_model: Literal["base", "ft"] = "ft"
@@ -171,7 +173,7 @@ class SteeringConfig(CaftConfig):
     max_perplexity_ratio: float = Field(default=3.0, gt=1)
     """Coherent = the mean perplexity of steered generations under the base model is at most this many
     times that of the unsteered generations."""
-    models: list[Literal["base", "ft"]] = Field(default_factory=lambda: ["base", "ft"])
+    models: list[Literal["base", "ft"]] = Field(default_factory=lambda: list(_BOTH_MODELS))
     """Which models generate the final steered and unsteered samples."""
 
 
