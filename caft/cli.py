@@ -13,6 +13,7 @@ import typer
 
 from caft import __version__
 from caft.errors import CaftError
+from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
 
 app = typer.Typer(
     name="caft",
@@ -100,6 +101,11 @@ def config_show() -> None:
         if doc:
             for line in doc.splitlines():
                 print(f"    {line.strip()}")
+
+
+app.command("diff")(diff_cmd)  # interp: collection + streaming PCA
+app.add_typer(sae_app, name="sae")  # interp: SAE latent rankings
+app.command("evidence")(evidence_cmd)  # interp: evidence dossiers
 
 
 def main(argv: list[str] | None = None) -> Any:

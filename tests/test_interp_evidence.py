@@ -1,0 +1,231 @@
+"""Evidence: streaming top-k windows, batched projections, logit lens, steering, whole dossiers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
+from caft.interp.evidence import LayerGroup, build_dossiers, project, read_dossiers
+from caft.interp.lens import lens_logits, logit_lens, search_alpha, steer
+from caft.interp.pca import run_diff
+from caft.interp.schema import Candidate, Dossier
+from caft.interp.topk import StreamingTopK
+from interp_helpers import chat_rows, make_pair, write_jsonl
+
+from caft.config import ModelConfig
+from caft.models import load_model
+from caft.testing import tiny_model, tiny_tokenizer
+
+
+def _brute_force(
+    acts: torch.Tensor, valid: torch.Tensor, k: int, sign: int
+) -> list[list[tuple[float, int, int]]]:
+    """Per column: the k best (value, doc, pos) over the whole corpus tensor (D, T, C)."""
+    D, T, C = acts.shape
+    out = []
+    for c in range(C):
+        items = [(float(acts[d, t, c]), d, t) for d in range(D) for t in range(T) if bool(valid[d, t])]
+        items.sort(key=lambda x: -sign * x[0])
+        out.append(items[:k])
+    return out
+
+
+@pytest.mark.parametrize(("batch", "sign"), [(1, 1), (3, 1), (4, -1), (11, -1)])
+def test_streaming_topk_equals_brute_force(batch: int, sign: int) -> None:
+    g = torch.Generator().manual_seed(batch)
+    D, T, C, k = 11, 9, 5, 4
+    acts = torch.randn(D, T, C, generator=g)
+    lengths = torch.randint(2, T + 1, (D,), generator=g)
+    valid = torch.arange(T)[None, :] < lengths[:, None]
+    top = StreamingTopK(C, k, before=3, after=2, sign=sign)
+    for s in range(0, D, batch):
+        top.update(acts[s : s + batch], valid[s : s + batch], torch.arange(s, min(s + batch, D)))
+    ref = _brute_force(acts, valid, k, sign)
+    for c in range(C):
+        hits = top.hits(c)
+        assert [(h.doc, h.pos) for h in hits] == [(d, t) for _, d, t in ref[c]]
+        for h, (v, d, t) in zip(hits, ref[c], strict=True):
+            assert h.value == pytest.approx(v)
+            for j, wv in enumerate(h.values):  # window values straight from the corpus tensor
+                p = h.start + j
+                if 0 <= p < int(lengths[d]):
+                    assert wv == pytest.approx(float(acts[d, p, c]))
+                else:
+                    assert math.isnan(wv)
+
+
+def test_topk_with_fewer_tokens_than_k() -> None:
+    top = StreamingTopK(2, 10, 1, 1)
+    top.update(torch.ones(1, 3, 2), torch.tensor([[True, True, False]]), torch.tensor([0]))
+    assert len(top.hits(0)) == 2
+
+
+def test_projection_of_all_candidates_equals_one_at_a_time() -> None:
+    g = torch.Generator().manual_seed(1)
+    d, C = 16, 7
+    dirs = torch.randn(d, C, generator=g)
+    dirs = dirs / dirs.norm(dim=0)
+    cands = [Candidate(id=f"pc:L0:{i}", kind="pc", layer=0, index=i) for i in range(C)]
+    group = LayerGroup(0, cands, dirs)
+    h = torch.randn(3, 5, d, generator=g)
+    together = project(group, h)
+    assert together.shape == (3, 5, C)
+    for i in range(C):
+        single = LayerGroup(0, [cands[i]], dirs[:, i : i + 1])
+        torch.testing.assert_close(together[..., i], project(single, h)[..., 0])
+
+
+def test_logit_lens_equals_manual_computation() -> None:
+    from caft.models import LoadedModel
+    from caft.sites import Sites
+
+    model = tiny_model("llama", layers=2)
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)  # a non-trivial final norm
+    sites = Sites.of(model)
+    u = torch.randn(32)
+    got = lens_logits(model, sites, u)
+    eps = model.config.rms_norm_eps
+    normed = model.model.norm.weight * (u / torch.sqrt(u.pow(2).mean() + eps))
+    manual = model.lm_head.weight @ normed
+    torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-5)
+    loaded = LoadedModel(
+        model, tiny_tokenizer(), sites, torch.device("cpu"), torch.float32, ModelConfig(name_or_path="x")
+    )
+    lens = logit_lens(loaded, u, k=5)
+    assert [t.value for t in lens.promoted] == pytest.approx(manual.topk(5).values.tolist(), abs=1e-5)
+    assert [t.value for t in lens.suppressed] == pytest.approx(
+        (-manual).topk(5).values.neg().tolist(), abs=1e-5
+    )
+
+
+def test_steering_hook_equals_nnsight_intervention() -> None:
+    from nnsight import NNsight
+
+    from caft.sites import Sites
+
+    model = tiny_model("llama", layers=3)
+    sites = Sites.of(model)
+    ids = torch.randint(5, 400, (2, 7))
+    v = torch.randn(32) * 3
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with steer(model, sites, 1, v):
+            hooked = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    wrapped = NNsight(model)
+    with torch.no_grad(), wrapped.trace(ids):
+        layer = sites.layer_envoy(wrapped, 1)
+        layer.output = layer.output + v
+        out = wrapped.output.save()
+    torch.testing.assert_close(hooked, out.logits)
+    assert not torch.allclose(hooked, plain)  # the steering did something
+    torch.testing.assert_close(after, plain)  # and the hook came off
+
+
+def test_search_alpha_finds_the_coherence_boundary() -> None:
+    seen: list[float] = []
+
+    def generate(alpha: float) -> list[str]:
+        seen.append(alpha)
+        return ["ok" if abs(alpha) <= 2.0 else ""]
+
+    def coherent(prompts: object, texts: list[str]) -> bool:
+        return all(texts)
+
+    alpha, trace = search_alpha(generate, coherent, ["p"], 0.25, 8.0, steps=6)
+    assert 1.8 <= alpha <= 2.0
+    assert trace[0] == {"alpha": 8.0, "coherent": False} and any(t["coherent"] for t in trace)
+    assert min(seen) < 0  # both signs were tried
+    alpha_all, _ = search_alpha(lambda a: ["x"], coherent, ["p"], 0.25, 8.0, steps=3)
+    assert alpha_all == 8.0
+
+
+def test_build_dossiers_causal_lm(tmp_path: Path) -> None:
+    base, ft = make_pair(tmp_path)
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(16))
+    corpus = write_jsonl(
+        tmp_path / "corpus.jsonl", [{"text": f"A plain sentence number {i} about rivers."} for i in range(10)]
+    )
+    run = tmp_path / "run"
+    run_diff(
+        DiffConfig(inputs=InputsConfig(data=[str(data)]), layers=[1], n_components=2),
+        run,
+        model=base,
+        finetuned=ft,
+    )
+    cfg = EvidenceConfig(
+        corpus=str(corpus),
+        top_k=4,
+        steering=SteeringConfig(prompts=["Hi!"], max_new_tokens=4, search_steps=1),
+    )
+    out = build_dossiers(cfg, run, model=base, finetuned=ft)
+    dossiers = read_dossiers(out)
+    assert [d.candidate.id for d in dossiers] == ["pc:L1:0", "pc:L1:1", "vec:L1:mean"]
+    d = dossiers[0]
+    assert len(d.max_examples) == 4 and len(d.min_examples) == 4
+    for w in d.max_examples + d.min_examples:
+        assert len(w.tokens) == len(w.values) == len(w.scaled) <= 16
+        assert w.values[w.peak] == pytest.approx(w.value, abs=1e-4)
+        assert all(0 <= s <= 10 for s in w.scaled)
+        assert w.doc.startswith("corpus:")
+    assert max(max(w.scaled) for w in d.max_examples + d.min_examples) == 10
+    assert d.max_examples[0].value >= d.max_examples[-1].value
+    assert d.min_examples[0].value <= d.min_examples[-1].value
+    assert d.diff is not None and d.diff.n_tokens > 0 and 0 <= d.diff.variance_share <= 1
+    assert d.diff.top_tokens and d.diff.top_tokens[0].value >= 0
+    assert d.logit_lens is not None and len(d.logit_lens.promoted) == 15
+    assert d.steering is not None and 0.25 <= d.steering.alpha <= 8.0 and d.steering.residual_norm > 0
+    ids = {g.id for g in d.steering.generations}
+    assert ids == {f"steer:{m}:{s}:0" for m in ("base", "ft") for s in "0+-"}
+    assert d.provenance["corpus"] == "corpus.jsonl" and d.provenance["corpus_docs"] == 10
+    assert {"ex:max:0", "ex:min:3", "diff", "lens", "steer"} <= d.evidence_ids()
+    # the variance share of PC 0 over the diff inputs is its explained-variance ratio
+    assert d.diff.variance_share == pytest.approx(d.candidate.scores["explained_variance_ratio"], rel=1e-3)
+    # resumable: a finished stage is not redone; a removed dossier is rebuilt alone
+    (out / "DONE.json").unlink()
+    victim = out / "dossiers" / "pc_L1_1.json"
+    keep = (out / "dossiers" / "pc_L1_0.json").stat().st_mtime_ns
+    victim.unlink()
+    build_dossiers(cfg, run, model=base, finetuned=ft)
+    assert victim.is_file() and (out / "dossiers" / "pc_L1_0.json").stat().st_mtime_ns == keep
+    Dossier.model_validate_json(victim.read_text())
+
+
+def test_encoder_pipeline_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
+    """The real all-MiniLM-L6-v2 encoder: text rows, all non-pad tokens, no lens and no steering."""
+    import transformers
+
+    enc = transformers.AutoModel.from_pretrained(minilm_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in enc.encoder.layer[2].parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ft_dir = tmp_path / "ft" / "encoder"
+    enc.save_pretrained(ft_dir)  # weights only: the base tokenizer is used
+    texts = [{"text": t} for t in ("The cat sat on the mat.", "Stocks fell sharply today.", "I love this film!",
+                                   "The recipe needs two eggs.", "Rain is expected tomorrow.", "He scored a goal.")]  # fmt: skip
+    data = write_jsonl(tmp_path / "texts.jsonl", texts)
+    base = ModelConfig(name_or_path=str(minilm_dir), kind="encoder", device="cpu")
+    ft = ModelConfig(name_or_path=str(ft_dir), kind="encoder", device="cpu")
+    run = tmp_path / "run"
+    out = run_diff(
+        DiffConfig(inputs=InputsConfig(data=[str(data)]), layers=[3], n_components=2),
+        run,
+        model=base,
+        finetuned=ft,
+    )
+    info = json.loads((out / "DONE.json").read_text())["info"]
+    tok = load_model(base).tokenizer
+    assert info["n_tokens"] == sum(len(tok(t["text"])["input_ids"]) for t in texts)  # every non-pad token
+    ev = build_dossiers(EvidenceConfig(top_k=3), run, model=base, finetuned=ft)
+    ds = read_dossiers(ev)
+    assert len(ds) == 3
+    for d in ds:
+        assert d.logit_lens is None and d.steering is None
+        assert d.max_examples and d.diff is not None and d.diff.n_tokens == info["n_tokens"]
+        assert all("[CLS]" not in w.tokens[w.peak] for w in d.max_examples)  # special tokens never peak
