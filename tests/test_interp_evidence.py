@@ -48,7 +48,7 @@ def test_streaming_topk_equals_brute_force(batch: int, sign: int) -> None:
     for c in range(C):
         hits = top.hits(c)
         assert [(h.doc, h.pos) for h in hits] == [(d, t) for _, d, t in ref[c]]
-        for h, (v, d, t) in zip(hits, ref[c], strict=True):
+        for h, (v, d, _t) in zip(hits, ref[c], strict=True):
             assert h.value == pytest.approx(v)
             for j, wv in enumerate(h.values):  # window values straight from the corpus tensor
                 p = h.start + j

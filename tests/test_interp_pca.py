@@ -89,7 +89,7 @@ def test_run_diff_matches_brute_force_and_writes_candidates(tmp_path: Path) -> N
     examples = [Example.from_json(r) for r in rows]
     assert all(any(e.select) and not all(e.select) for e in examples)  # assistant tokens only
     diffs = torch.cat([db.diffs[2] for db in collect_diffs(source, make_batches(examples, 4, 0), [2])])
-    ref_vals, ref_vecs, ref_ratio = _reference_pca(diffs.double(), 3)
+    _ref_vals, ref_vecs, ref_ratio = _reference_pca(diffs.double(), 3)
     pcs = [c for c in cands if c.layer == 2 and c.kind == "pc"]
     got = torch.tensor([c.scores["explained_variance_ratio"] for c in pcs], dtype=torch.float64)
     torch.testing.assert_close(got, ref_ratio, rtol=1e-4, atol=1e-6)
