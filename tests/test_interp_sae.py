@@ -130,7 +130,7 @@ def test_sae_lens_unknown_release_is_a_clear_error() -> None:
 
 def test_sae_d_in_must_match_the_site() -> None:
     sae = LoadedSAE("s", 1, torch.nn.Identity(), torch.zeros(8, 16), 16, 8, "test")
-    with pytest.raises(SiteError, match="16-dim activations.*d_model=32"):
+    with pytest.raises(SiteError, match=r"16-dim activations.*d_model=32"):
         check_site(sae, 32)
 
 
