@@ -51,7 +51,7 @@ def test_different_d_model(tmp_path: Path) -> None:
 def test_layer_out_of_range(tmp_path: Path) -> None:
     base, ft = make_pair(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
-    with pytest.raises(SiteError, match="out of range.*valid layers are 0..2"):
+    with pytest.raises(SiteError, match=r"out of range.*valid layers are 0..2"):
         run_diff(_cfg(data, layers=[7]), tmp_path / "run", model=base, finetuned=ft)
     _assert_nothing_complete(tmp_path / "run" / "diff")
 
@@ -80,7 +80,7 @@ def test_empty_inputs_and_empty_corpus(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(6))
     run_diff(_cfg(data, layers=[1]), tmp_path / "run2", model=base, finetuned=ft)
     cfg = EvidenceConfig(corpus=str(empty), steering=SteeringConfig(enabled=False))
-    with pytest.raises(DataError, match="corpus 'empty.jsonl' is empty"):
+    with pytest.raises(DataError, match=r"corpus 'empty.jsonl' is empty"):
         build_dossiers(cfg, tmp_path / "run2", model=base, finetuned=ft)
     _assert_nothing_complete(tmp_path / "run2" / "evidence")
 
