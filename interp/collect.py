@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from caft.interp.config import InputsConfig
 
@@ -120,26 +120,68 @@ class TokenBatch:
         return int(self.select.sum())
 
 
-def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[TokenBatch]:
-    """Pad examples into batches. Order is deterministic (longest first, ties by input order), so batch
-    indices are stable resume points across runs."""
+class Batches(Sequence[TokenBatch]):
+    """Padded batches built on access (only the examples are held), so that a pass over millions of tokens
+    holds one batch of token tensors at a time. Supports `len`, indexing, slicing and iteration."""
+
+    def __init__(
+        self, examples: Sequence[Example], plan: list[list[int]], pad_id: int, offset: int = 0
+    ) -> None:
+        self._examples = examples
+        self._plan = plan
+        self._pad_id = pad_id
+        self._offset = offset
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    @overload
+    def __getitem__(self, i: int) -> TokenBatch: ...
+    @overload
+    def __getitem__(self, i: slice) -> Batches: ...
+    def __getitem__(self, i: int | slice) -> TokenBatch | Batches:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self._plan))
+            if step != 1:
+                raise ValueError("batches can only be sliced contiguously")
+            return Batches(self._examples, self._plan[start:stop], self._pad_id, self._offset + start)
+        if i < 0:
+            i += len(self._plan)
+        if not 0 <= i < len(self._plan):
+            raise IndexError(i)
+        return _pad([self._examples[j] for j in self._plan[i]], self._offset + i, self._pad_id)
+
+    def __iter__(self) -> Iterator[TokenBatch]:
+        for i in range(len(self._plan)):
+            yield self[i]
+
+    @property
+    def n_selected(self) -> int:
+        """Analysed tokens over all batches (without building them)."""
+        return sum(sum(self._examples[j].select) for idx in self._plan for j in idx)
+
+
+def _pad(chunk: list[Example], index: int, pad_id: int) -> TokenBatch:
     import torch
 
+    width = max(len(e.input_ids) for e in chunk)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(chunk), width), dtype=torch.long)
+    sel = torch.zeros((len(chunk), width), dtype=torch.bool)
+    for r, e in enumerate(chunk):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        att[r, :n] = 1
+        sel[r, :n] = torch.tensor(e.select, dtype=torch.bool)
+    return TokenBatch(index, ids, att, sel, [e.doc for e in chunk], chunk)
+
+
+def make_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Batches:
+    """Plan padded batches. Order is deterministic (longest first, ties by input order), so batch indices
+    are stable resume points across runs."""
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    batches: list[TokenBatch] = []
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(e.input_ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        att = torch.zeros((len(chunk), width), dtype=torch.long)
-        sel = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for r, e in enumerate(chunk):
-            n = len(e.input_ids)
-            ids[r, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-            att[r, :n] = 1
-            sel[r, :n] = torch.tensor(e.select, dtype=torch.bool)
-        batches.append(TokenBatch(b, ids, att, sel, [e.doc for e in chunk], chunk))
-    return batches
+    plan = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    return Batches(examples, plan, pad_id)
 
 
 def save_examples(path: str | Path, examples: Sequence[Example]) -> None:

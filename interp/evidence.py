@@ -15,11 +15,12 @@ kept on resume), `DONE.json`.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,7 +192,7 @@ class CorpusResult:
 def corpus_pass(
     source: ActivationSource,
     groups: list[LayerGroup],
-    batches: list[TokenBatch],
+    batches: Sequence[TokenBatch],
     cfg: EvidenceConfig,
     saes: dict[str, LoadedSAE] | None,
     state_path: Path | None,
@@ -296,7 +297,7 @@ class DiffResult:
 def diff_pass(
     source: ActivationSource,
     groups: list[LayerGroup],
-    batches: list[TokenBatch],
+    batches: Sequence[TokenBatch],
     cfg: EvidenceConfig,
     state_path: Path | None,
 ) -> DiffResult:
@@ -407,13 +408,13 @@ def make_windows(
 
 
 def _token_scores(
-    hits: list[Hit], batches_by_index: dict[int, TokenBatch], tokenizer: Any
+    hits: list[Hit], get_batch: Callable[[int], TokenBatch], tokenizer: Any
 ) -> list[TokenScore]:
     from caft.interp.lens import token_text
 
     out: list[TokenScore] = []
     for hit in hits:
-        batch = batches_by_index[hit.doc // 1_000_000]
+        batch = get_batch(hit.doc // 1_000_000)
         row = hit.doc % 1_000_000
         ids = batch.input_ids[row].tolist()
         ctx_ids = ids[max(0, hit.pos - 4) : hit.pos + 1]
@@ -523,11 +524,11 @@ def build_dossiers(
     cres = corpus_pass(source, groups, batches, cfg, saes, stage.path / CORPUS_PASS)
 
     dres: DiffResult | None = None
-    diff_batches: dict[int, TokenBatch] = {}
+    get_batch: Callable[[int], TokenBatch] = _no_batch
     if cfg.diff_summary and source.has_ft and (diff_dir / INPUTS_FILE).is_file():
         dex = load_examples(diff_dir / INPUTS_FILE)[: cfg.diff_max_examples]
         dbatches = make_batches(dex, cfg.batch_size, source.pad_id)
-        diff_batches = {b.index: b for b in dbatches}
+        get_batch = functools.lru_cache(maxsize=256)(dbatches.__getitem__)
         dres = diff_pass(source, groups, dbatches, cfg, stage.path / DIFF_PASS)
 
     steerer = _Steerer(cfg, source, coherence) if (cfg.steering.enabled and source.is_causal_lm) else None
@@ -567,8 +568,8 @@ def build_dossiers(
         )
         if dres is not None:
             mean_p, share, n = dres.summary_numbers(g.layer, col)
-            top = _token_scores(dres.pos[g.layer].hits(col), diff_batches, source.tokenizer)
-            top += _token_scores(dres.neg[g.layer].hits(col), diff_batches, source.tokenizer)
+            top = _token_scores(dres.pos[g.layer].hits(col), get_batch, source.tokenizer)
+            top += _token_scores(dres.neg[g.layer].hits(col), get_batch, source.tokenizer)
             dossier.diff = DiffSummary(
                 mean_projection=mean_p, variance_share=share, n_tokens=n, top_tokens=top
             )
@@ -593,6 +594,10 @@ def build_dossiers(
         started=started,
     )
     return stage.path
+
+
+def _no_batch(i: int) -> TokenBatch:
+    raise RuntimeError(f"no difference batches were made (asked for batch {i})")
 
 
 def _load_saes(

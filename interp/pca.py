@@ -304,7 +304,7 @@ def run_diff(
         pca.save(state_path)  # tensors first: the meta names the batch count they hold
         atomic_write_json(meta_path, {"layers": layers, "n_batches": len(batches), "batches_done": done})
 
-    n_tokens = sum(b.n_selected for b in batches)
+    n_tokens = batches.n_selected
     bar = tqdm(total=len(batches), initial=start, desc="diff: collect + PCA", unit="batch")
     done = start
     for db in collect_diffs(source, batches[start:], layers):
