@@ -280,6 +280,15 @@ def _load_weights_only(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
     return LoadedModel(model, tokenizer, Sites.of(model), device, dtype, cfg)
 
 
+def _encoder_of_classifier(cfg: ModelConfig) -> ModelConfig:
+    """A classifier folder saved by caft's training (`classifier.json` + `encoder/` + head) stands for its
+    encoder: activations are read from the encoder's layers."""
+    p = Path(cfg.name_or_path)
+    if (p / "classifier.json").is_file() and (p / "encoder" / "config.json").is_file():
+        return cfg.model_copy(update={"name_or_path": str(p / "encoder"), "kind": "encoder"})
+    return cfg
+
+
 def check_same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, what: str) -> None:
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
@@ -328,6 +337,7 @@ class ActivationSource:
         base = load_model(base_cfg)
         if ft_cfg is None:
             return cls(base, None)
+        ft_cfg = _encoder_of_classifier(ft_cfg)
         adapter: str | None = None
         if ft_cfg.adapter and ft_cfg.name_or_path == base_cfg.name_or_path and not base_cfg.adapter:
             adapter = ft_cfg.adapter

@@ -18,7 +18,12 @@ def test_diff_and_evidence_commands_with_overrides(tmp_path: Path) -> None:
     base, ft = make_pair(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
     run = tmp_path / "run"
-    models = ["--set", f"model.name_or_path={base.name_or_path}", "--set", f"finetuned.name_or_path={ft.name_or_path}"]
+    models = [
+        "--set",
+        f"model.name_or_path={base.name_or_path}",
+        "--set",
+        f"finetuned.name_or_path={ft.name_or_path}",
+    ]
     runner = CliRunner()
     res = runner.invoke(
         app,

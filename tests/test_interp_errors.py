@@ -65,7 +65,12 @@ def test_nan_activations(tmp_path: Path) -> None:
     tiny_tokenizer("chatml").save_pretrained(tmp_path / "nan")
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
     with pytest.raises(ModelError, match="NaN/inf activations at layer 1"):
-        run_diff(_cfg(data), tmp_path / "run", model=base, finetuned=ModelConfig(name_or_path=str(tmp_path / "nan")))
+        run_diff(
+            _cfg(data),
+            tmp_path / "run",
+            model=base,
+            finetuned=ModelConfig(name_or_path=str(tmp_path / "nan")),
+        )
     _assert_nothing_complete(tmp_path / "run" / "diff")
 
 

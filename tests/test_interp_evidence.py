@@ -207,6 +207,7 @@ def test_encoder_pipeline_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
             p.add_(torch.randn_like(p) * 0.02)
     ft_dir = tmp_path / "ft" / "encoder"
     enc.save_pretrained(ft_dir)  # weights only: the base tokenizer is used
+    (tmp_path / "ft" / "classifier.json").write_text("{}")  # as the training stage saves a classifier
     texts = [{"text": t} for t in ("The cat sat on the mat.", "Stocks fell sharply today.", "I love this film!",
                                    "The recipe needs two eggs.", "Rain is expected tomorrow.", "He scored a goal.")]  # fmt: skip
     data = write_jsonl(tmp_path / "texts.jsonl", texts)
@@ -222,7 +223,8 @@ def test_encoder_pipeline_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
     info = json.loads((out / "DONE.json").read_text())["info"]
     tok = load_model(base).tokenizer
     assert info["n_tokens"] == sum(len(tok(t["text"])["input_ids"]) for t in texts)  # every non-pad token
-    ev = build_dossiers(EvidenceConfig(top_k=3), run, model=base, finetuned=ft)
+    clf_dir = ModelConfig(name_or_path=str(tmp_path / "ft"), device="cpu")  # the classifier folder works too
+    ev = build_dossiers(EvidenceConfig(top_k=3), run, model=base, finetuned=clf_dir)
     ds = read_dossiers(ev)
     assert len(ds) == 3
     for d in ds:
