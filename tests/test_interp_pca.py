@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -150,3 +151,36 @@ def test_adapter_on_base_equals_merged_model(tmp_path: Path) -> None:
     # the adapter folder alone as `finetuned` also works
     src2 = ActivationSource.load(base, ModelConfig(name_or_path=str(adapter_dir)))
     assert src2.shared
+
+
+def test_generated_answers_are_cached_and_analysed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from caft.interp.collect import GENERATIONS_FILE
+
+    import caft.models
+
+    base, ft = make_pair(tmp_path)
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "Say hello."}, {"messages": [{"role": "user", "content": "Hi?"}]}]
+    )
+    inputs = InputsConfig(generate=True, prompts=str(prompts), samples_per_prompt=2, max_new_tokens=6)
+    cfg = DiffConfig(inputs=inputs, layers=[1], n_components=2)
+    calls: list[int] = []
+    real = caft.models.generate_chat
+
+    def counting(*a: Any, **kw: Any) -> list[str]:
+        out = real(*a, **kw)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(caft.models, "generate_chat", counting)
+    out = run_diff(cfg, tmp_path / "run", model=base, finetuned=ft)
+    cache = [json.loads(line) for line in (out / GENERATIONS_FILE).read_text().splitlines()]
+    assert sorted((r["prompt"], r["sample"]) for r in cache) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sum(calls) == 4
+    docs = [json.loads(line)["doc"] for line in (out / "inputs.jsonl").read_text().splitlines()]
+    assert docs and all(d.startswith("gen:") for d in docs)
+    # a rerun of a half-finished stage samples nothing new
+    (out / "DONE.json").unlink()
+    (out / "inputs.jsonl").unlink()
+    run_diff(cfg, tmp_path / "run", model=base, finetuned=ft)
+    assert sum(calls) == 4
