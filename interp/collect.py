@@ -198,6 +198,28 @@ def load_examples(path: str | Path) -> list[Example]:
     return [Example.from_json(row) for row in iter_jsonl(path)]
 
 
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """A pass's running state (tensors, numbers, lists) written atomically: the resume point."""
+    import io
+
+    import torch
+
+    from caft.rundir import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_state(path: Path) -> dict[str, Any] | None:
+    import torch
+
+    if not path.is_file():
+        return None
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
 # ---- the model pair --------------------------------------------------------------------------------------
 
 

@@ -143,6 +143,8 @@ class SAEConfig(CaftConfig):
     """Latents kept per layer and ranking."""
     batch_size: int = Field(default=8, gt=0)
     """Examples per forward pass."""
+    checkpoint_every: int = Field(default=50, gt=0)
+    """Save the running ranking sums every this many batches (resume point)."""
     train: SAETrainConfig = Field(default_factory=SAETrainConfig)
     """Settings for `source: train`."""
     device: str = "auto"

@@ -16,7 +16,6 @@ kept on resume), `DONE.json`.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import time
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caft.interp.collect import load_state, save_state
 from caft.interp.config import EvidenceConfig
 from caft.interp.schema import (
     DOSSIER_DIR,
@@ -146,25 +146,6 @@ def project(group: LayerGroup, h: torch.Tensor, saes: dict[str, LoadedSAE] | Non
 # ---- persistence of pass results -------------------------------------------------------------------------
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    import torch
-
-    from caft.rundir import atomic_write_bytes
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load_state(path: Path) -> dict[str, Any] | None:
-    import torch
-
-    if not path.is_file():
-        return None
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    return state
-
-
 def _special_mask(batch: TokenBatch, special_ids: set[int]) -> torch.Tensor:
     import torch
 
@@ -214,7 +195,7 @@ def corpus_pass(
     layers = [g.layer for g in groups]
     start = 0
     key = {"layers": layers, "n_batches": len(batches), "ids": [c.id for g in groups for c in g.candidates]}
-    saved = _load_state(state_path) if state_path is not None else None
+    saved = load_state(state_path) if state_path is not None else None
     if saved is not None and saved.get("key") == key:
         for g in groups:
             res.maxk[g.layer].load_state_dict(saved["max"][g.layer])
@@ -228,7 +209,7 @@ def corpus_pass(
     def checkpoint(done: int) -> None:
         if state_path is None:
             return
-        _save_state(
+        save_state(
             state_path,
             {
                 "key": key,
@@ -301,7 +282,8 @@ def diff_pass(
     cfg: EvidenceConfig,
     state_path: Path | None,
 ) -> DiffResult:
-    """(ft - base) projected on every candidate direction over the diff inputs (one matmul per layer)."""
+    """(ft - base) projected on every candidate direction over the diff inputs (one matmul per layer).
+    Checkpointed every `cfg.checkpoint_every` batches; a finished pass is loaded, not redone."""
     import torch
     from caft.interp.collect import collect_diffs
     from caft.interp.topk import StreamingTopK
@@ -311,17 +293,6 @@ def diff_pass(
     d = source.sites.d_model
     layers = [g.layer for g in groups]
     key = {"layers": layers, "n_batches": len(batches), "ids": [c.id for g in groups for c in g.candidates]}
-    saved = _load_state(state_path) if state_path is not None else None
-    if saved is not None and saved.get("key") == key and saved.get("complete"):
-        r: DiffResult = DiffResult(
-            saved["count"], saved["sum_p"], saved["sum_p2"], saved["sum_x"], saved["sum_x2"], {}, {}
-        )
-        for g in groups:
-            r.pos[g.layer] = StreamingTopK(g.n, cfg.top_tokens, 4, 0, 1)
-            r.neg[g.layer] = StreamingTopK(g.n, cfg.top_tokens, 4, 0, -1)
-            r.pos[g.layer].load_state_dict(saved["pos"][g.layer])
-            r.neg[g.layer].load_state_dict(saved["neg"][g.layer])
-        return r
     res = DiffResult(
         {g.layer: 0 for g in groups},
         {g.layer: torch.zeros(g.n, dtype=torch.float64) for g in groups},
@@ -331,8 +302,38 @@ def diff_pass(
         {g.layer: StreamingTopK(g.n, cfg.top_tokens, 4, 0, 1, dev) for g in groups},
         {g.layer: StreamingTopK(g.n, cfg.top_tokens, 4, 0, -1, dev) for g in groups},
     )
-    bar = tqdm(total=len(batches), desc="evidence: differences", unit="batch")
-    for db in collect_diffs(source, batches, layers):
+    start = 0
+    saved = load_state(state_path) if state_path is not None else None
+    if saved is not None and saved.get("key") == key:
+        res.count, res.sum_p, res.sum_p2 = dict(saved["count"]), dict(saved["sum_p"]), dict(saved["sum_p2"])
+        res.sum_x, res.sum_x2 = dict(saved["sum_x"]), dict(saved["sum_x2"])
+        for g in groups:
+            res.pos[g.layer].load_state_dict(saved["pos"][g.layer])
+            res.neg[g.layer].load_state_dict(saved["neg"][g.layer])
+        start = int(saved["batches_done"])
+
+    def checkpoint(done: int) -> None:
+        if state_path is None:
+            return
+        save_state(
+            state_path,
+            {
+                "key": key,
+                "batches_done": done,
+                "count": res.count,
+                "sum_p": res.sum_p,
+                "sum_p2": res.sum_p2,
+                "sum_x": res.sum_x,
+                "sum_x2": res.sum_x2,
+                "pos": {g.layer: res.pos[g.layer].state_dict() for g in groups},
+                "neg": {g.layer: res.neg[g.layer].state_dict() for g in groups},
+            },
+        )
+
+    if start >= len(batches):
+        return res
+    bar = tqdm(total=len(batches), initial=start, desc="evidence: differences", unit="batch")
+    for db in collect_diffs(source, batches[start:], layers):
         B, T = db.batch.input_ids.shape
         valid = db.batch.select.to(dev)
         docs = torch.arange(B, device=dev) + db.batch.index * 1_000_000  # batch-local ids, decoded below
@@ -348,23 +349,12 @@ def diff_pass(
             full[db.rows, db.cols] = p
             res.pos[g.layer].update(full, valid, docs)
             res.neg[g.layer].update(full, valid, docs)
-        bar.update(1)
+        bar.update(db.batch.index + 1 - bar.n)
+        done = db.batch.index + 1
+        if done % cfg.checkpoint_every == 0 and done < len(batches):
+            checkpoint(done)
     bar.close()
-    if state_path is not None:
-        _save_state(
-            state_path,
-            {
-                "key": key,
-                "complete": True,
-                "count": res.count,
-                "sum_p": res.sum_p,
-                "sum_p2": res.sum_p2,
-                "sum_x": res.sum_x,
-                "sum_x2": res.sum_x2,
-                "pos": {g.layer: res.pos[g.layer].state_dict() for g in groups},
-                "neg": {g.layer: res.neg[g.layer].state_dict() for g in groups},
-            },
-        )
+    checkpoint(len(batches))
     return res
 
 

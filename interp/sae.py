@@ -488,21 +488,35 @@ def rank_latents(
     batches: Sequence[TokenBatch],
     rankings: Sequence[str],
     attribution_model: str = "ft",
+    state_path: Path | None = None,
+    checkpoint_every: int = 50,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """{sae name: {score name: (d_sae,)}} over all batches: `mean_diff`, `sae_diff`, `attribution`, plus
-    `mean_base` and `mean_ft` (mean latent activations)."""
+    `mean_base` and `mean_ft` (mean latent activations). With `state_path`, the running sums are saved
+    every `checkpoint_every` batches and a rerun resumes from there."""
     import torch
-    from caft.interp.collect import collect_diffs
+    from caft.interp.collect import collect_diffs, load_state, save_state
     from tqdm.auto import tqdm
 
     layers = sorted({s.layer for s in saes})
-    sums: dict[str, dict[str, torch.Tensor]] = {
-        s.name: {k: torch.zeros(s.d_sae, dtype=torch.float64) for k in ("mean_base", "mean_ft", "sae_diff")}
-        for s in saes
-    }
-    n_tokens = 0
-    for db in tqdm(collect_diffs(source, batches, layers), total=len(batches), desc="sae: activations"):
-        n_tokens += db.n_tokens
+    want_attr = "attribution" in rankings and source.is_causal_lm
+    if "attribution" in rankings and not source.is_causal_lm:
+        log.info("attribution ranking skipped: it needs the next-token loss of a causal LM")
+    names = ("mean_base", "mean_ft", "sae_diff", "attribution")
+    sums = {s.name: {k: torch.zeros(s.d_sae, dtype=torch.float64) for k in names} for s in saes}
+    key = {"saes": [s.name for s in saes], "n_batches": len(batches), "rankings": list(rankings)}
+    progress = {"acts": 0, "attr": 0, "n_tokens": 0}
+    saved = load_state(state_path) if state_path is not None else None
+    if saved is not None and saved.get("key") == key:
+        sums, progress = saved["sums"], dict(saved["progress"])
+
+    def checkpoint() -> None:
+        if state_path is not None:
+            save_state(state_path, {"key": key, "sums": sums, "progress": progress})
+
+    bar = tqdm(total=len(batches), initial=progress["acts"], desc="sae: activations", unit="batch")
+    for db in collect_diffs(source, batches[progress["acts"] :], layers):
+        progress["n_tokens"] += db.n_tokens
         for s in saes:
             base = db.base[s.layer]
             zb, zf = s.encode(base), s.encode(base + db.diffs[s.layer])
@@ -510,29 +524,38 @@ def rank_latents(
             sums[s.name]["mean_ft"] += zf.double().sum(0).cpu()
             if "sae_diff" in rankings:
                 sums[s.name]["sae_diff"] += s.encode(db.diffs[s.layer]).double().sum(0).cpu()
+        progress["acts"] = db.batch.index + 1
+        bar.update(progress["acts"] - bar.n)
+        if progress["acts"] % checkpoint_every == 0:
+            checkpoint()
+    progress["acts"] = len(batches)
+    bar.close()
+    n_tokens = progress["n_tokens"]
     if n_tokens == 0:
         raise DataError("no analysed tokens for the SAE rankings")
+    if want_attr:
+        which: Which = "ft" if attribution_model == "ft" else "base"
+        bar = tqdm(total=len(batches), initial=progress["attr"], desc="sae: attribution", unit="batch")
+        for i in range(progress["attr"], len(batches)):
+            batch = batches[i]
+            if batch.n_selected > 0:
+                with source.use(which) as lm:
+                    part = attribution_batch(lm.model, lm.sites, saes, batch, lm.device)
+                for name, v in part.items():
+                    sums[name]["attribution"] += v.double()
+            progress["attr"] = i + 1
+            bar.update(1)
+            if progress["attr"] % checkpoint_every == 0:
+                checkpoint()
+        bar.close()
     out: dict[str, dict[str, torch.Tensor]] = {}
     for s in saes:
         mb, mf = sums[s.name]["mean_base"] / n_tokens, sums[s.name]["mean_ft"] / n_tokens
         out[s.name] = {"mean_base": mb, "mean_ft": mf, "mean_diff": mf - mb}
         if "sae_diff" in rankings:
             out[s.name]["sae_diff"] = sums[s.name]["sae_diff"] / n_tokens
-    if "attribution" in rankings:
-        if not source.is_causal_lm:
-            log.info("attribution ranking skipped: it needs the next-token loss of a causal LM")
-        else:
-            which: Which = "ft" if attribution_model == "ft" else "base"
-            attr = {s.name: torch.zeros(s.d_sae, dtype=torch.float64) for s in saes}
-            for batch in tqdm(batches, desc="sae: attribution", unit="batch"):
-                if batch.n_selected == 0:
-                    continue
-                with source.use(which) as lm:
-                    part = attribution_batch(lm.model, lm.sites, saes, batch, lm.device)
-                for name, v in part.items():
-                    attr[name] += v.double()
-            for s in saes:
-                out[s.name]["attribution"] = attr[s.name]
+        if want_attr:
+            out[s.name]["attribution"] = sums[s.name]["attribution"]
     return out
 
 
@@ -653,7 +676,10 @@ def run_sae_rank(
             check_site(s, sites.d_model)
             loaded.append(s)
 
-    scores = rank_latents(source, loaded, batches, cfg.rankings, cfg.attribution_model)
+    state_path = stage.path / RANK_STATE
+    scores = rank_latents(
+        source, loaded, batches, cfg.rankings, cfg.attribution_model, state_path, cfg.checkpoint_every
+    )
     cands: list[Candidate] = []
     dirs: dict[str, torch.Tensor] = {}
     for s in loaded:
@@ -662,6 +688,7 @@ def run_sae_rank(
         dirs.update(d)
     save_registry(stage.path, loaded)
     save_candidates(stage.path, cands, dirs)
+    state_path.unlink(missing_ok=True)
     stage.mark_done(
         {
             "saes": [s.name for s in loaded],

@@ -264,3 +264,48 @@ def test_run_sae_rank_rejects_mismatched_sae(tmp_path: Path) -> None:
         run_sae_rank(cfg, tmp_path / "run", model=base, finetuned=ft)
     stage = tmp_path / "run" / "sae"
     assert not (stage / "DONE.json").exists() and not (stage / "candidates.jsonl").exists()
+
+
+def test_sae_rank_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import caft.interp.sae as sae_mod
+
+    base, ft = make_pair(tmp_path)
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(12))
+    g = torch.Generator().manual_seed(4)
+    dl = _write_dl(tmp_path / "dl", "AutoEncoder", {**_linear_keys(g), "bias": torch.zeros(D_IN)})
+    cfg = SAEConfig(
+        saes=[SAESpec(layer=1, source="dictionary_learning", path=str(dl))],
+        inputs=InputsConfig(data=[str(data)]),
+        batch_size=3,
+        checkpoint_every=1,
+        top_n=6,
+    )
+    whole = load_candidates(run_sae_rank(cfg, tmp_path / "a", model=base, finetuned=ft))
+
+    real = sae_mod.attribution_batch
+    calls = {"n": 0}
+
+    def crashing(*a: Any, **kw: Any) -> dict[str, torch.Tensor]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sae_mod, "attribution_batch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_sae_rank(cfg, tmp_path / "b", model=base, finetuned=ft)
+    stage = tmp_path / "b" / "sae"
+    assert (stage / "rank_state.pt").is_file() and not (stage / "candidates.jsonl").exists()
+    counted: list[int] = []
+
+    def counting(*a: Any, **kw: Any) -> dict[str, torch.Tensor]:
+        counted.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sae_mod, "attribution_batch", counting)
+    resumed = load_candidates(run_sae_rank(cfg, tmp_path / "b", model=base, finetuned=ft))
+    assert len(counted) == 2  # 4 batches, 2 done before the crash
+    assert [c.id for c in resumed] == [c.id for c in whole]
+    for x, y in zip(whole, resumed, strict=True):
+        assert x.scores == pytest.approx(y.scores, rel=1e-6, abs=1e-9)
+    assert not (stage / "rank_state.pt").exists()
