@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
-    """A token as readable text (decoded; the raw token string when decoding gives nothing)."""
+    """A token as readable text (decoded; the raw token string when decoding gives nothing or a partial
+    UTF-8 sequence)."""
     text: str = tokenizer.decode([int(token_id)])
-    if not text:
+    if not text or "\ufffd" in text:
         raw = tokenizer.convert_ids_to_tokens(int(token_id))
         return str(raw)
     return text

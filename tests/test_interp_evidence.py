@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -231,3 +232,36 @@ def test_encoder_pipeline_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
         assert d.logit_lens is None and d.steering is None
         assert d.max_examples and d.diff is not None and d.diff.n_tokens == info["n_tokens"]
         assert all("[CLS]" not in w.tokens[w.peak] for w in d.max_examples)  # special tokens never peak
+
+
+def test_corpus_pass_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import caft.interp.topk as topk_mod
+
+    base, ft = make_pair(tmp_path)
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(16))
+    diff = DiffConfig(inputs=InputsConfig(data=[str(data)]), layers=[1], n_components=2)
+    cfg = EvidenceConfig(top_k=3, batch_size=4, checkpoint_every=1, diff_summary=False, logit_lens=False,
+                         steering=SteeringConfig(enabled=False))  # fmt: skip
+    for name in ("a", "b"):
+        run_diff(diff, tmp_path / name, model=base, finetuned=ft)
+    whole = read_dossiers(build_dossiers(cfg, tmp_path / "a", model=base))
+
+    real = topk_mod.StreamingTopK.update
+    calls = {"n": 0}
+
+    def crashing(self: StreamingTopK, *a: Any, **kw: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 5:  # max + min per batch: the third batch
+            raise KeyboardInterrupt
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(topk_mod.StreamingTopK, "update", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        build_dossiers(cfg, tmp_path / "b", model=base)
+    stage = tmp_path / "b" / "evidence"
+    assert not (stage / "DONE.json").exists() and not list((stage / "dossiers").glob("*.json"))
+    calls["n"] = -100  # no more crashes; count the updates of the resumed run
+    resumed = read_dossiers(build_dossiers(cfg, tmp_path / "b", model=base))
+    assert calls["n"] == -100 + 2 * 2  # 4 batches, 2 done before the crash, max + min each
+    for x, y in zip(whole, resumed, strict=True):
+        assert x.max_examples == y.max_examples and x.min_examples == y.min_examples
