@@ -67,3 +67,40 @@ def test_cli_errors_are_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["diff", "--run-dir", str(tmp_path), "--set", "n_components=0"])
     assert "n_components" in capsys.readouterr().err
+
+
+def test_sae_train_and_rank_commands(tmp_path: Path) -> None:
+    base, ft = make_pair(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
+    run = tmp_path / "run"
+    models = [
+        "--set",
+        f"model.name_or_path={base.name_or_path}",
+        "--set",
+        f"finetuned.name_or_path={ft.name_or_path}",
+    ]
+    runner = CliRunner()
+    res = runner.invoke(app, ["diff", "--run-dir", str(run), *models, "--set", f"inputs.data=[{data}]"])
+    assert res.exit_code == 0, res.output
+    small = [
+        "--set",
+        "train.training_tokens=512",
+        "--set",
+        "train.batch_size=64",
+        "--set",
+        "train.expansion=2",
+    ]
+    out = tmp_path / "sae_l1"
+    res = runner.invoke(
+        app, ["sae", "train", "--layer", "1", "--out", str(out), "--run-dir", str(run), *models, *small]
+    )
+    assert res.exit_code == 0, res.output
+    assert (out / "cfg.json").is_file() and (out / "caft_sae.json").is_file()
+    res = runner.invoke(
+        app,
+        ["sae", "rank", "--run-dir", str(run), *models, "--set", "top_n=3",
+         "--set", f"saes=[{{layer: 1, source: sae_lens_dir, path: {out}, name: mine}}]"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cands = load_candidates(run / "sae")
+    assert cands and {c.sae for c in cands} == {"mine"} and all(c.layer == 1 for c in cands)
