@@ -201,6 +201,9 @@ class EvidenceConfig(CaftConfig):
     """Max and min windows kept per candidate."""
     window: int = Field(default=16, ge=3)
     """Tokens per window."""
+    skip_first: int = Field(default=1, ge=0)
+    """Positions at the start of each document that never count as a peak (nor towards the typical residual
+    norm): the first token's residual is often an outlier (an attention sink). Special tokens never count."""
     diff_summary: bool = True
     """Summarise (ft - base) along each candidate over the diff stage's inputs."""
     diff_max_examples: int | None = Field(default=256, gt=0)

@@ -226,7 +226,9 @@ def corpus_pass(
     for batch in batches[start:]:
         hidden = source.hidden("base", batch, layers)
         valid = batch.attention_mask.bool().to(dev)
-        peak_ok = (batch.select & ~_special_mask(batch, special)).to(dev)
+        peak_ok = batch.select & ~_special_mask(batch, special)
+        peak_ok[:, : cfg.skip_first] = False
+        peak_ok = peak_ok.to(dev)
         doc_idx = torch.tensor([int(d) for d in _doc_numbers(batch)], device=dev)
         for g in groups:
             h = hidden[g.layer]
@@ -392,6 +394,7 @@ def make_windows(
                 scaled=scaled,
                 peak=peak,
                 value=round(hit.value, 5),
+                position=hit.pos,
             )
         )
     return out

@@ -79,6 +79,8 @@ class Window(BaseModel):
     """Index into `tokens` of the peak position."""
     value: float
     """The value at the peak."""
+    position: int | None = None
+    """Position of the peak token in the document."""
 
 
 class TokenScore(BaseModel):

@@ -174,6 +174,7 @@ def test_build_dossiers_causal_lm(tmp_path: Path) -> None:
         assert w.values[w.peak] == pytest.approx(w.value, abs=1e-4)
         assert all(0 <= s <= 10 for s in w.scaled)
         assert w.doc.startswith("corpus:")
+        assert w.position is not None and w.position >= 1  # the first token never peaks (skip_first=1)
     assert max(max(w.scaled) for w in d.max_examples + d.min_examples) == 10
     assert d.max_examples[0].value >= d.max_examples[-1].value
     assert d.min_examples[0].value <= d.min_examples[-1].value
