@@ -16,6 +16,7 @@ kept on resume), `DONE.json`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -93,6 +94,16 @@ def load_candidate_set(paths: Sequence[str | Path]) -> tuple[list[Candidate], di
             dirs[c.id] = d[c.id]
             cands.append(c)
     return cands, dirs
+
+
+def direction_digest(v: torch.Tensor) -> str:
+    """Short content hash of a direction: a dossier or pass state made for another direction is stale."""
+    import hashlib
+
+    import torch
+
+    data = v.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def group_by_layer(
@@ -194,7 +205,7 @@ def corpus_pass(
     )
     layers = [g.layer for g in groups]
     start = 0
-    key = {"layers": layers, "n_batches": len(batches), "ids": [c.id for g in groups for c in g.candidates]}
+    key = {"layers": layers, "n_batches": len(batches), "ids": _group_ids(groups)}
     saved = load_state(state_path) if state_path is not None else None
     if saved is not None and saved.get("key") == key:
         for g in groups:
@@ -247,6 +258,13 @@ def corpus_pass(
     return res
 
 
+def _group_ids(groups: list[LayerGroup]) -> list[str]:
+    """Candidate ids with their direction digests (pass states are reused only for the same directions)."""
+    return [
+        f"{c.id}@{direction_digest(g.directions[:, i])}" for g in groups for i, c in enumerate(g.candidates)
+    ]
+
+
 def _doc_numbers(batch: TokenBatch) -> list[int]:
     """Corpus indices of the batch rows (docs are numbered `corpus:<i>` by `prepare_corpus`)."""
     return [int(d.rsplit(":", 1)[1]) for d in batch.docs]
@@ -294,7 +312,7 @@ def diff_pass(
     dev = source.device
     d = source.sites.d_model
     layers = [g.layer for g in groups]
-    key = {"layers": layers, "n_batches": len(batches), "ids": [c.id for g in groups for c in g.candidates]}
+    key = {"layers": layers, "n_batches": len(batches), "ids": _group_ids(groups)}
     res = DiffResult(
         {g.layer: 0 for g in groups},
         {g.layer: torch.zeros(g.n, dtype=torch.float64) for g in groups},
@@ -524,7 +542,7 @@ def build_dossiers(
         get_batch = functools.lru_cache(maxsize=256)(dbatches.__getitem__)
         dres = diff_pass(source, groups, dbatches, cfg, stage.path / DIFF_PASS)
 
-    steerer = _Steerer(cfg, source, coherence) if (cfg.steering.enabled and source.is_causal_lm) else None
+    steerer: _Steerer | None = None
     out_dir = stage.path / DOSSIER_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     n_tokens = sum(len(e.input_ids) for e in corpus)
@@ -534,7 +552,8 @@ def build_dossiers(
     todo = [(g, col, c) for g in groups for col, c in enumerate(g.candidates)]
     for g, col, c in tqdm(todo, desc="evidence: dossiers", unit="candidate"):
         path = out_dir / dossier_filename(c.id)
-        if path.is_file():
+        digest = direction_digest(g.directions[:, col])
+        if path.is_file() and _dossier_digest(path) == digest:
             continue
         maxh = cres.maxk[g.layer].hits(col)
         minh = [] if c.kind == "sae" else cres.mink[g.layer].hits(col)
@@ -555,6 +574,7 @@ def build_dossiers(
                 "corpus_tokens": n_tokens,
                 "activation": "sae_encoder" if c.kind == "sae" and c.sae in (saes or {}) else "projection",
                 "residual_norm": cres.residual_norm(g.layer),
+                "direction_digest": digest,
             },
             max_examples=make_windows(maxh, "max", corpus, corpus_docs, source.tokenizer, scale),
             min_examples=make_windows(minh, "min", corpus, corpus_docs, source.tokenizer, scale),
@@ -571,7 +591,9 @@ def build_dossiers(
 
             with source.use("base") as lm:
                 dossier.logit_lens = logit_lens(lm, direction, cfg.lens_tokens)
-        if steerer is not None:
+        if cfg.steering.enabled and source.is_causal_lm:
+            if steerer is None:  # unsteered generations are made once, and only when a dossier needs them
+                steerer = _Steerer(cfg, source, coherence)
             dossier.steering = steerer.run(g.layer, direction, cres.residual_norm(g.layer))
         atomic_write_text(path, dossier.model_dump_json(indent=1) + "\n")
         written += 1
@@ -587,6 +609,15 @@ def build_dossiers(
         started=started,
     )
     return stage.path
+
+
+def _dossier_digest(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    digest = data.get("provenance", {}).get("direction_digest")
+    return str(digest) if digest is not None else None
 
 
 def _no_batch(i: int) -> TokenBatch:

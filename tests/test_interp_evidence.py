@@ -193,9 +193,14 @@ def test_build_dossiers_causal_lm(tmp_path: Path) -> None:
     victim = out / "dossiers" / "pc_L1_1.json"
     keep = (out / "dossiers" / "pc_L1_0.json").stat().st_mtime_ns
     victim.unlink()
+    stale = out / "dossiers" / "vec_L1_mean.json"  # made for another direction: rebuilt
+    data = json.loads(stale.read_text())
+    data["provenance"]["direction_digest"] = "0000"
+    stale.write_text(json.dumps(data))
     build_dossiers(cfg, run, model=base, finetuned=ft)
     assert victim.is_file() and (out / "dossiers" / "pc_L1_0.json").stat().st_mtime_ns == keep
     Dossier.model_validate_json(victim.read_text())
+    assert json.loads(stale.read_text())["provenance"]["direction_digest"] != "0000"
 
 
 def test_encoder_pipeline_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
