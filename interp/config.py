@@ -28,7 +28,8 @@ class InputsConfig(CaftConfig):
     """JSONL of prompts for `generate`: rows `{"messages": [...]}` ending with a user turn, or
     `{"prompt": "..."}`. Default: a built-in set of generic chat prompts."""
     samples_per_prompt: int = Field(default=1, ge=1)
-    """Answers sampled per prompt."""
+    """Answers sampled per prompt (the CAFT paper analysed ~1000 answers: raise this, or give more
+    prompts, for a real run)."""
     max_new_tokens: int = Field(default=128, gt=0)
     """Length limit of each sampled answer."""
     temperature: float = Field(default=1.0, ge=0)

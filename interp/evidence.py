@@ -42,6 +42,7 @@ from caft.interp.schema import (
 )
 
 from caft.config import ModelConfig
+from caft.env import scrub_obj
 from caft.errors import DataError, SiteError
 
 if TYPE_CHECKING:
@@ -605,6 +606,7 @@ def build_dossiers(
             "corpus_docs": len(corpus),
             "corpus_tokens": n_tokens,
             "layers": [g.layer for g in groups],
+            "config": scrub_obj(cfg.model_dump(mode="json")),
         },
         started=started,
     )

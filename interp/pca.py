@@ -27,6 +27,7 @@ from caft.interp.config import DiffConfig
 from caft.interp.schema import Candidate, candidate_id, save_candidates
 
 from caft.config import ModelConfig
+from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError, RunDirError
 
 if TYPE_CHECKING:
@@ -334,6 +335,7 @@ def run_diff(
         "base": source.base.config.name_or_path,
         "finetuned": _model_label(source),
         "top_ratio": {str(r.layer): float(r.explained_variance_ratio[0]) for r in results},
+        "config": scrub_obj(cfg.model_dump(mode="json")),
     }
     stage.mark_done(info, started=started)
     return stage.path

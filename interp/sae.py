@@ -29,6 +29,7 @@ from caft.interp.config import SAEConfig, SAESpec, SAETrainConfig
 from caft.interp.schema import Candidate, candidate_id, save_candidates
 
 from caft.config import ModelConfig
+from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError, ModelError, SiteError
 
 if TYPE_CHECKING:
@@ -696,6 +697,7 @@ def run_sae_rank(
             "n_candidates": len(cands),
             "rankings": list(cfg.rankings),
             "n_examples": len(examples),
+            "config": scrub_obj(cfg.model_dump(mode="json")),
         },
         started=started,
     )
