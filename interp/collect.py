@@ -608,7 +608,9 @@ def generate_answers(
     return out
 
 
-def prepare_inputs(cfg: InputsConfig, source: ActivationSource, stage_dir: Path | None) -> list[Example]:
+def prepare_inputs(
+    cfg: InputsConfig, source: ActivationSource, stage_dir: Path | None, seed: int = 0
+) -> list[Example]:
     """All analysed examples: the data files, then the sampled answers. Raises on an empty result."""
     causal = source.is_causal_lm
     examples: list[Example] = []
@@ -628,7 +630,7 @@ def prepare_inputs(cfg: InputsConfig, source: ActivationSource, stage_dir: Path 
     if cfg.generate:
         if stage_dir is None:
             raise DataError("`inputs.generate` needs a stage folder to cache the sampled answers")
-        examples += generate_answers(cfg, source, stage_dir / GENERATIONS_FILE)
+        examples += generate_answers(cfg, source, stage_dir / GENERATIONS_FILE, seed)
     if not examples:
         raise DataError(
             "no tokens to analyse: set `inputs.data` to JSONL files with assistant turns or text, or "

@@ -282,7 +282,7 @@ def run_diff(
     if inputs_path.is_file():
         examples = load_examples(inputs_path)
     else:
-        examples = prepare_inputs(cfg.inputs, source, stage.path)
+        examples = prepare_inputs(cfg.inputs, source, stage.path, cfg.seed)
         save_examples(inputs_path, examples)
     batches = make_batches(examples, cfg.batch_size, source.pad_id)
 
