@@ -184,3 +184,12 @@ def test_nan_loss_stops_with_a_clear_error(
     with pytest.raises(DivergenceError, match=r"loss became nan at step 1; lower optim\.lr"):
         train(_cfg(llama_dir, data), tmp_path / "o")
     assert not (tmp_path / "o" / "final").exists()
+
+
+def test_empty_subspace_is_plain_finetuning(tmp_path: Path, llama_dir: Path) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    empty = Subspace(d_model=32, bases={1: torch.zeros(32, 0)})
+    res = train(_cfg(llama_dir, data, optim={"max_steps": 1}), tmp_path / "o", subspace=empty)
+    rec = json.loads((tmp_path / "o" / "caft_training.json").read_text())
+    assert rec["ablation"] is None and rec["subspace_digest"] == empty.digest()
+    assert res.final_path.is_dir()
