@@ -130,9 +130,66 @@ def test_cli_train(tmp_path: Path, llama_dir: Path) -> None:
     assert (out / "final" / "adapter_config.json").is_file()
     rec = json.loads((out / "caft_training.json").read_text())
     assert rec["ablation"]["mode"] == "detached" and rec["config"]["ablation"]["random_seed"] == 7
+    # settings from a YAML run config (train section + model), preset underneath, --set on top
+    (tmp_path / "run.yaml").write_text(
+        f"model:\n  name_or_path: {llama_dir}\ntrain:\n  data:\n    path: {data}\n  optim:\n    max_steps: 1\n"
+        "  lora:\n    r: 2\n    target_modules: [v_proj]\n  progress: false\n"
+    )
+    out2 = tmp_path / "o2"
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(tmp_path / "run.yaml"),
+            "--preset",
+            "em",
+            "--out",
+            str(out2),
+            "--random-subspace",
+            "0:2",
+            "--ablation",
+            "steer",
+            "--steer-coef",
+            "4",
+            "--set",
+            "optim.lr=0.001",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out2 / "caft_training.json").read_text())
+    assert rec["config"]["lora"]["r"] == 2 and rec["config"]["optim"]["lr"] == 0.001
+    assert rec["config"]["optim"]["grad_accum"] == 8 and rec["ablation"]["steer_coef"] == 4.0
     r = runner.invoke(app, [*common, "--out", str(tmp_path / "x"), "--ablation", "project", *sets])
     assert r.exit_code == 2 and "needs --subspace" in r.output
     r = runner.invoke(
         app, [*common, "--out", str(tmp_path / "y"), "--ablation", "zero", "--random-subspace", "1:2"]
     )
     assert r.exit_code == 2 and "ablation.mode" in r.output
+
+
+def test_nan_loss_stops_with_a_clear_error(
+    tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from caft.training.objectives import Task
+    from caft.training.trainer import DivergenceError
+
+    real = Task.loss
+
+    def nan_loss(self: Task, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return real(self, output, batch) * float("nan")
+
+    monkeypatch.setattr(Task, "loss", nan_loss)
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    with pytest.raises(DivergenceError, match=r"loss became nan at step 1; lower optim\.lr"):
+        train(_cfg(llama_dir, data), tmp_path / "o")
+    assert not (tmp_path / "o" / "final").exists()
+
+
+def test_empty_subspace_is_plain_finetuning(tmp_path: Path, llama_dir: Path) -> None:
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    empty = Subspace(d_model=32, bases={1: torch.zeros(32, 0)})
+    res = train(_cfg(llama_dir, data, optim={"max_steps": 1}), tmp_path / "o", subspace=empty)
+    rec = json.loads((tmp_path / "o" / "caft_training.json").read_text())
+    assert rec["ablation"] is None and rec["subspace_digest"] == empty.digest()
+    assert res.final_path.is_dir()

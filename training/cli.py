@@ -28,6 +28,9 @@ def train_command(
     ablation: Annotated[
         str | None, typer.Option("--ablation", help="project | mean | detached | gradient | steer.")
     ] = None,
+    steer_coef: Annotated[
+        float | None, typer.Option("--steer-coef", help="Coefficient c of --ablation steer (h + c v).")
+    ] = None,
     preset: Annotated[
         str | None,
         typer.Option(
@@ -76,6 +79,7 @@ def _run(
     base_model: str | None,
     subspace: Path | None,
     ablation: str | None,
+    steer_coef: float | None,
     preset: str | None,
     max_steps: int | None,
     resume: bool,
@@ -113,6 +117,8 @@ def _run(
             abl["random_seed"] = seed
     if ablation is not None:
         abl["mode"] = ablation
+    if steer_coef is not None:
+        abl["steer_coef"] = steer_coef
     if abl:
         values["ablation"] = abl
     if max_steps is not None:
