@@ -34,9 +34,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # per-batch progress bars would be t
 def build(args: argparse.Namespace, n_tokens: int) -> tuple[Any, Any]:
     """An ActivationSource over two tiny llamas (same shape, other weights) and lazily padded batches."""
     import torch
-    from caft.interp.collect import ActivationSource, Example, make_batches
 
     from caft.config import ModelConfig
+    from caft.interp.collect import ActivationSource, Example, make_batches
     from caft.models import LoadedModel
     from caft.sites import Sites
     from caft.testing import tiny_model, tiny_tokenizer
@@ -115,6 +115,7 @@ def collect_pca(source: Any, layers: list[int]) -> tuple[Callable[[Any], None], 
 def evidence(source: Any, layers: list[int], n_cands: int) -> Callable[[Any], None]:
     """The evidence corpus pass (projections on all candidates + streaming top-k) for one batch."""
     import torch
+
     from caft.interp.config import EvidenceConfig
     from caft.interp.evidence import corpus_pass, group_by_layer
     from caft.interp.schema import Candidate
@@ -152,6 +153,7 @@ def child_memory(args: argparse.Namespace) -> None:
     import threading
 
     import torch
+
     from caft.interp.collect import default_layers
 
     if args.threads:
@@ -212,6 +214,7 @@ def main() -> None:
         return
 
     import torch
+
     from caft.interp.collect import default_layers
 
     if args.threads:

@@ -53,12 +53,12 @@ SHAPES: dict[str, dict[str, Any]] = {
 def build(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
     """Model, optimizer, ablation and a step function for one variant."""
     import torch
-    from caft.training.ablation import make_ablation, random_subspace
-    from caft.training.forward import ablated_forward, wrap
-    from caft.training.objectives import Task
 
     from caft.sites import Sites
     from caft.testing import tiny_model
+    from caft.training.ablation import make_ablation, random_subspace
+    from caft.training.forward import ablated_forward, wrap
+    from caft.training.objectives import Task
 
     shape = dict(SHAPES[args.shape])
     arch = shape.pop("arch")
@@ -138,9 +138,10 @@ def saved_bytes(v: dict[str, Any], batch: dict[str, Any]) -> int:
 
 def memory_child(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
     """Peak memory of one variant (run in a fresh process on CPU, or alone on the GPU)."""
-    import caft.training.forward
     import psutil
     import torch
+
+    import caft.training.forward
 
     vocab = SHAPES[args.shape]["vocab_size"]
     data = batches(args, vocab, 3)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from caft.evals.metrics import AnswerScores, Thresholds, collect_scores, misalignment
 
+from caft.evals.metrics import AnswerScores, Thresholds, collect_scores, misalignment
 from caft.rundir import iter_jsonl
 
 

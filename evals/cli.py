@@ -193,7 +193,6 @@ def _grade(
     _print_grade(report.as_dict(), summary)
     if rescore is not None:
         from caft.evals.agreement import agreement_markdown, compare
-
         from caft.rundir import atomic_write_json, atomic_write_text
 
         res = compare(rescore, out / GRADES_FILE)
@@ -443,9 +442,8 @@ def eval_mc(
 ) -> None:
     """Multiple-choice accuracy in distribution and out of distribution, optionally with a test-time ablation."""
     try:
-        from caft.evals.mc import run_mc_eval
-
         from caft.config import ModelConfig
+        from caft.evals.mc import run_mc_eval
 
         _setup_logging()
         cfg = ModelConfig.model_validate(_model_base(model, adapter, device, dtype, None))

@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from caft.env import scrub
+from caft.errors import CaftError, DataError, RunDirError
 from caft.evals.inputs import AnswerRow
 from caft.evals.questions import check_template, prompt_hash, render_judge_prompt
 from caft.evals.scoring import Outcome, ScoringRule, aggregate_logprobs, score_replies
-
-from caft.env import scrub
-from caft.errors import CaftError, DataError, RunDirError
 from caft.llm import GenerateConfig, GenerateResult, LLMClient, Message
 from caft.llm.types import BudgetExceededError, FatalError, LLMError
 from caft.rundir import JsonlWriter, atomic_write_text, iter_jsonl

@@ -14,17 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caft.evals.metrics import mc_accuracy
-
 from caft.errors import ConfigError, DataError
+from caft.evals.metrics import mc_accuracy
 from caft.rundir import JsonlWriter, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from caft.training.ablation import Ablation
-    from caft.training.data import ClassificationExample
     from torch import nn
 
     from caft.config import ModelConfig
+    from caft.training.ablation import Ablation
+    from caft.training.data import ClassificationExample
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +44,9 @@ def _load_ablation(model: nn.Module, subspace_dir: str | Path | None, mode: str)
             f"test-time ablation mode {mode!r} is not available here; use `project` (at test time "
             "`detached` is the same and `gradient` changes nothing in a forward pass)"
         )
-    from caft.training.ablation import make_ablation
-
     from caft.sites import Sites
     from caft.subspace import Subspace
+    from caft.training.ablation import make_ablation
 
     sites = Sites.of(model)
     sub = Subspace.load(subspace_dir, sites.d_model, sites.n_layers)
@@ -62,9 +60,10 @@ def _predict_classifier(
     mode: str,
     batch_size: int,
 ) -> tuple[list[int], list[int], dict[str, Any]]:
+    from transformers import AutoTokenizer
+
     from caft.training.classifier import ENCODER_DIR, EncoderClassifier, predict
     from caft.training.data import LabelSpace
-    from transformers import AutoTokenizer
 
     clf = EncoderClassifier.load(path)
     tok = AutoTokenizer.from_pretrained(str(Path(path) / ENCODER_DIR))
@@ -90,9 +89,8 @@ def _predict_causal(
 ) -> tuple[list[int], list[int], dict[str, Any]]:
     """Letter scoring at the last prompt token, exactly as `caft.training` trains it (`choice_scores`);
     a row with fewer options than the widest row can only pick one of its own."""
-    from caft.training.choice import choice_scores
-
     from caft.models import load_model
+    from caft.training.choice import choice_scores
 
     loaded = load_model(cfg)
     abl = _load_ablation(loaded.model, subspace, mode)

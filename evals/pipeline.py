@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from caft.config import ModelConfig
+from caft.errors import DataError
 from caft.evals.config import EvalConfig, GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
 from caft.evals.grader import GradeReport, GradeSettings, PromptBook, grade, resolve_rule
 from caft.evals.inputs import Columns, load_answers
@@ -25,9 +27,6 @@ from caft.evals.questions import Question, load_judge_prompts, load_questions
 from caft.evals.report import load_run, markdown
 from caft.evals.sampling import ANSWERS_FILE, ChatGenerator, make_generator, sample_answers
 from caft.evals.summary import summarize_grades
-
-from caft.config import ModelConfig
-from caft.errors import DataError
 from caft.llm import LLMClient
 from caft.rundir import RunDir, atomic_write_text, iter_jsonl
 

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caft.errors import DataError
 from caft.evals.metrics import collect_scores
 from caft.evals.svg import Bar, RunPoint, bar_chart_h, esc, scatter_panel, tradeoff_plot
-
-from caft.errors import DataError
 from caft.rundir import atomic_write_text, iter_jsonl
 
 log = logging.getLogger(__name__)

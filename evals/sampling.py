@@ -22,15 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from caft.evals.questions import Question
-
 from caft.errors import ConfigError, DataError
+from caft.evals.questions import Question
 from caft.rundir import JsonlWriter, iter_jsonl
 
 if TYPE_CHECKING:
-    from caft.evals.config import SampleConfig
-
     from caft.config import ModelConfig
+    from caft.evals.config import SampleConfig
     from caft.models import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from caft.evals.metrics import Thresholds, collect_scores, misalignment, score_rate
-
 from caft.rundir import atomic_write_json, iter_jsonl
 
 SUMMARY_FILE = "summary.json"

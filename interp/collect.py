@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
-from caft.interp.config import InputsConfig
-
 from caft.config import ModelConfig
 from caft.errors import DataError, ModelError
+from caft.interp.config import InputsConfig
 
 if TYPE_CHECKING:
     import torch

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caft.config import ModelConfig
+from caft.env import scrub_obj
+from caft.errors import DataError, SiteError
 from caft.interp.collect import load_state, save_state
 from caft.interp.config import EvidenceConfig
 from caft.interp.schema import (
@@ -41,12 +44,9 @@ from caft.interp.schema import (
     load_directions,
 )
 
-from caft.config import ModelConfig
-from caft.env import scrub_obj
-from caft.errors import DataError, SiteError
-
 if TYPE_CHECKING:
     import torch
+
     from caft.interp.collect import ActivationSource, Example, TokenBatch
     from caft.interp.lens import CoherenceCheck
     from caft.interp.sae import LoadedSAE
@@ -192,8 +192,9 @@ def corpus_pass(
 ) -> CorpusResult:
     """Max/min windows per candidate and residual norms per layer over the corpus (base model)."""
     import torch
-    from caft.interp.topk import StreamingTopK
     from tqdm.auto import tqdm
+
+    from caft.interp.topk import StreamingTopK
 
     before = (cfg.window * 3) // 4
     after = cfg.window - before - 1
@@ -306,9 +307,10 @@ def diff_pass(
     """(ft - base) projected on every candidate direction over the diff inputs (one matmul per layer).
     Checkpointed every `cfg.checkpoint_every` batches; a finished pass is loaded, not redone."""
     import torch
+    from tqdm.auto import tqdm
+
     from caft.interp.collect import collect_diffs
     from caft.interp.topk import StreamingTopK
-    from tqdm.auto import tqdm
 
     dev = source.device
     d = source.sites.d_model
@@ -497,7 +499,6 @@ def build_dossiers(
     from caft.interp.collect import INPUTS_FILE, load_examples, make_batches
     from caft.interp.collect import ActivationSource as Source
     from caft.interp.pca import _model_label, _resolve_models
-
     from caft.rundir import RunDir, atomic_write_text
 
     started = time.time()
@@ -677,7 +678,6 @@ class _Steerer:
 
     def _generate(self, which: str, vec: tuple[int, torch.Tensor] | None) -> list[str]:
         from caft.interp.lens import steer
-
         from caft.models import generate_chat
 
         convs = [[{"role": "user", "content": p}] for p in self.prompts]

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caft.interp.config import DiffConfig
-from caft.interp.schema import Candidate, candidate_id, save_candidates
-
 from caft.config import ModelConfig
 from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError, RunDirError
+from caft.interp.config import DiffConfig
+from caft.interp.schema import Candidate, candidate_id, save_candidates
 
 if TYPE_CHECKING:
     import torch
@@ -249,6 +248,9 @@ def run_diff(
     Resumes from the last saved batch; a finished stage (DONE.json) is returned as is. `source` (an
     `ActivationSource`) may be passed to reuse models already in memory. Returns the stage folder.
     """
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
     from caft.interp.collect import (
         INPUTS_FILE,
         ActivationSource,
@@ -259,9 +261,6 @@ def run_diff(
         prepare_inputs,
         save_examples,
     )
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
     from caft.rundir import RunDir, atomic_write_json
 
     started = time.time()

@@ -25,17 +25,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from caft.interp.config import SAEConfig, SAESpec, SAETrainConfig
-from caft.interp.schema import Candidate, candidate_id, save_candidates
-
 from caft.config import ModelConfig
 from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError, ModelError, SiteError
+from caft.interp.config import SAEConfig, SAESpec, SAETrainConfig
+from caft.interp.schema import Candidate, candidate_id, save_candidates
 
 if TYPE_CHECKING:
     import torch
-    from caft.interp.collect import ActivationSource, TokenBatch, Which
     from torch import nn
+
+    from caft.interp.collect import ActivationSource, TokenBatch, Which
 
 log = logging.getLogger(__name__)
 
@@ -496,8 +496,9 @@ def rank_latents(
     `mean_base` and `mean_ft` (mean latent activations). With `state_path`, the running sums are saved
     every `checkpoint_every` batches and a rerun resumes from there."""
     import torch
-    from caft.interp.collect import collect_diffs, load_state, save_state
     from tqdm.auto import tqdm
+
+    from caft.interp.collect import collect_diffs, load_state, save_state
 
     layers = sorted({s.layer for s in saes})
     want_attr = "attribution" in rankings and source.is_causal_lm
@@ -603,6 +604,7 @@ def run_sae_rank(
 ) -> Path:
     """The sae stage: load (or train) the SAEs, rank their latents, write `RUN/sae/` candidates."""
     import torch
+
     from caft.interp.collect import (
         INPUTS_FILE,
         ActivationSource,
@@ -613,7 +615,6 @@ def run_sae_rank(
         save_examples,
     )
     from caft.interp.pca import _resolve_models
-
     from caft.rundir import RunDir
 
     started = time.time()

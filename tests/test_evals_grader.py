@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evals_helpers import judge_reply, write_answers
+
+from caft.errors import RunDirError
 from caft.evals.agreement import agreement_markdown, compare
 from caft.evals.grader import GradeSettings, PromptBook, estimate, grade, resolve_rule
 from caft.evals.inputs import AnswerRow, load_answers
 from caft.evals.questions import load_judge_prompts, prompt_hash
-from evals_helpers import judge_reply, write_answers
-
-from caft.errors import RunDirError
 from caft.llm import LLMClient, MockProvider
 from caft.llm.prices import Price
 from caft.rundir import read_jsonl

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from caft.evals.inputs import Columns, load_answers
 
 from caft.errors import DataError
+from caft.evals.inputs import Columns, load_answers
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:

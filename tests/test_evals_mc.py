@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from caft.evals.mc import run_mc_eval
 
 from caft.config import ModelConfig
+from caft.evals.mc import run_mc_eval
 from caft.rundir import read_jsonl
 
 TEXTS = [
@@ -30,9 +30,8 @@ def write(path: Path, rows: list[dict[str, object]]) -> Path:
 
 @pytest.fixture
 def classifier(tmp_path: Path) -> Path:
-    from caft.training.classifier import EncoderClassifier
-
     from caft.testing import tiny_model, tiny_tokenizer
+    from caft.training.classifier import EncoderClassifier
 
     torch.manual_seed(0)
     clf = EncoderClassifier(tiny_model("bert", hidden=32, layers=2), ["neg", "pos"])
@@ -50,11 +49,11 @@ def subspace_dir(tmp_path: Path, d_model: int, layer: int, k: int = 8) -> Path:
 
 
 def test_encoder_classifier_id_ood_and_test_time_ablation(classifier: Path, tmp_path: Path) -> None:
-    from caft.training.ablation import make_ablation
-    from caft.training.classifier import EncoderClassifier, predict
     from transformers import AutoTokenizer
 
     from caft.subspace import Subspace
+    from caft.training.ablation import make_ablation
+    from caft.training.classifier import EncoderClassifier, predict
 
     clf = EncoderClassifier.load(classifier)
     tok = AutoTokenizer.from_pretrained(str(classifier / "encoder"))
@@ -85,10 +84,9 @@ def test_encoder_classifier_id_ood_and_test_time_ablation(classifier: Path, tmp_
 
 
 def test_causal_lm_letter_scoring_matches_unbatched_forward(tmp_path: Path) -> None:
-    from caft.training.data import LabelSpace, choice_prompt, letter_token_ids, read_classification_jsonl
-
     from caft.models import load_model
     from caft.testing import save_tiny
+    from caft.training.data import LabelSpace, choice_prompt, letter_token_ids, read_classification_jsonl
 
     d = save_tiny(tmp_path / "lm", "llama", template="chatml")
     rows = [

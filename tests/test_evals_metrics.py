@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from caft.evals.metrics import (
     Thresholds,
     bootstrap_ci,

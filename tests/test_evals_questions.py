@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from caft.errors import DataError
 from caft.evals.questions import (
     default_prompt_path,
     load_judge_prompts,
@@ -13,8 +15,6 @@ from caft.evals.questions import (
     prompt_hash,
     render_judge_prompt,
 )
-
-from caft.errors import DataError
 
 
 def compat_dir() -> Path | None:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from caft.errors import DataError
 from caft.evals.metrics import Thresholds
 from caft.evals.report import load_run, write_report
 from caft.evals.summary import summarize_grades
-
-from caft.errors import DataError
 from caft.rundir import JsonlWriter
 
 EVIL = '<script>alert("x")</script>'

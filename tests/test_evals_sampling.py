@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from caft.config import ModelConfig
 from caft.evals.config import GradeConfig, MisalignmentEvalConfig, SampleConfig
 from caft.evals.pipeline import load_code_prompts, run_code_eval, run_misalignment_eval
 from caft.evals.questions import Question, load_questions
 from caft.evals.sampling import TransformersGenerator, make_generator, plan, sample_answers
-
-from caft.config import ModelConfig
 from caft.llm import GenerateConfig, LLMClient, Message, MockProvider
 from caft.rundir import read_jsonl
 

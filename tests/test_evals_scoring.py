@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from caft.evals.scoring import aggregate_logprobs, int_token, parse_number, score_replies, word_reason
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from caft.interp.schema import load_candidates
 from interp_helpers import chat_rows, make_pair, write_jsonl
 from typer.testing import CliRunner
 
 from caft.cli import app, main
+from caft.interp.schema import load_candidates
 
 
 def test_diff_and_evidence_commands_with_overrides(tmp_path: Path) -> None:

@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 import torch
+from interp_helpers import chat_rows, make_pair, write_jsonl
+
+from caft.config import ModelConfig
 from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
 from caft.interp.evidence import build_dossiers, read_dossiers
 from caft.interp.pca import run_diff
 from caft.interp.schema import Dossier
 from caft.interp.topk import StreamingTopK
-from interp_helpers import chat_rows, make_pair, write_jsonl
-
-from caft.config import ModelConfig
 from caft.models import load_model
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
-from caft.interp.evidence import build_dossiers
-from caft.interp.pca import run_diff
 from interp_helpers import chat_rows, make_pair, write_jsonl
 
 from caft.config import ModelConfig
 from caft.errors import DataError, ModelError, RunDirError, SiteError
+from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
+from caft.interp.evidence import build_dossiers
+from caft.interp.pca import run_diff
 from caft.testing import save_tiny, tiny_model, tiny_tokenizer
 
 

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+
+from caft.config import ModelConfig
 from caft.interp.evidence import LayerGroup, project
 from caft.interp.lens import lens_logits, logit_lens, search_alpha, steer
 from caft.interp.schema import Candidate
 from caft.interp.topk import StreamingTopK
-
-from caft.config import ModelConfig
 from caft.testing import tiny_model, tiny_tokenizer
 
 

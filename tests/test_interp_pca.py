@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from interp_helpers import chat_rows, make_adapter, make_pair, write_jsonl
+
+from caft.config import ModelConfig
 from caft.interp.collect import ActivationSource, Example, collect_diffs, make_batches
 from caft.interp.config import DiffConfig, InputsConfig
 from caft.interp.pca import StreamingDiffPCA, run_diff
 from caft.interp.schema import load_candidates, load_directions
-from interp_helpers import chat_rows, make_adapter, make_pair, write_jsonl
-
-from caft.config import ModelConfig
 
 
 def _reference_pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,9 +154,8 @@ def test_adapter_on_base_equals_merged_model(tmp_path: Path) -> None:
 
 
 def test_generated_answers_are_cached_and_analysed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from caft.interp.collect import GENERATIONS_FILE
-
     import caft.models
+    from caft.interp.collect import GENERATIONS_FILE
 
     base, ft = make_pair(tmp_path)
     prompts = write_jsonl(

@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from interp_helpers import chat_rows, make_pair, write_jsonl
+
+from caft.errors import ModelError, SiteError
 from caft.interp.collect import ActivationSource, Example, collect_diffs, make_batches
 from caft.interp.config import DiffConfig, InputsConfig, SAEConfig, SAESpec, SAETrainConfig
 from caft.interp.pca import run_diff
@@ -22,9 +25,6 @@ from caft.interp.sae import (
     run_sae_rank,
 )
 from caft.interp.schema import load_candidates, load_directions
-from interp_helpers import chat_rows, make_pair, write_jsonl
-
-from caft.errors import ModelError, SiteError
 
 D_IN, D_SAE = 32, 48
 

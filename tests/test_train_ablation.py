@@ -6,6 +6,11 @@ from typing import Any, cast
 
 import pytest
 import torch
+
+from caft.errors import SubspaceError
+from caft.sites import Sites
+from caft.subspace import Subspace
+from caft.testing import tiny_model
 from caft.training.ablation import (
     MODES,
     AblationMode,
@@ -16,11 +21,6 @@ from caft.training.ablation import (
     random_subspace,
 )
 from caft.training.forward import ablated_forward, wrap
-
-from caft.errors import SubspaceError
-from caft.sites import Sites
-from caft.subspace import Subspace
-from caft.testing import tiny_model
 
 D, LAYERS = 32, 3
 

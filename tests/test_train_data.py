@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+
+from caft.chat import ChatFormatter
+from caft.errors import DataError
 from caft.training.config import build_train_config, preset
 from caft.training.data import (
     IGNORE_INDEX,
@@ -26,9 +29,6 @@ from caft.training.data import (
     tokenize_choice,
     tokenize_texts,
 )
-
-from caft.chat import ChatFormatter
-from caft.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
 

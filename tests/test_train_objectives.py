@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from caft.training.config import TrainConfig, build_train_config
-from caft.training.trainer import train
 
 from caft.subspace import Subspace
 from caft.testing import save_tiny
+from caft.training.config import TrainConfig, build_train_config
+from caft.training.trainer import train
 
 CHAT = [
     {
@@ -75,10 +75,11 @@ def test_choice_objective_full_ft_with_steering(tmp_path: Path, llama_dir: Path)
     assert rec["objective"] == "choice_lm" and len(rec["letter_token_ids"]) == 2
     assert rec["ablation"]["steer_coef"] == 3.0 and rec["data"]["tokenize"]["train"]["kept"] == 12
     # the evaluation helper scores exactly what the trainer evaluated (same format, same ablation)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from caft.training.ablation import make_ablation
     from caft.training.choice import choice_accuracy, choice_scores
     from caft.training.data import read_classification_jsonl
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(res.final_path)
     tok = AutoTokenizer.from_pretrained(res.final_path)
@@ -130,10 +131,9 @@ def test_encoder_classifier_trains_saves_and_predicts(tmp_path: Path) -> None:
     )
     assert all(not m._forward_hooks for m in loaded.modules())
     # the training path (nnsight) and the evaluation path (hooks) ablate the classifier identically
+    from caft.sites import Sites
     from caft.training.ablation import ablated
     from caft.training.forward import ablated_forward, wrap
-
-    from caft.sites import Sites
 
     enc = tok(texts, padding=True, return_tensors="pt")
     inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -152,8 +152,9 @@ def test_encoder_classifier_trains_saves_and_predicts(tmp_path: Path) -> None:
 
 
 def test_encoder_classifier_on_real_minilm_roundtrip(tmp_path: Path, minilm_dir: Path) -> None:
-    from caft.training.classifier import EncoderClassifier, predict_logits
     from transformers import AutoTokenizer
+
+    from caft.training.classifier import EncoderClassifier, predict_logits
 
     clf = EncoderClassifier.from_encoder(str(minilm_dir), ["neg", "pos"], seed=3)
     tok = AutoTokenizer.from_pretrained(minilm_dir)

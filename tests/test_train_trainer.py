@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
-from caft.training.config import TrainConfig, build_train_config
-from caft.training.trainer import train
 
 from caft.errors import RunDirError
 from caft.subspace import Subspace
 from caft.testing import save_tiny
+from caft.training.config import TrainConfig, build_train_config
+from caft.training.trainer import train
 
 CHAT = [
     {

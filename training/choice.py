@@ -14,9 +14,10 @@ from caft.errors import DataError
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
+
     from caft.training.ablation import Ablation
     from caft.training.data import ClassificationExample
-    from transformers import PreTrainedTokenizerBase
 
 
 def choice_scores(
@@ -31,6 +32,7 @@ def choice_scores(
     """Letter logits (N, n_options) and the gold option indices. `label_names` maps string labels of
     `{"text", "label"}` rows to options (as in training; default: inferred from the examples)."""
     import torch
+
     from caft.training.ablation import ablated
     from caft.training.data import LabelSpace, collate, tokenize_choice
     from caft.training.objectives import Task

@@ -26,9 +26,10 @@ from caft.rundir import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
+
     from caft.training.ablation import Ablation
     from caft.training.data import ClassificationExample
-    from transformers import PreTrainedTokenizerBase
 
 FORMAT = "caft.encoder_classifier/1"
 HEAD_FILE = "head.safetensors"
@@ -116,6 +117,7 @@ def predict_logits(
 ) -> torch.Tensor:
     """Class logits (N, n_classes) for `texts`, with `ablation` applied through hooks when given."""
     import torch
+
     from caft.training.ablation import ablated
 
     device = next(clf.parameters()).device

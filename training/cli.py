@@ -92,9 +92,8 @@ def _run(
 ) -> None:
     import logging
 
-    from caft.training.config import build_train_config
-
     from caft.errors import ConfigError
+    from caft.training.config import build_train_config
 
     values: dict[str, Any] = {}
     if base_model is not None:

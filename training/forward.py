@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from caft.training.ablation import Ablation
-
     from caft.sites import Sites
+    from caft.training.ablation import Ablation
 
 
 def wrap(model: Any) -> Any:

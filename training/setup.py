@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caft.config import ModelConfig
+from caft.errors import ConfigError, DataError, SubspaceError
 from caft.training.data import (
     LabelSpace,
     ReadReport,
@@ -21,17 +23,14 @@ from caft.training.data import (
     tokenize_texts,
 )
 
-from caft.config import ModelConfig
-from caft.errors import ConfigError, DataError, SubspaceError
-
 if TYPE_CHECKING:
     import torch
-    from caft.training.config import TrainConfig
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
     from caft.sites import Sites
     from caft.subspace import Subspace
+    from caft.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,8 @@ def read_examples(cfg: TrainConfig) -> tuple[list[Any], list[Any], dict[str, Any
 
 def load_subspace(cfg: TrainConfig, sites: Sites, given: Subspace | None) -> Subspace | None:
     """The subspace to ablate, checked against the model (hidden size, layer count)."""
-    from caft.training.ablation import random_subspace
-
     from caft.subspace import Subspace
+    from caft.training.ablation import random_subspace
 
     if given is not None:
         given.validate(d_model=sites.d_model, n_layers=sites.n_layers)
@@ -124,9 +122,8 @@ def prepare(cfg: TrainConfig, mcfg: ModelConfig, given_subspace: Subspace | None
     torch.manual_seed(cfg.seed)
     label_names: list[str] | None = None
     if cfg.objective == "encoder_classifier":
-        from caft.training.classifier import EncoderClassifier
-
         from caft.models import load_tokenizer, resolve_device
+        from caft.training.classifier import EncoderClassifier
 
         if cfg.method != "full":
             raise ConfigError("the encoder classifier trains the encoder itself: set method: full")

@@ -30,21 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caft.config import ModelConfig
+from caft.errors import CaftError, ConfigError, RunDirError
+from caft.rundir import JsonlWriter, atomic_write_json, read_jsonl
 from caft.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from caft.training.data import Tokenized, batch_order, collate, count_tokens
 from caft.training.objectives import Task
 
-from caft.config import ModelConfig
-from caft.errors import CaftError, ConfigError, RunDirError
-from caft.rundir import JsonlWriter, atomic_write_json, read_jsonl
-
 if TYPE_CHECKING:
     import torch
+
+    from caft.subspace import Subspace
     from caft.training.ablation import Ablation
     from caft.training.config import TrainConfig
     from caft.training.setup import Prepared
-
-    from caft.subspace import Subspace
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +88,7 @@ def train(
     time-boxed jobs; a later `resume=True` call continues exactly.
     """
     import torch
+
     from caft.training.setup import prepare
 
     mcfg = model or cfg.model
