@@ -26,6 +26,8 @@ class RenderLimits(CaftConfig):
     """Steered or unsteered generations shown."""
     max_generation_chars: int = Field(default=400, ge=20)
     """Each generation is clipped to this many characters."""
+    overview_candidates: int = Field(default=60, ge=1)
+    """Agent mode: candidates summarized in the opening overview (the rest are listed by id)."""
 
 
 class AgentBudget(CaftConfig):

@@ -36,6 +36,8 @@ _ANGLE_RUN = re.compile(f"[{re.escape(_ANGLES)}]{{2,}}")
 # zero-width and bidi-control characters that could hide between delimiter characters
 _INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# the plain-text tool protocol's tags must not be forgeable from inside data either
+_TOOL_TAG = re.compile(r"<(\s*/?\s*)(tool_call|tool_result)", re.IGNORECASE)
 
 
 # ---- prompt files ------------------------------------------------------------------------------------------
@@ -78,12 +80,14 @@ def escape_untrusted(text: str) -> str:
 
     Invisible characters are dropped (they could split a delimiter into look-alike pieces), control characters
     other than newline and tab become spaces, every run of two or more angle-like characters is spaced out
-    (`<<<` -> `< < <`), and the highlight brackets are replaced by plain ones.
+    (`<<<` -> `< < <`), the highlight brackets are replaced by plain ones, and tool-protocol tags
+    (`<tool_call>`, `</tool_result>`) lose their `<`.
     """
     text = _INVISIBLE.sub("", text)
     text = _CONTROL.sub(" ", text)
     text = text.replace(HIGHLIGHT_OPEN, "[").replace(HIGHLIGHT_CLOSE, "]")
-    return _ANGLE_RUN.sub(lambda m: " ".join(m.group()), text)
+    text = _ANGLE_RUN.sub(lambda m: " ".join(m.group()), text)
+    return _TOOL_TAG.sub(lambda m: "‹" + m.group(1) + m.group(2), text)
 
 
 def safe_id(item_id: str) -> str:
@@ -141,7 +145,7 @@ def render_window(w: Window, highlight_min: int) -> str:
     return "".join(parts).replace("\n", "⏎")
 
 
-def _window_block(w: Window, limits: RenderLimits) -> str:
+def window_block(w: Window, limits: RenderLimits) -> str:
     head = f"[{safe_id(w.id)}] peak value {w.value:+.3g} (document {safe_id(w.doc)[:40]})"
     # render_window already escaped each token; only the block is added here
     body = render_window(w, limits.highlight_min)
@@ -171,10 +175,10 @@ def render_dossier(d: Dossier, limits: RenderLimits | None = None) -> str:
     out.append("")
     if d.max_examples:
         out.append("## Top-activating windows")
-        out += [_window_block(w, lim) for w in d.max_examples[: lim.max_examples]]
+        out += [window_block(w, lim) for w in d.max_examples[: lim.max_examples]]
     if d.min_examples and lim.min_examples > 0:
         out.append("## Most negative windows")
-        out += [_window_block(w, lim) for w in d.min_examples[: lim.min_examples]]
+        out += [window_block(w, lim) for w in d.min_examples[: lim.min_examples]]
     if d.diff is not None:
         df = d.diff
         out.append(
