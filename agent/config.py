@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from caft.config import CaftConfig
+from caft.llm.config import JudgeConfig
 
 
 class RenderLimits(CaftConfig):
@@ -83,8 +84,9 @@ class SelectionPolicy(CaftConfig):
 class TriageConfig(CaftConfig):
     """The judge stage: dossiers + task description -> verdicts -> selection -> subspace."""
 
-    judge: str = "openai/gpt-4.1"
-    """Judge model as `<provider>/<model>` (see caft.llm.get_provider)."""
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    """The judge model (`judge.model: openai/gpt-4.1`, `anthropic/...`, `openai-compatible/...` with
+    `judge.base_url`), its concurrency, cache, retries and dollar limit."""
     mode: Literal["single", "agent"] = "single"
     """`single`: one verdict per candidate; `agent`: a tool-using session over all candidates."""
     task: str = "emergent-misalignment"
@@ -99,10 +101,6 @@ class TriageConfig(CaftConfig):
     """Completion limit of one judge reply."""
     relevance: bool = False
     """Also ask for a 0-100 relevance score read from logprobs (providers with logprobs only)."""
-    concurrency: int = Field(default=16, ge=1)
-    """Parallel judge requests."""
-    max_usd: float | None = Field(default=None, gt=0)
-    """Dollar limit of the whole stage (None: none)."""
     prompts_dir: str | None = None
     """A folder whose `<name>.md` files replace bundled agent prompts of the same name."""
     render: RenderLimits = Field(default_factory=RenderLimits)

@@ -352,6 +352,8 @@ class AgentSession:
         tw.write({"turn": self.turn, "note": text})
 
     def _dispatch(self, call: ToolCall) -> str:
+        if call.parse_error:
+            return f"error: the arguments of this {call.name} call were not a JSON object ({call.parse_error})"
         try:
             return self.tools.call(call.name, call.arguments)
         except ToolError as e:

@@ -240,14 +240,19 @@ class SingleJudge:
             log.warning("relevance scores skipped: %s", outcome.relevance_skipped)
         vpath = self.out / VERDICTS_FILE
         done: set[tuple[str, int]] = set()
+        wanted = {d.candidate.id for d in dossiers}
         if vpath.is_file():
             for r in load_verdicts(vpath):
-                if r.judge != self.client.model_id or r.method != "single":
+                if r.judge != self.client.model_id or r.method != "single" or r.candidate not in wanted:
+                    continue
+                if r.sample >= samples:
                     continue
                 if r.unscored is not None and r.unscored.startswith("provider_error"):
                     continue  # transient: try again
                 done.add((r.candidate, r.sample))
                 outcome.records.append(r)
+                if r.unscored is not None:
+                    outcome.unscored[r.unscored.split(":", 1)[0]] += 1
         todo = [(d, s) for d in dossiers for s in range(samples) if (d.candidate.id, s) not in done]
         outcome.resumed = len(dossiers) * samples - len(todo)
         if outcome.resumed:
@@ -269,7 +274,4 @@ class SingleJudge:
             except BudgetExceededError as e:
                 outcome.stopped = f"budget: {e}"
                 log.warning("judging stopped at the budget; %d verdicts kept: %s", len(outcome.records), e)
-        outcome.unscored.update(
-            r.unscored.split(":", 1)[0] for r in outcome.records[: outcome.resumed] if r.unscored is not None
-        )
         return outcome
