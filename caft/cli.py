@@ -102,6 +102,11 @@ def config_show() -> None:
                 print(f"    {line.strip()}")
 
 
+from caft.agent.cli import triage_app  # noqa: E402 - registered after the core commands
+
+app.add_typer(triage_app, name="triage")
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point of the `caft` script."""
     os.environ.setdefault("WANDB_MODE", "disabled")
