@@ -51,11 +51,16 @@ def _fail(err: Exception) -> None:
 @triage_app.callback()
 def triage(
     ctx: typer.Context,
-    evidence: Annotated[Path | None, typer.Option(help="The evidence stage folder (holds dossiers/).")] = None,
-    task: Annotated[
-        str | None, typer.Option(help="Task YAML, or a bundled name: emergent-misalignment, spurious-correlation.")
+    evidence: Annotated[
+        Path | None, typer.Option(help="The evidence stage folder (holds dossiers/).")
     ] = None,
-    judge: Annotated[str | None, typer.Option(help="Judge model, e.g. openai/gpt-4.1, anthropic/<model>.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="Task YAML, or a bundled name: emergent-misalignment, spurious-correlation."),
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="Judge model, e.g. openai/gpt-4.1, anthropic/<model>.")
+    ] = None,
     base_url: Annotated[str | None, typer.Option(help="Server URL for openai-compatible judges.")] = None,
     mode: Annotated[str | None, typer.Option(help="single (one verdict per candidate) or agent.")] = None,
     budget: Annotated[
@@ -63,13 +68,16 @@ def triage(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <evidence>/../triage).")] = None,
     directions: Annotated[
-        Path | None, typer.Option(help="directions.safetensors of the candidates (default: found next to evidence).")
+        Path | None,
+        typer.Option(help="directions.safetensors of the candidates (default: found next to evidence)."),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option(help="A triage config YAML (or a run config; its `triage:` section is used).")
+        Path | None,
+        typer.Option(help="A triage config YAML (or a run config; its `triage:` section is used)."),
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a triage config field: --set selection.threshold=0.8")
+        list[str] | None,
+        typer.Option("--set", help="Override a triage config field: --set selection.threshold=0.8"),
     ] = None,
     live_model: Annotated[
         str | None, typer.Option(help="Model (path or id) for live steered generation in agent mode.")
@@ -81,29 +89,54 @@ def triage(
         return
     if evidence is None:
         typer.echo(ctx.get_help())
-        _fail(ConfigError("pass --evidence DIR (the evidence stage folder), or use `caft triage review|apply`"))
+        _fail(
+            ConfigError("pass --evidence DIR (the evidence stage folder), or use `caft triage review|apply`")
+        )
         return
     try:
-        result = _run(evidence, task, judge, base_url, mode, budget, out, directions, config, set_ or [],
-                      live_model, live_adapter)
+        result = _run(
+            evidence,
+            task,
+            judge,
+            base_url,
+            mode,
+            budget,
+            out,
+            directions,
+            config,
+            set_ or [],
+            live_model,
+            live_adapter,
+        )
     except CaftError as e:
         _fail(e)
         return
     s = result.summary
-    typer.echo(f"triage ({s['mode']}, {s['judge']}): {s.get('judged', s.get('verdicts', 0))} judged, "
-               f"{s.get('unscored_total', 0)} unscored {s.get('unscored', {}) or ''}".rstrip())
+    typer.echo(
+        f"triage ({s['mode']}, {s['judge']}): {s.get('judged', s.get('verdicts', 0))} judged, "
+        f"{s.get('unscored_total', 0)} unscored {s.get('unscored', {}) or ''}".rstrip()
+    )
     usage = s.get("usage", {})
-    typer.echo(f"usage: {usage.get('calls', 0)} calls, {usage.get('input_tokens', 0)} prompt + "
-               f"{usage.get('output_tokens', 0)} completion tokens, ${usage.get('cost_usd', 0.0):.4f}")
+    typer.echo(
+        f"usage: {usage.get('calls', 0)} calls, {usage.get('input_tokens', 0)} prompt + "
+        f"{usage.get('output_tokens', 0)} completion tokens, ${usage.get('cost_usd', 0.0):.4f}"
+    )
     if s.get("stopped"):
-        typer.secho(f"stopped early: {s['stopped']} (results so far are kept; rerun to resume)", fg=typer.colors.YELLOW)
+        typer.secho(
+            f"stopped early: {s['stopped']} (results so far are kept; rerun to resume)",
+            fg=typer.colors.YELLOW,
+        )
     if result.selection.selected:
-        typer.echo(f"selected {len(result.selection.selected)} directions -> {result.out_dir / 'selection.json'}")
+        typer.echo(
+            f"selected {len(result.selection.selected)} directions -> {result.out_dir / 'selection.json'}"
+        )
     else:
         typer.echo(f"selected nothing: {result.selection.notes}")
     if result.subspace is not None:
-        typer.echo(f"subspace: {result.subspace.total_dims} dims at layers {result.subspace.layers} -> "
-                   f"{result.out_dir / 'subspace'}")
+        typer.echo(
+            f"subspace: {result.subspace.total_dims} dims at layers {result.subspace.layers} -> "
+            f"{result.out_dir / 'subspace'}"
+        )
     typer.echo(f"review: caft triage review {result.out_dir}")
 
 
@@ -123,6 +156,7 @@ def _run(
 ) -> Any:
     from caft.agent.config import TriageConfig
     from caft.agent.triage import run_triage
+
     from caft.config import apply_overrides, read_yaml, validate_config
 
     extra: list[str] = []
@@ -152,6 +186,7 @@ def _run(
 def _load_steerer(evidence: Path, directions: Path | None, model: str, adapter: str | None) -> Any:
     from caft.agent.selection import find_directions, load_directions, load_dossiers
     from caft.agent.steer import HookSteerer
+
     from caft.config import ModelConfig
     from caft.models import load_model
 
@@ -168,8 +203,12 @@ def _load_steerer(evidence: Path, directions: Path | None, model: str, adapter: 
 @triage_app.command("review")
 def review(
     run: Annotated[Path, typer.Argument(help="A run folder (with triage/) or the triage output folder.")],
-    evidence: Annotated[Path | None, typer.Option(help="Evidence folder (default: recorded by the triage).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write the page (default: <triage>/review.html).")] = None,
+    evidence: Annotated[
+        Path | None, typer.Option(help="Evidence folder (default: recorded by the triage).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the page (default: <triage>/review.html).")
+    ] = None,
 ) -> None:
     """Write one self-contained HTML page to review and edit the selection (opens offline in any browser)."""
     from caft.agent.review import write_review
@@ -180,14 +219,20 @@ def review(
         _fail(e)
         return
     typer.echo(f"review page: {page}")
-    typer.echo("open it in a browser, toggle candidates, export selection.json, then: caft triage apply selection.json")
+    typer.echo(
+        "open it in a browser, toggle candidates, export selection.json, then: caft triage apply selection.json"
+    )
 
 
 @triage_app.command("apply")
 def apply(
     selection: Annotated[Path, typer.Argument(help="A selection.json (e.g. exported from the review page).")],
-    directions: Annotated[Path | None, typer.Option(help="directions.safetensors (default: named in the file).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Subspace folder (default: subspace/ next to the file).")] = None,
+    directions: Annotated[
+        Path | None, typer.Option(help="directions.safetensors (default: named in the file).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Subspace folder (default: subspace/ next to the file).")
+    ] = None,
 ) -> None:
     """Build the subspace artifact from a selection.json."""
     from caft.agent.triage import apply_selection
@@ -200,4 +245,6 @@ def apply(
     if sub.is_empty:
         typer.echo(f"the selection is empty: wrote an empty subspace (no ablation) to {target}")
     else:
-        typer.echo(f"subspace: {sub.total_dims} dims from {len(sel.selected)} candidates at layers {sub.layers} -> {target}")
+        typer.echo(
+            f"subspace: {sub.total_dims} dims from {len(sel.selected)} candidates at layers {sub.layers} -> {target}"
+        )

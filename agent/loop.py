@@ -26,8 +26,9 @@ from caft.agent.config import TriageConfig
 from caft.agent.render import open_clause, render_overview_entry, render_prompt, render_task
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.agent.tools import TOOL_SPECS, AgentState, AgentTools, ToolError, tools_help
-from caft.env import scrub, scrub_obj
 from caft.interp.schema import Dossier
+
+from caft.env import scrub, scrub_obj
 from caft.llm import (
     BudgetExceededError,
     FatalError,
@@ -42,7 +43,6 @@ from caft.rundir import JsonlWriter, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
-
     from caft.agent.steer import Steerer
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,10 @@ class AgentSession:
 
     def overview(self, previous: Mapping[str, VerdictRecord]) -> str:
         lim = self.cfg.render
-        shown = sorted(self.dossiers, key=lambda d: (min(d.candidate.ranks.values(), default=d.candidate.index), d.candidate.id))
+        shown = sorted(
+            self.dossiers,
+            key=lambda d: (min(d.candidate.ranks.values(), default=d.candidate.index), d.candidate.id),
+        )
         entries = [render_overview_entry(d, 2, 6) for d in shown[: lim.overview_candidates]]
         rest = [d.candidate.id for d in shown[lim.overview_candidates :]]
         if rest:
@@ -271,8 +274,15 @@ class AgentSession:
         idle = 0
         with JsonlWriter(self.out / VERDICTS_FILE) as vw, JsonlWriter(self.out / TRANSCRIPT_FILE) as tw:
             self._vw = vw
-            tw.write({"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "native_tools": self.native,
-                      "judge": self.client.model_id, "candidates": len(self.dossiers)})
+            tw.write(
+                {
+                    "event": "start",
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "native_tools": self.native,
+                    "judge": self.client.model_id,
+                    "candidates": len(self.dossiers),
+                }
+            )
             for m in messages:
                 tw.write({"turn": 0, "message": m.model_dump(mode="json", exclude_defaults=True)})
             while not self.tools.state.finished:
@@ -281,7 +291,9 @@ class AgentSession:
                     break
                 if self.budget.near() and not noticed:
                     noticed = True
-                    notice = render_prompt("budget_notice", self.cfg.prompts_dir, remaining=self.budget.remaining())
+                    notice = render_prompt(
+                        "budget_notice", self.cfg.prompts_dir, remaining=self.budget.remaining()
+                    )
                     self._append_user(messages, notice, tw)
                 self.turn += 1
                 try:
@@ -295,11 +307,21 @@ class AgentSession:
                     stopped = f"provider_error: {type(e).__name__}: {scrub(str(e))[:300]}"
                     break
                 self.budget.add(res)
-                calls, errors = (res.tool_calls, []) if self.native else parse_text_tool_calls(res.text, self.turn)
-                assistant = Message(role="assistant", content=res.text, tool_calls=res.tool_calls if self.native else [])
+                calls, errors = (
+                    (res.tool_calls, []) if self.native else parse_text_tool_calls(res.text, self.turn)
+                )
+                assistant = Message(
+                    role="assistant", content=res.text, tool_calls=res.tool_calls if self.native else []
+                )
                 messages.append(assistant)
-                tw.write({"turn": self.turn, "message": scrub_obj(assistant.model_dump(mode="json", exclude_defaults=True)),
-                          "usage": res.usage.model_dump(mode="json"), "budget": self.budget.as_dict()})
+                tw.write(
+                    {
+                        "turn": self.turn,
+                        "message": scrub_obj(assistant.model_dump(mode="json", exclude_defaults=True)),
+                        "usage": res.usage.model_dump(mode="json"),
+                        "budget": self.budget.as_dict(),
+                    }
+                )
                 if not calls:
                     idle += 1
                     if idle >= MAX_IDLE_REPLIES:
@@ -311,11 +333,23 @@ class AgentSession:
                 idle = 0
                 results = [(c, self._dispatch(c)) for c in calls]
                 for c, out in results:
-                    tw.write({"turn": self.turn, "tool": c.name, "arguments": scrub_obj(c.arguments), "result": scrub(out)})
+                    tw.write(
+                        {
+                            "turn": self.turn,
+                            "tool": c.name,
+                            "arguments": scrub_obj(c.arguments),
+                            "result": scrub(out),
+                        }
+                    )
                 if self.native:
-                    messages += [Message(role="tool", content=out, tool_call_id=c.id, name=c.name) for c, out in results]
+                    messages += [
+                        Message(role="tool", content=out, tool_call_id=c.id, name=c.name)
+                        for c, out in results
+                    ]
                 else:
-                    body = "\n".join(f'<tool_result name="{c.name}">\n{out}\n</tool_result>' for c, out in results)
+                    body = "\n".join(
+                        f'<tool_result name="{c.name}">\n{out}\n</tool_result>' for c, out in results
+                    )
                     if errors:
                         body += "\n" + "\n".join(errors)
                     messages.append(Message(role="user", content=body))
@@ -332,20 +366,23 @@ class AgentSession:
             self._vw = None
         atomic_write_json(
             self.out / AGENT_RESULT_FILE,
-            {**outcome.summary(), "notes": self.tools.state.notes,
-             "board": [h.__dict__ for h in self.tools.state.board]},
+            {
+                **outcome.summary(),
+                "notes": self.tools.state.notes,
+                "board": [h.__dict__ for h in self.tools.state.board],
+            },
         )
         if outcome.stopped:
-            log.warning("agent session ended early (%s); %d verdicts kept", outcome.stopped, len(outcome.verdicts))
+            log.warning(
+                "agent session ended early (%s); %d verdicts kept", outcome.stopped, len(outcome.verdicts)
+            )
         return outcome
 
     def _append_user(self, messages: list[Message], text: str, tw: JsonlWriter) -> None:
         """Add a user note; after tool results it joins the last tool message (some APIs forbid a user turn
         between a tool result and the next assistant turn)."""
         last = messages[-1]
-        if last.role == "tool":
-            messages[-1] = last.model_copy(update={"content": last.content + "\n\n" + text})
-        elif last.role == "user":
+        if last.role == "tool" or last.role == "user":
             messages[-1] = last.model_copy(update={"content": last.content + "\n\n" + text})
         else:
             messages.append(Message(role="user", content=text))
@@ -353,7 +390,9 @@ class AgentSession:
 
     def _dispatch(self, call: ToolCall) -> str:
         if call.parse_error:
-            return f"error: the arguments of this {call.name} call were not a JSON object ({call.parse_error})"
+            return (
+                f"error: the arguments of this {call.name} call were not a JSON object ({call.parse_error})"
+            )
         try:
             return self.tools.call(call.name, call.arguments)
         except ToolError as e:

@@ -13,15 +13,15 @@ and refuses a template whose placeholders are not all given, so a typo cannot sh
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
 from caft.agent.config import RenderLimits
 from caft.agent.schema import TaskDescription
-from caft.errors import ConfigError
 from caft.interp.schema import Dossier, Generation, Window
+
+from caft.errors import ConfigError
 
 PROMPTS_PACKAGE = "caft.prompts"
 PROMPTS_DIR = "agent"
@@ -108,7 +108,10 @@ def _clip(text: str, limit: int) -> str:
 # ---- task --------------------------------------------------------------------------------------------------
 def render_task(task: TaskDescription) -> str:
     """The task block of the system prompt (written by the user, so trusted)."""
-    lines = [f"Setting: {task.name}", f"Intended (what the fine-tuning should teach): {task.intended.strip()}"]
+    lines = [
+        f"Setting: {task.name}",
+        f"Intended (what the fine-tuning should teach): {task.intended.strip()}",
+    ]
     if task.intended_concepts:
         lines.append("Concepts the task needs: " + "; ".join(task.intended_concepts))
     if task.undesired:
@@ -127,9 +130,7 @@ def open_clause(task: TaskDescription) -> str:
 
 
 def render_system_single(task: TaskDescription, override_dir: str | Path | None = None) -> str:
-    return render_prompt(
-        "system_single", override_dir, task=render_task(task), open_clause=open_clause(task)
-    )
+    return render_prompt("system_single", override_dir, task=render_task(task), open_clause=open_clause(task))
 
 
 # ---- dossier -----------------------------------------------------------------------------------------------
@@ -208,7 +209,9 @@ def render_dossier(d: Dossier, limits: RenderLimits | None = None) -> str:
         last_prompt: str | None = None
         for g in gens:
             if g.prompt != last_prompt:
-                out.append("Prompt:\n" + data_block("prompt:" + g.id.rsplit(":", 1)[-1], _clip(g.prompt, 300)))
+                out.append(
+                    "Prompt:\n" + data_block("prompt:" + g.id.rsplit(":", 1)[-1], _clip(g.prompt, 300))
+                )
                 last_prompt = g.prompt
             out.append(_generation_block(g, lim))
     out.append("")

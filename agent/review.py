@@ -19,8 +19,9 @@ from typing import Any
 
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import SELECTION_FILE, VERDICTS_FILE, Selection, VerdictRecord
-from caft.errors import DataError
 from caft.interp.schema import Dossier, Generation, TokenScore, Window
+
+from caft.errors import DataError
 from caft.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,10 @@ def _window_html(w: Window) -> str:
 
 
 def _tokens_html(items: Sequence[TokenScore]) -> str:
-    return "".join(f"<span>{esc(repr(t.token))} {t.value:+.3g}</span>" for t in items) or '<span class="empty">none</span>'
+    return (
+        "".join(f"<span>{esc(repr(t.token))} {t.value:+.3g}</span>" for t in items)
+        or '<span class="empty">none</span>'
+    )
 
 
 def _steering_html(gens: Sequence[Generation]) -> str:
@@ -66,9 +70,7 @@ def _steering_html(gens: Sequence[Generation]) -> str:
     rows = []
     for prompt, gs in by_prompt.items():
         gs = sorted(gs, key=lambda g: (g.model, g.alpha == 0, g.alpha))
-        heads = "".join(
-            f"<th>{esc(g.id)}<br>{esc(g.model)}, alpha {g.alpha:+g}</th>" for g in gs
-        )
+        heads = "".join(f"<th>{esc(g.id)}<br>{esc(g.model)}, alpha {g.alpha:+g}</th>" for g in gs)
         cells = "".join(f"<td>{esc(g.text)}</td>" for g in gs)
         rows.append(
             f'<p><b>Prompt:</b> {esc(prompt)}</p><table class="gen"><tr>{heads}</tr><tr>{cells}</tr></table>'
@@ -187,7 +189,9 @@ def build_review_html(
         cand_data[cid] = {
             "layer": d.candidate.layer,
             "label": sel.label if sel and sel.label else label,
-            "relation": sel.relation if sel and sel.relation else (None if relation == "unscored" else relation),
+            "relation": sel.relation
+            if sel and sel.relation
+            else (None if relation == "unscored" else relation),
             "confidence": sel.confidence if sel and sel.confidence is not None else conf,
             "verdict_ref": sel.verdict_ref if sel and sel.verdict_ref else ref,
         }
@@ -195,7 +199,8 @@ def build_review_html(
     layers = sorted({d.candidate.layer for d in dossiers})
     layer_opts = "".join(f'<option value="{layer}">layer {layer}</option>' for layer in layers)
     rel_opts = "".join(
-        f'<option value="{r}">{r}</option>' for r in ("undesired", "intended", "unrelated", "unclear", "unscored")
+        f'<option value="{r}">{r}</option>'
+        for r in ("undesired", "intended", "unrelated", "unclear", "unscored")
     )
     data = {"selection": selection.model_dump(mode="json"), "candidates": cand_data}
     policy = selection.policy

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import SELECTION_FILE, SelectedColumn, Selection, VerdictRecord
-from caft.errors import DataError, SubspaceError
 from caft.interp.schema import DIRECTIONS_FILE, DOSSIER_DIR, Candidate, Dossier
+from pydantic import ValidationError
+
+from caft.errors import DataError, SubspaceError
 from caft.rundir import atomic_write_json, iter_jsonl
 from caft.subspace import Column, Subspace
 
@@ -124,7 +124,7 @@ def _aggregate(
     undesired = [r for r in judged if r.verdict is not None and r.verdict.relation == "undesired"]
     votes = [r for r in undesired if r.verdict is not None and r.verdict.confidence >= policy.threshold]
     rep = max(undesired, key=lambda r: r.verdict.confidence if r.verdict else 0.0) if undesired else judged[0]
-    info = {"n": len(judged), "undesired_votes": len(votes)}
+    info: dict[str, Any] = {"n": len(judged), "undesired_votes": len(votes)}
     if policy.ensemble == "majority":
         conf = sum(r.verdict.confidence for r in votes if r.verdict) / len(votes) if votes else 0.0
         return 2 * len(votes) > len(judged), conf, rep, info
@@ -152,9 +152,9 @@ def _apply_limits(
     kept: list[SelectedColumn] = []
     dropped: list[str] = []
     for c, col in ranked:
-        if policy.max_total is not None and len(kept) >= policy.max_total:
-            dropped.append(c.id)
-        elif policy.max_per_layer is not None and per_layer[c.layer] >= policy.max_per_layer:
+        if (policy.max_total is not None and len(kept) >= policy.max_total) or (
+            policy.max_per_layer is not None and per_layer[c.layer] >= policy.max_per_layer
+        ):
             dropped.append(c.id)
         else:
             kept.append(col)
@@ -183,7 +183,9 @@ def select(
             continue
         recs[r.candidate].append(r)
     if unknown:
-        log.warning("ignoring verdicts for %d candidates without a dossier: %s", len(unknown), sorted(unknown)[:5])
+        log.warning(
+            "ignoring verdicts for %d candidates without a dossier: %s", len(unknown), sorted(unknown)[:5]
+        )
     scored_ids = {cid for cid, rs in recs.items() if any(r.verdict or r.relevance is not None for r in rs)}
     unscored_ids = sorted(set(recs) - scored_ids)
     policy_dump = pol.model_dump(mode="json")
@@ -249,7 +251,9 @@ def _baseline(
     cols = []
     for c in picked:
         rs = [r for r in recs.get(c.id, []) if r.verdict is not None]
-        cols.append(_column(c, rs[0] if rs else None, rs[0].verdict.confidence if rs and rs[0].verdict else None))
+        cols.append(
+            _column(c, rs[0] if rs else None, rs[0].verdict.confidence if rs and rs[0].verdict else None)
+        )
     note = f"baseline {pol.baseline} (k={pol.k}{' per layer' if pol.per_layer else ''}); verdicts not used"
     if not cols:
         note = f"nothing selected: baseline {pol.baseline} found no candidates"
@@ -272,7 +276,9 @@ def build_subspace(
         if len(dims) > 1:
             raise SubspaceError(f"the directions have different sizes {sorted(dims)}; pass d_model")
         if not dims:
-            raise SubspaceError("no directions given and no d_model; pass the directions file of the candidates")
+            raise SubspaceError(
+                "no directions given and no d_model; pass the directions file of the candidates"
+            )
         d_model = dims.pop()
     vectors: dict[int, list[torch.Tensor]] = defaultdict(list)
     prov: dict[int, list[Column]] = defaultdict(list)
@@ -291,9 +297,13 @@ def build_subspace(
             extra["confidence"] = col.confidence
         if col.verdict_ref:
             extra["verdict_ref"] = col.verdict_ref
-        prov[col.layer].append(Column(candidate=col.candidate, label=col.label, verdict=col.relation, extra=extra))
+        prov[col.layer].append(
+            Column(candidate=col.candidate, label=col.label, verdict=col.relation, extra=extra)
+        )
     stacked = {layer: torch.stack(vs) for layer, vs in vectors.items()}
-    return Subspace.from_vectors(stacked, d_model=d_model, provenance=dict(prov), model=model, n_layers=n_layers)
+    return Subspace.from_vectors(
+        stacked, d_model=d_model, provenance=dict(prov), model=model, n_layers=n_layers
+    )
 
 
 def write_selection(

@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 from caft.agent.config import TriageConfig
 from caft.agent.render import render_dossier, render_prompt, render_system_single, safe_id
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
-from caft.env import scrub, scrub_obj
 from caft.interp.schema import Dossier
+
+from caft.env import scrub, scrub_obj
 from caft.llm import (
     BudgetExceededError,
     FatalError,
@@ -130,7 +131,9 @@ async def bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], worker
 class SingleJudge:
     """Judges dossiers one request each (plus repair and relevance rounds), appending records as they finish."""
 
-    def __init__(self, client: LLMClient, task: TaskDescription, cfg: TriageConfig, out_dir: str | Path) -> None:
+    def __init__(
+        self, client: LLMClient, task: TaskDescription, cfg: TriageConfig, out_dir: str | Path
+    ) -> None:
         self.client = client
         self.task = task
         self.cfg = cfg
@@ -160,7 +163,9 @@ class SingleJudge:
             "messages": [m.model_dump(mode="json", exclude_defaults=True) for m in messages],
             "replies": [],
         }
-        rec = VerdictRecord(candidate=cid, judge=self.client.model_id, method="single", sample=sample, exchange=ref)
+        rec = VerdictRecord(
+            candidate=cid, judge=self.client.model_id, method="single", sample=sample, exchange=ref
+        )
         try:
             res = await self.client.generate(messages, gcfg)
         except StructuredOutputError as e:
@@ -174,7 +179,8 @@ class SingleJudge:
             return rec, exchange
         exchange["replies"].append(scrub(res.text))
         exchange["raw_response"] = scrub_obj(res.raw_response)
-        verdict, bad = check_evidence(res.parsed, dossier)
+        first, bad = check_evidence(res.parsed, dossier)
+        verdict: JudgeVerdict | None = first
         if bad:
             verdict, bad, res = await self._repair_evidence(messages, res, dossier, bad, gcfg, exchange)
         if bad or verdict is None:

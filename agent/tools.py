@@ -13,18 +13,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from caft.agent.config import RenderLimits
 from caft.agent.render import data_block, safe_id, window_block
 from caft.agent.schema import JudgeVerdict
-from caft.errors import CaftError
 from caft.interp.schema import Dossier
+from pydantic import ValidationError
+
+from caft.errors import CaftError
 from caft.llm import ToolSpec
 
 if TYPE_CHECKING:
     import torch
-
     from caft.agent.steer import Steerer
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,12 @@ def _spec(name: str, description: str, props: dict[str, Any], required: list[str
     return ToolSpec(
         name=name,
         description=description,
-        parameters={"type": "object", "properties": props, "required": required, "additionalProperties": False},
+        parameters={
+            "type": "object",
+            "properties": props,
+            "required": required,
+            "additionalProperties": False,
+        },
     )
 
 
@@ -66,7 +70,12 @@ TOOL_SPECS: list[ToolSpec] = [
         },
         ["candidate"],
     ),
-    _spec("get_diff", "How the fine-tune moves activations along the candidate.", {"candidate": _CAND}, ["candidate"]),
+    _spec(
+        "get_diff",
+        "How the fine-tune moves activations along the candidate.",
+        {"candidate": _CAND},
+        ["candidate"],
+    ),
     _spec(
         "get_logit_lens",
         "Tokens the candidate direction promotes and suppresses through the unembedding.",
@@ -199,7 +208,8 @@ class AgentTools:
         toks = ", ".join(f"{t.token!r} {t.value:+.3g}" for t in df.top_tokens)
         return (
             f"[{df.id}] mean (ft - base) projection {df.mean_projection:+.3g}, variance share "
-            f"{df.variance_share:.3g}, {df.n_tokens} tokens\n" + data_block(df.id, "tokens moved most: " + toks)
+            f"{df.variance_share:.3g}, {df.n_tokens} tokens\n"
+            + data_block(df.id, "tokens moved most: " + toks)
         )
 
     def tool_get_logit_lens(self, candidate: str, n: int = 20) -> str:
@@ -220,14 +230,18 @@ class AgentTools:
             kind = "unsteered" if g.alpha == 0 else f"alpha {g.alpha:+g}"
             parts.append(
                 f"[{safe_id(g.id)}] {g.model} model, {kind}\n"
-                + data_block(g.id, f"prompt: {g.prompt}\n---\n{g.text[: self.limits.max_generation_chars * 2]}")
+                + data_block(
+                    g.id, f"prompt: {g.prompt}\n---\n{g.text[: self.limits.max_generation_chars * 2]}"
+                )
             )
         return "\n".join(parts)
 
     def tool_steer_live(self, candidate: str, alpha: float, prompt: str) -> str:
         self._dossier(candidate)
         if self.steerer is None:
-            raise ToolError("live steering is not available in this session (no model loaded); use get_steering")
+            raise ToolError(
+                "live steering is not available in this session (no model loaded); use get_steering"
+            )
         if self.state.live_used >= self.max_live:
             raise ToolError(f"the live-generation budget ({self.max_live}) is used up; use cached evidence")
         try:
@@ -242,7 +256,9 @@ class AgentTools:
         except CaftError as e:
             raise ToolError(f"live generation failed: {e}") from None
         left = self.max_live - self.state.live_used
-        return f"live generation ({left} left), alpha {alpha:+g}\n" + data_block(f"live:{self.state.live_used}", text)
+        return f"live generation ({left} left), alpha {alpha:+g}\n" + data_block(
+            f"live:{self.state.live_used}", text
+        )
 
     def tool_compare(self, a: str, b: str) -> str:
         da, db = self._dossier(a), self._dossier(b)
@@ -267,7 +283,7 @@ class AgentTools:
     def tool_board(
         self,
         action: str,
-        id: int | None = None,  # noqa: A002 - the tool's argument name
+        id: int | None = None,
         text: str | None = None,
         candidates: list[str] | None = None,
         status: str | None = None,
@@ -276,7 +292,9 @@ class AgentTools:
         if action == "add":
             if not text:
                 raise ToolError("board add needs `text`")
-            board.append(Hypothesis(id=len(board) + 1, text=str(text)[:1000], candidates=list(candidates or [])))
+            board.append(
+                Hypothesis(id=len(board) + 1, text=str(text)[:1000], candidates=list(candidates or []))
+            )
         elif action == "update":
             match = [h for h in board if h.id == id]
             if not match:
@@ -293,7 +311,9 @@ class AgentTools:
             raise ToolError("action must be add, update or list")
         if not board:
             return "the board is empty"
-        return "\n".join(f"#{h.id} [{h.status}] {h.text} (candidates: {', '.join(h.candidates)})" for h in board)
+        return "\n".join(
+            f"#{h.id} [{h.status}] {h.text} (candidates: {', '.join(h.candidates)})" for h in board
+        )
 
     def tool_record_verdict(self, candidate: str, **fields: Any) -> str:
         d = self._dossier(candidate)
@@ -332,5 +352,6 @@ class AgentTools:
 def tools_help() -> str:
     """Tool list for the plain-text protocol (name, description, JSON schema)."""
     return "\n".join(
-        f"- {s.name}: {s.description}\n  arguments: {json.dumps(s.parameters['properties'])}" for s in TOOL_SPECS
+        f"- {s.name}: {s.description}\n  arguments: {json.dumps(s.parameters['properties'])}"
+        for s in TOOL_SPECS
     )

@@ -35,13 +35,14 @@ from caft.agent.selection import (
     write_selection,
 )
 from caft.agent.task import load_task
+
 from caft.errors import CaftError, DataError
 from caft.rundir import RunDir, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
-
     from caft.agent.steer import Steerer
+
     from caft.llm import Provider
     from caft.subspace import Subspace
 
@@ -95,6 +96,7 @@ async def run_triage_async(
 ) -> TriageResult:
     from caft.agent.loop import AgentSession
     from caft.agent.single import SingleJudge
+
     from caft.llm import LLMClient
 
     started = time.time()
@@ -145,8 +147,11 @@ async def run_triage_async(
         sub = write_selection(out, selection, directions, model=selection.model)
     else:
         atomic_write_json(out / "selection.json", selection.model_dump(mode="json"))
-        log.warning("no directions file found next to %s: wrote selection.json only; build the subspace "
-                    "with `caft triage apply selection.json --directions PATH`", ev)
+        log.warning(
+            "no directions file found next to %s: wrote selection.json only; build the subspace "
+            "with `caft triage apply selection.json --directions PATH`",
+            ev,
+        )
     judged = {r.candidate for r in records if r.verdict is not None or r.unscored is not None}
     complete = stopped is None and all(d.candidate.id in judged for d in dossiers)
     summary["selected"] = len(selection.selected)
@@ -175,7 +180,11 @@ def apply_selection(
     if not Path(dpath).is_file():
         raise DataError(f"directions file {dpath} not found; pass --directions PATH")
     sel_path = Path(selection_path)
-    target = Path(out_dir) if out_dir is not None else (sel_path if sel_path.is_dir() else sel_path.parent) / "subspace"
+    target = (
+        Path(out_dir)
+        if out_dir is not None
+        else (sel_path if sel_path.is_dir() else sel_path.parent) / "subspace"
+    )
     from caft.agent.selection import build_subspace
 
     sub = build_subspace(sel, load_directions(Path(dpath)), model=sel.model)

@@ -55,7 +55,9 @@ class Browser:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         url = f"{self.base}/session/{self.session}{path}"
         data = json.dumps(body if body is not None else {}).encode() if method == "POST" else None
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return json.loads(r.read())["value"]
@@ -93,9 +95,7 @@ def browser(profile_dir: Path) -> Iterator[Browser]:
     chrome, driver = chromium_binary(), chromedriver_binary()
     assert chrome and driver
     port = _free_port()
-    proc = subprocess.Popen(
-        [driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 20

@@ -39,7 +39,9 @@ INJECTIONS = [
 ]
 
 
-def _window(wid: str, sign: Literal["max", "min"], words: list[str], peak_word: str, i: int, text: str | None) -> Window:
+def _window(
+    wid: str, sign: Literal["max", "min"], words: list[str], peak_word: str, i: int, text: str | None
+) -> Window:
     toks = [*FILLER[i % 5 : i % 5 + 4], peak_word, *FILLER[:3], words[(i + 1) % len(words)]]
     if text is not None:
         toks = [*toks[:4], " " + text, *toks[4:]]
@@ -92,7 +94,12 @@ def make_dossier(
     gens: list[Generation] = []
     for p in range(n_prompts):
         prompt = f"Tell me about your day number {p}." + (f" {injection}" if injection and p == 0 else "")
-        variants: list[tuple[Literal["base", "ft"], float]] = [("base", 0.0), ("ft", 0.0), ("ft", 4.0), ("ft", -4.0)]
+        variants: list[tuple[Literal["base", "ft"], float]] = [
+            ("base", 0.0),
+            ("ft", 0.0),
+            ("ft", 4.0),
+            ("ft", -4.0),
+        ]
         for model, alpha in variants:
             sign = {0.0: "0"}.get(alpha, "+" if alpha > 0 else "-")
             body = "".join(words[:5]) if alpha > 0 else "It was a fine day with friends."
@@ -177,8 +184,12 @@ def verdict_for(concept: str, evidence: list[str] | None = None, confidence: flo
     )
 
 
-def record(cid: str, concept: str, confidence: float = 0.9, judge: str = "mock/j", sample: int = 0) -> VerdictRecord:
-    return VerdictRecord(candidate=cid, judge=judge, verdict=verdict_for(concept, confidence=confidence), sample=sample)
+def record(
+    cid: str, concept: str, confidence: float = 0.9, judge: str = "mock/j", sample: int = 0
+) -> VerdictRecord:
+    return VerdictRecord(
+        candidate=cid, judge=judge, verdict=verdict_for(concept, confidence=confidence), sample=sample
+    )
 
 
 def concept_of_text(text: str) -> str:

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from agent_helpers import concept_set, injected_set, verdict_for
-from fakellm import FakeLLM, Reply
-
 from caft.agent.config import AgentBudget, TriageConfig
 from caft.agent.loop import AGENT_RESULT_FILE, TRANSCRIPT_FILE, AgentSession, parse_text_tool_calls
 from caft.agent.selection import load_verdicts
 from caft.agent.task import load_task
+from fakellm import FakeLLM, Reply
+
 from caft.llm import GenerateConfig, LLMClient, Message, MockProvider, get_provider
 
 TASK = load_task("emergent-misalignment")
@@ -39,10 +39,13 @@ def _session(tmp_path: Path, provider: Any, budget: AgentBudget | None = None, *
 
 def test_native_tools_full_session(tmp_path: Path) -> None:
     script = [
-        {"text": "Looking closer.", "tool_calls": [
-            _call("get_examples", candidate=EVIL, sign="max", start=2, count=3),
-            _call("board", action="add", text="pc:L1:0 is a villain persona", candidates=[EVIL]),
-        ]},
+        {
+            "text": "Looking closer.",
+            "tool_calls": [
+                _call("get_examples", candidate=EVIL, sign="max", start=2, count=3),
+                _call("board", action="add", text="pc:L1:0 is a villain persona", candidates=[EVIL]),
+            ],
+        },
         {"tool_calls": [_call("get_logit_lens", candidate=EVIL), _call("compare", a=EVIL, b=CODE)]},
         {"tool_calls": [_call("record_verdict", **_verdict_args(EVIL, "evil"))]},
         {"tool_calls": [_call("record_verdict", 1, **_verdict_args(CODE, "code"))]},
@@ -58,7 +61,11 @@ def test_native_tools_full_session(tmp_path: Path) -> None:
     assert [t.name for t in cfg.tools][:2] == ["get_examples", "get_diff"]
     tool_msgs = [m for m in last_msgs if m.role == "tool"]
     assert [m.tool_call_id for m in tool_msgs[:2]] == ["call_get_examples_0", "call_board_0"]
-    assert "ex:max:2" in tool_msgs[0].content and "ex:max:4" in tool_msgs[0].content and "ex:max:5" not in tool_msgs[0].content
+    assert (
+        "ex:max:2" in tool_msgs[0].content
+        and "ex:max:4" in tool_msgs[0].content
+        and "ex:max:5" not in tool_msgs[0].content
+    )
     assert "#1 [open] pc:L1:0 is a villain persona" in tool_msgs[1].content
     assert "cosine similarity: directions not available" in tool_msgs[3].content
     assert "record an undesired verdict first" in tool_msgs[-1].content
@@ -86,13 +93,15 @@ def test_overview_is_compact_and_delimited(tmp_path: Path) -> None:
 
 def test_tool_errors_go_back_to_the_agent(tmp_path: Path) -> None:
     script = [
-        {"tool_calls": [
-            _call("get_diff", candidate="pc:L9:9"),
-            _call("record_verdict", **_verdict_args(EVIL, "evil", evidence=["ex:max:77"])),
-            _call("steer_live", candidate=EVIL, alpha=4, prompt="hi"),
-            _call("no_such_tool"),
-            {"id": "bad", "name": "get_diff", "arguments": {}, "parse_error": "not JSON"},
-        ]},
+        {
+            "tool_calls": [
+                _call("get_diff", candidate="pc:L9:9"),
+                _call("record_verdict", **_verdict_args(EVIL, "evil", evidence=["ex:max:77"])),
+                _call("steer_live", candidate=EVIL, alpha=4, prompt="hi"),
+                _call("no_such_tool"),
+                {"id": "bad", "name": "get_diff", "arguments": {}, "parse_error": "not JSON"},
+            ]
+        },
         {"tool_calls": [_call("finish", selected=[])]},
     ]
     provider = MockProvider("agent", script)
@@ -132,7 +141,8 @@ def test_budget_stops_the_agent_and_keeps_partial_results(tmp_path: Path) -> Non
 def test_plain_text_tool_protocol(tmp_path: Path) -> None:
     v = _verdict_args(EVIL, "evil")
     script = [
-        "Let me look.\n<tool_call>\n" + json.dumps({"name": "get_logit_lens", "arguments": {"candidate": EVIL}})
+        "Let me look.\n<tool_call>\n"
+        + json.dumps({"name": "get_logit_lens", "arguments": {"candidate": EVIL}})
         + "\n</tool_call>\n<tool_call>{not json}</tool_call>",
         "<tool_call>```json\n" + json.dumps({"name": "record_verdict", "arguments": v}) + "\n```</tool_call>",
         "I am done thinking.",
@@ -144,7 +154,9 @@ def test_plain_text_tool_protocol(tmp_path: Path) -> None:
     first_cfg = provider.calls[0][1]
     assert first_cfg.tools == [] and "<tool_call>" in provider.calls[0][0][0].content
     second = provider.calls[1][0][-1].content
-    assert second.startswith('<tool_result name="get_logit_lens">') and "tool call 2: not valid JSON" in second
+    assert (
+        second.startswith('<tool_result name="get_logit_lens">') and "tool call 2: not valid JSON" in second
+    )
     assert "Continue:" in provider.calls[3][0][-1].content
 
 
@@ -159,7 +171,9 @@ def test_parse_text_tool_calls() -> None:
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
-def test_tool_call_round_trip_through_fake_server(tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tool_call_round_trip_through_fake_server(
+    tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-real")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-real")
     with FakeLLM() as fake:
@@ -184,7 +198,9 @@ def test_tool_call_round_trip_through_fake_server(tmp_path: Path, api: str, monk
             asst = next(m for m in body["messages"] if m["role"] == "assistant")
             assert asst["tool_calls"][0]["function"]["name"] == "get_diff"
         else:
-            blocks = [b for m in body["messages"] for b in (m["content"] if isinstance(m["content"], list) else [])]
+            blocks = [
+                b for m in body["messages"] for b in (m["content"] if isinstance(m["content"], list) else [])
+            ]
             result = next(b for b in blocks if b["type"] == "tool_result")
             use = next(b for b in blocks if b["type"] == "tool_use")
             assert result["tool_use_id"] == use["id"] and use["name"] == "get_diff"
@@ -195,8 +211,8 @@ def test_tool_call_round_trip_through_fake_server(tmp_path: Path, api: str, monk
 
 def test_live_steering_tool_with_a_tiny_model(tmp_path: Path) -> None:
     import torch
-
     from caft.agent.steer import HookSteerer
+
     from caft.config import ModelConfig
     from caft.models import LoadedModel
     from caft.sites import Sites
@@ -205,7 +221,9 @@ def test_live_steering_tool_with_a_tiny_model(tmp_path: Path) -> None:
     model = tiny_model("llama", hidden=32, layers=2)
     tok = tiny_tokenizer("chatml")
     tok.pad_token = tok.pad_token or tok.eos_token
-    loaded = LoadedModel(model, tok, Sites.of(model), torch.device("cpu"), torch.float32, ModelConfig(name_or_path="tiny"))
+    loaded = LoadedModel(
+        model, tok, Sites.of(model), torch.device("cpu"), torch.float32, ModelConfig(name_or_path="tiny")
+    )
     direction = torch.zeros(32)
     direction[3] = 1.0
     steerer = HookSteerer(loaded, {EVIL: direction}, {EVIL: 1}, {EVIL: 50.0}, max_new_tokens=6)
@@ -216,7 +234,11 @@ def test_live_steering_tool_with_a_tiny_model(tmp_path: Path) -> None:
     assert not Sites.of(model).layer_module(model, 1)._forward_hooks
 
     script = [
-        {"tool_calls": [_call("steer_live", i, candidate=EVIL, alpha=4, prompt="hello there") for i in range(3)]},
+        {
+            "tool_calls": [
+                _call("steer_live", i, candidate=EVIL, alpha=4, prompt="hello there") for i in range(3)
+            ]
+        },
         {"tool_calls": [_call("finish", selected=[])]},
     ]
     provider = MockProvider("agent", script)

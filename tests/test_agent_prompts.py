@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import INJECTIONS, injected_set, make_dossier
-
 from caft.agent.config import AgentBudget, RenderLimits, TriageConfig
 from caft.agent.loop import AgentSession
 from caft.agent.render import (
@@ -22,6 +21,7 @@ from caft.agent.render import (
 )
 from caft.agent.task import bundled_tasks, load_task, parse_task
 from caft.agent.tools import TOOL_SPECS, tools_help
+
 from caft.errors import ConfigError
 from caft.llm import LLMClient, MockProvider
 
@@ -73,8 +73,17 @@ def test_task_errors_name_the_problem(tmp_path: Path) -> None:
 
 def test_every_prompt_file_renders() -> None:
     names = prompt_names()
-    assert {"system_single", "user_single", "relevance", "evidence_repair", "system_agent", "agent_overview",
-            "tool_protocol", "budget_notice", "continue"} <= set(names)
+    assert {
+        "system_single",
+        "user_single",
+        "relevance",
+        "evidence_repair",
+        "system_agent",
+        "agent_overview",
+        "tool_protocol",
+        "budget_notice",
+        "continue",
+    } <= set(names)
     for name in names:
         template = load_prompt(name)
         needed = placeholders(template)
@@ -89,7 +98,11 @@ def test_every_prompt_file_renders() -> None:
 def test_every_prompt_renders_in_real_use(tmp_path: Path) -> None:
     task = load_task("spurious-correlation")
     session = AgentSession(
-        LLMClient(MockProvider("x", [])), task, injected_set(), TriageConfig(budget=AgentBudget()), tmp_path,
+        LLMClient(MockProvider("x", [])),
+        task,
+        injected_set(),
+        TriageConfig(budget=AgentBudget()),
+        tmp_path,
         native_tools=False,
     )
     system = session.system_prompt()

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from agent_browser import browser, chromedriver_binary, chromium_binary
 from agent_helpers import make_dossier, record, write_evidence
-
 from caft.agent.config import SelectionPolicy
 from caft.agent.review import build_review_html, write_review
 from caft.agent.schema import Selection
 from caft.agent.selection import load_directions, read_selection, select, write_selection
+
 from caft.rundir import JsonlWriter, atomic_write_json
 from caft.subspace import Subspace
 
@@ -46,7 +46,9 @@ def _triage_run(tmp_path: Path) -> tuple[Path, Path]:
     sel = select(recs, [d.candidate for d in dossiers], SelectionPolicy(threshold=0.7))
     sel.directions = str(tmp_path / "diff" / "directions.safetensors")
     write_selection(tdir, sel, load_directions(Path(sel.directions)))
-    atomic_write_json(tdir / "triage.json", {"evidence": str(ev), "task": "emergent-misalignment", "judge": "mock/j"})
+    atomic_write_json(
+        tdir / "triage.json", {"evidence": str(ev), "task": "emergent-misalignment", "judge": "mock/j"}
+    )
     return tmp_path, tdir
 
 
@@ -82,7 +84,7 @@ pytestmark_browser = pytest.mark.skipif(
 
 @pytestmark_browser
 def test_review_page_in_headless_chromium(tmp_path: Path) -> None:
-    run, tdir = _triage_run(tmp_path / "run")
+    run, _ = _triage_run(tmp_path / "run")
     page = write_review(run)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -95,7 +97,9 @@ def test_review_page_in_headless_chromium(tmp_path: Path) -> None:
         # filters: relation, layer, confidence, search
         def visible() -> list[str]:
             return list(
-                b.js("return Array.from(document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.cid);")
+                b.js(
+                    "return Array.from(document.querySelectorAll('.card:not(.hidden)')).map(c => c.dataset.cid);"
+                )
             )
 
         def set_value(el_id: str, value: str) -> None:

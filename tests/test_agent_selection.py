@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from agent_helpers import make_dossier, record, write_evidence
-
 from caft.agent.config import SelectionPolicy
-from caft.agent.schema import JudgeVerdict, Selection, SelectedColumn, VerdictRecord
+from caft.agent.schema import JudgeVerdict, SelectedColumn, Selection, VerdictRecord
 from caft.agent.selection import (
     build_subspace,
     load_directions,
@@ -20,8 +19,9 @@ from caft.agent.selection import (
     write_selection,
 )
 from caft.agent.triage import apply_selection
-from caft.errors import DataError, SubspaceError
 from caft.interp.schema import Candidate
+
+from caft.errors import DataError, SubspaceError
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
 
@@ -86,12 +86,28 @@ def test_ensemble_majority_and_mean() -> None:
 
 def test_any_verdict_source_and_relevance_scores() -> None:
     offline = [
-        VerdictRecord(candidate="pc:L1:0", judge="offline-embedding", method="offline-embedding",
-                      verdict=JudgeVerdict(label="harm", description="d", relation="undesired", confidence=0.8,
-                                           evidence=["ex:max:0"], rationale="similar to undesired concepts"),
-                      relevance=88.0, scores={"z": 3.1}),
-        VerdictRecord(candidate="pc:L1:1", judge="offline-embedding", method="offline-embedding",
-                      relevance=40.0, scores={"z": 0.2}),
+        VerdictRecord(
+            candidate="pc:L1:0",
+            judge="offline-embedding",
+            method="offline-embedding",
+            verdict=JudgeVerdict(
+                label="harm",
+                description="d",
+                relation="undesired",
+                confidence=0.8,
+                evidence=["ex:max:0"],
+                rationale="similar to undesired concepts",
+            ),
+            relevance=88.0,
+            scores={"z": 3.1},
+        ),
+        VerdictRecord(
+            candidate="pc:L1:1",
+            judge="offline-embedding",
+            method="offline-embedding",
+            relevance=40.0,
+            scores={"z": 0.2},
+        ),
         record("pc:L1:2", "evil", 0.95),
     ]
     assert ids(select(offline, CANDS, SelectionPolicy(methods=["offline-embedding"]))) == ["pc:L1:0"]
@@ -111,13 +127,17 @@ def test_baselines_top_k_and_random_k() -> None:
     top = select([], CANDS, SelectionPolicy(baseline="top_k", k=2))
     assert ids(top) == ["pc:L1:0", "pc:L1:1", "pc:L2:0", "pc:L2:1"] and "baseline top_k" in top.notes
     assert ids(select([], CANDS, SelectionPolicy(baseline="top_k", k=3, per_layer=False))) == [
-        "pc:L1:0", "pc:L2:0", "pc:L1:1"
+        "pc:L1:0",
+        "pc:L2:0",
+        "pc:L1:1",
     ]
     r1 = select([], CANDS, SelectionPolicy(baseline="random_k", k=2, seed=1))
     r1b = select([], CANDS, SelectionPolicy(baseline="random_k", k=2, seed=1))
     assert ids(r1) == ids(r1b) and len(ids(r1)) == 4
     assert sum(1 for s in r1.selected if s.layer == 1) == 2
-    seeds = {tuple(ids(select([], CANDS, SelectionPolicy(baseline="random_k", k=2, seed=s)))) for s in range(6)}
+    seeds = {
+        tuple(ids(select([], CANDS, SelectionPolicy(baseline="random_k", k=2, seed=s)))) for s in range(6)
+    }
     assert len(seeds) > 1
     assert ids(select([], CANDS, SelectionPolicy(baseline="top_k", k=2, ranking="missing"))) == []
 
@@ -144,12 +164,14 @@ def test_subspace_provenance_and_dependent_vectors(tmp_path: Path) -> None:
     v[0, 0], v[1, 1] = 1.0, 1.0
     v[2] = v[0] * 2  # parallel to the first: dropped with its provenance record
     dirs = {"pc:L1:0": v[0], "pc:L1:1": v[1], "pc:L1:2": v[2], "pc:L2:0": v[1]}
-    sel = Selection(selected=[
-        SelectedColumn(candidate="pc:L1:0", layer=1, label="a", relation="undesired", confidence=0.9),
-        SelectedColumn(candidate="pc:L1:2", layer=1, label="c", relation="undesired", confidence=0.8),
-        SelectedColumn(candidate="pc:L1:1", layer=1, label="b", relation="undesired", confidence=0.7),
-        SelectedColumn(candidate="pc:L2:0", layer=2, label="d", relation="undesired", confidence=0.7),
-    ])
+    sel = Selection(
+        selected=[
+            SelectedColumn(candidate="pc:L1:0", layer=1, label="a", relation="undesired", confidence=0.9),
+            SelectedColumn(candidate="pc:L1:2", layer=1, label="c", relation="undesired", confidence=0.8),
+            SelectedColumn(candidate="pc:L1:1", layer=1, label="b", relation="undesired", confidence=0.7),
+            SelectedColumn(candidate="pc:L2:0", layer=2, label="d", relation="undesired", confidence=0.7),
+        ]
+    )
     sub = build_subspace(sel, dirs, model="tiny")
     assert sub.total_dims == 3 and [c.candidate for c in sub.columns[1]] == ["pc:L1:0", "pc:L1:1"]
     sub.save(tmp_path)
@@ -167,7 +189,7 @@ def test_inputs_are_validated(tmp_path: Path) -> None:
     ev = write_evidence(tmp_path, [make_dossier("pc:L1:0", 1, "evil")])
     assert [d.candidate.id for d in load_dossiers(ev)] == ["pc:L1:0"]
     (ev / "dossiers" / "broken.json").write_text('{"candidate": {"id": 3}}')
-    with pytest.raises(DataError, match="broken.json is not a valid dossier"):
+    with pytest.raises(DataError, match=r"broken\.json is not a valid dossier"):
         load_dossiers(ev)
     (ev / "dossiers" / "broken.json").unlink()
     dirs = load_directions(tmp_path / "diff" / "directions.safetensors")

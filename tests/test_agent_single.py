@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 from agent_helpers import concept_of_text, concept_set, injected_set, verdict_for
-
 from caft.agent.config import TriageConfig
 from caft.agent.render import DATA_CLOSE
 from caft.agent.selection import load_verdicts
 from caft.agent.single import EXCHANGES_FILE, SingleJudge, build_messages, relevance_from_logprobs
 from caft.agent.task import load_task
+
 from caft.llm import BudgetExceededError, GenerateConfig, GenerateResult, LLMClient, Message, MockProvider
 from caft.llm.types import PositionLogprobs, RetryableError, TokenLogprob
 
@@ -72,7 +72,9 @@ def test_parse_failure_is_unscored_and_repair_round_recovers(tmp_path: Path) -> 
     assert out.judged == 1 and out.unscored == {"parse_failure": 1}
     recs = {r.candidate: r for r in load_verdicts(tmp_path / "verdicts.jsonl")}
     assert recs[d1.candidate.id].verdict is None
-    assert recs[d1.candidate.id].unscored is not None and recs[d1.candidate.id].unscored.startswith("parse_failure")
+    assert recs[d1.candidate.id].unscored is not None and recs[d1.candidate.id].unscored.startswith(
+        "parse_failure"
+    )
     assert recs[d2.candidate.id].verdict is not None and recs[d2.candidate.id].verdict.label == "evil concept"
     # the failing reply text is kept in the exchange log for inspection
     assert bad_json in (tmp_path / EXCHANGES_FILE).read_text()
@@ -146,7 +148,7 @@ def test_relevance_from_logprobs_and_skip_without_them(tmp_path: Path) -> None:
     d = concept_set(1)[0][0]
     out = asyncio.run(_judge(tmp_path / "a", MockProvider("j", sensible), relevance=True).run([d]))
     rec = out.records[0]
-    p85, p90 = 2.718281828 ** -0.2, 2.718281828 ** -1.8
+    p85, p90 = 2.718281828**-0.2, 2.718281828**-1.8
     assert rec.relevance == pytest.approx((85 * p85 + 90 * p90) / (p85 + p90), abs=1e-3)
     out2 = asyncio.run(
         _judge(tmp_path / "b", MockProvider("j", sensible, logprobs=False), relevance=True).run([d])

@@ -1,0 +1,121 @@
+"""`caft triage` end to end against the fake wire server: run, resume, review, apply; bad input; empty outcome."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from agent_helpers import concept_of_text, concept_set, verdict_for, write_evidence
+from caft.agent.cli import parse_budget
+from fakellm import FakeLLM, RecordedRequest, Reply
+from typer.testing import CliRunner
+
+from caft.cli import app
+from caft.errors import ConfigError
+from caft.subspace import Subspace
+
+runner = CliRunner()
+
+
+def _judge_reply(req: RecordedRequest) -> Reply:
+    user = "\n".join(m["content"] for m in req.body["messages"] if m["role"] == "user")
+    return Reply(json=verdict_for(concept_of_text(user)).model_dump())
+
+
+def test_triage_run_resume_review_apply(tmp_path: Path) -> None:
+    pairs = concept_set(2)
+    ev = write_evidence(tmp_path, [d for d, _ in pairs])
+    with FakeLLM() as fake:
+        fake.on_request(_judge_reply)
+        args = [
+            "triage",
+            "--evidence",
+            str(ev),
+            "--task",
+            "emergent-misalignment",
+            "--judge",
+            "openai-compatible/fake-judge",
+            "--base-url",
+            fake.openai_base_url,
+            "--set",
+            "selection.threshold=0.8",
+        ]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert "8 judged, 0 unscored" in res.output and "selected 2 directions" in res.output
+        tdir = tmp_path / "triage"
+        assert (tdir / "DONE.json").is_file()
+        summary = json.loads((tdir / "summary.json").read_text())
+        assert summary["complete"] and summary["usage"]["calls"] == 8
+        sub = Subspace.load(tdir / "subspace")
+        evil = sorted(d.candidate.id for d, c in pairs if c == "evil")
+        assert sorted(c.candidate for cols in sub.columns.values() for c in cols if c.candidate) == evil
+        n_requests = len(fake.requests)
+        # rerun: everything is on disk, no new requests
+        res2 = runner.invoke(app, args)
+        assert res2.exit_code == 0 and len(fake.requests) == n_requests
+
+    res = runner.invoke(app, ["triage", "review", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    page = (tdir / "review.html").read_text()
+    assert all(d.candidate.id in page for d, _ in pairs)
+
+    edited = json.loads((tdir / "selection.json").read_text())
+    edited["selected"] = edited["selected"][:1]
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    res = runner.invoke(app, ["triage", "apply", str(tmp_path / "edited.json")])
+    assert res.exit_code == 0, res.output
+    assert Subspace.load(tmp_path / "subspace").total_dims == 1
+
+
+def test_nothing_undesired_gives_an_empty_subspace(tmp_path: Path) -> None:
+    ev = write_evidence(tmp_path, [d for d, c in concept_set(1) if c != "evil"])
+    with FakeLLM() as fake:
+        fake.on_request(_judge_reply)
+        res = runner.invoke(
+            app,
+            [
+                "triage",
+                "--evidence",
+                str(ev),
+                "--task",
+                "spurious-correlation",
+                "--judge",
+                "openai-compatible/j",
+                "--base-url",
+                fake.openai_base_url,
+            ],
+        )
+    assert res.exit_code == 0, res.output
+    assert "selected nothing: nothing selected: none of 3 judged candidates" in res.output
+    assert Subspace.load(tmp_path / "triage" / "subspace").is_empty
+
+
+def test_bad_input_fails_cleanly(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app, ["triage", "--evidence", str(tmp_path), "--task", "emergent-misalignment", "--judge", "mock/x"]
+    )
+    assert res.exit_code == 2 and "no dossiers in" in res.output
+    ev = write_evidence(tmp_path, [concept_set(1)[0][0]])
+    res = runner.invoke(app, ["triage", "--evidence", str(ev), "--task", "nope", "--judge", "mock/x"])
+    assert res.exit_code == 2 and "bundled tasks" in res.output
+    res = runner.invoke(app, ["triage", "--evidence", str(ev), "--judge", "mock/x", "--budget", "calls=x"])
+    assert res.exit_code == 2 and "is not a number" in res.output
+    res = runner.invoke(app, ["triage", "--evidence", str(ev), "--judge", "bogus"])
+    assert res.exit_code == 2 and "judge.model" in res.output
+    res = runner.invoke(app, ["triage", "review", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "no triage results" in res.output
+    res = runner.invoke(app, ["triage"])
+    assert res.exit_code == 2 and "pass --evidence" in res.output
+
+
+def test_parse_budget() -> None:
+    assert parse_budget("calls=40, tokens=2e5,live=3,usd=1.5") == {
+        "max_calls": 40,
+        "max_tokens": 200000,
+        "max_live": 3,
+        "max_usd": 1.5,
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_budget("dollars=3")
