@@ -25,7 +25,7 @@ class RenderLimits(CaftConfig):
     """Tokens of the difference summary shown."""
     max_generations: int = Field(default=6, ge=0)
     """Steered or unsteered generations shown."""
-    max_generation_chars: int = Field(default=400, ge=20)
+    max_generation_chars: int = Field(default=360, ge=20)
     """Each generation is clipped to this many characters."""
     overview_candidates: int = Field(default=60, ge=1)
     """Agent mode: candidates summarized in the opening overview (the rest are listed by id)."""

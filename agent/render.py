@@ -13,7 +13,7 @@ and refuses a template whose placeholders are not all given, so a typo cannot sh
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from caft.errors import ConfigError
 PROMPTS_PACKAGE = "caft.prompts"
 PROMPTS_DIR = "agent"
 DATA_OPEN = "<<<DATA {id}>>>"
+DATA_OPEN_INFO = "<<<DATA {id} | {info}>>>"
 DATA_CLOSE = "<<<END DATA>>>"
 HIGHLIGHT_OPEN, HIGHLIGHT_CLOSE = "⟦", "⟧"
 
@@ -95,9 +96,16 @@ def safe_id(item_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9:_.+\-]", "_", item_id)
 
 
-def data_block(item_id: str, text: str) -> str:
+def data_open(item_id: str, info: str = "") -> str:
+    """The opening delimiter line; `info` (numbers computed by caft, never untrusted text) rides along."""
+    if info:
+        return DATA_OPEN_INFO.format(id=safe_id(item_id), info=info.replace(">", ""))
+    return DATA_OPEN.format(id=safe_id(item_id))
+
+
+def data_block(item_id: str, text: str, info: str = "") -> str:
     """One delimited block of untrusted text."""
-    return f"{DATA_OPEN.format(id=safe_id(item_id))}\n{escape_untrusted(text)}\n{DATA_CLOSE}"
+    return f"{data_open(item_id, info)}\n{escape_untrusted(text)}\n{DATA_CLOSE}"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -147,10 +155,10 @@ def render_window(w: Window, highlight_min: int) -> str:
 
 
 def window_block(w: Window, limits: RenderLimits) -> str:
-    head = f"[{safe_id(w.id)}] peak value {w.value:+.3g} (document {safe_id(w.doc)[:40]})"
+    info = f"peak {w.value:+.3g}, doc {safe_id(w.doc)[:40]}"
     # render_window already escaped each token; only the block is added here
     body = render_window(w, limits.highlight_min)
-    return f"{head}\n{DATA_OPEN.format(id=safe_id(w.id))}\n{body}\n{DATA_CLOSE}"
+    return f"{data_open(w.id, info)}\n{body}\n{DATA_CLOSE}"
 
 
 def _tokens_line(items: Iterable[tuple[str, float]], fmt: str = "{:+.3g}") -> str:
@@ -158,10 +166,22 @@ def _tokens_line(items: Iterable[tuple[str, float]], fmt: str = "{:+.3g}") -> st
 
 
 def _generation_block(g: Generation, limits: RenderLimits) -> str:
-    kind = {0.0: "unsteered"}.get(g.alpha, f"steered alpha={g.alpha:+g}")
-    ppl = f", perplexity {g.perplexity:.1f}" if g.perplexity is not None else ""
-    head = f"[{safe_id(g.id)}] {g.model} model, {kind}{ppl}"
-    return head + "\n" + data_block(g.id, _clip(g.text, limits.max_generation_chars))
+    kind = {0.0: "unsteered"}.get(g.alpha, f"alpha {g.alpha:+g}")
+    ppl = f", ppl {g.perplexity:.1f}" if g.perplexity is not None else ""
+    return data_block(g.id, _clip(g.text, limits.max_generation_chars), f"{g.model} model, {kind}{ppl}")
+
+
+def pick_generations(gens: Sequence[Generation], n: int) -> list[Generation]:
+    """Up to n generations, most informative first: the fine-tuned model steered +, then unsteered, then
+    steered -, then the base model, each across prompts; shown grouped by prompt."""
+
+    def priority(g: Generation) -> int:
+        if g.model == "ft":
+            return 0 if g.alpha > 0 else (1 if g.alpha == 0 else 2)
+        return 3 if g.alpha == 0 else 4
+
+    chosen = sorted(gens, key=lambda g: (priority(g), _prompt_key(g)))[:n]
+    return sorted(chosen, key=lambda g: (_prompt_key(g)[0], priority(g)))
 
 
 def render_dossier(d: Dossier, limits: RenderLimits | None = None) -> str:
@@ -205,18 +225,26 @@ def render_dossier(d: Dossier, limits: RenderLimits | None = None) -> str:
             f"## Steered generations [{st.id}] (coherent strength alpha={st.alpha:g}, "
             f"residual norm {st.residual_norm:.3g})"
         )
-        gens = sorted(st.generations, key=_prompt_key)[: lim.max_generations]
         last_prompt: str | None = None
-        for g in gens:
+        for g in pick_generations(st.generations, lim.max_generations):
             if g.prompt != last_prompt:
-                out.append(
-                    "Prompt:\n" + data_block("prompt:" + g.id.rsplit(":", 1)[-1], _clip(g.prompt, 300))
-                )
+                out.append(data_block("prompt:" + g.id.rsplit(":", 1)[-1], _clip(g.prompt, 300), "prompt"))
                 last_prompt = g.prompt
             out.append(_generation_block(g, lim))
     out.append("")
-    out.append("Evidence ids you may cite: " + ", ".join(sorted(safe_id(i) for i in d.evidence_ids())))
+    out.append("Evidence ids you may cite: " + ", ".join(shown_ids(d, lim)))
     return "\n".join(out)
+
+
+def shown_ids(d: Dossier, limits: RenderLimits) -> list[str]:
+    """The evidence ids `render_dossier` shows (all of them exist in the dossier)."""
+    ids = [w.id for w in d.max_examples[: limits.max_examples]]
+    ids += [w.id for w in d.min_examples[: limits.min_examples]]
+    ids += [x.id for x in (d.diff, d.logit_lens) if x is not None]
+    if d.steering is not None and d.steering.generations:
+        ids.append(d.steering.id)
+        ids += [g.id for g in pick_generations(d.steering.generations, limits.max_generations)]
+    return [safe_id(i) for i in ids]
 
 
 def _prompt_key(g: Generation) -> tuple[str, str, float]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ class JudgeOutcome:
     unscored: Counter[str] = field(default_factory=Counter)
     stopped: str | None = None
     relevance_skipped: str | None = None
+    seconds: float = 0.0
+    """Wall time of the judging requests (loading and selection excluded)."""
     records: list[VerdictRecord] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -67,6 +71,7 @@ class JudgeOutcome:
             "unscored_total": sum(self.unscored.values()),
             "stopped": self.stopped,
             "relevance_skipped": self.relevance_skipped,
+            "judge_seconds": round(self.seconds, 3),
         }
 
 
@@ -126,6 +131,14 @@ async def bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], worker
     await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(items))))))
     if stop:
         raise stop[0]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SingleJudge:
@@ -263,7 +276,9 @@ class SingleJudge:
         outcome.resumed = len(dossiers) * samples - len(todo)
         if outcome.resumed:
             log.info("resuming: %d verdicts already on disk, %d to go", outcome.resumed, len(todo))
-        with JsonlWriter(vpath) as vw, JsonlWriter(self.out / EXCHANGES_FILE, fsync=False) as xw:
+        # flushed per record (a crashed process loses nothing); one fsync at the end instead of one per record,
+        # which would block the event loop for milliseconds per verdict
+        with JsonlWriter(vpath, fsync=False) as vw, JsonlWriter(self.out / EXCHANGES_FILE, fsync=False) as xw:
 
             async def one(item: tuple[Dossier, int]) -> None:
                 rec, exchange = await self.judge_one(*item)
@@ -275,9 +290,12 @@ class SingleJudge:
                 else:
                     outcome.unscored[rec.unscored.split(":", 1)[0]] += 1
 
+            t0 = time.perf_counter()
             try:
                 await bounded(todo, one, self.client.max_concurrency)
             except BudgetExceededError as e:
                 outcome.stopped = f"budget: {e}"
                 log.warning("judging stopped at the budget; %d verdicts kept: %s", len(outcome.records), e)
+            outcome.seconds = time.perf_counter() - t0
+        _fsync_file(vpath)
         return outcome

@@ -140,7 +140,12 @@ def test_escape_details() -> None:
 def test_dossier_rendering_limits_and_ids() -> None:
     d = make_dossier("pc:L3:1", 3, "evil", n_max=12, n_min=6)
     text = render_dossier(d, RenderLimits(max_examples=3, min_examples=1, max_generations=2))
-    assert "[ex:max:2]" in text and "[ex:max:3]" not in text
-    assert "[ex:min:0]" in text and "[ex:min:1]" not in text
-    assert text.count(DATA_CLOSE) == 3 + 1 + 1 + 1 + 1 + 2  # windows, diff, lens, prompt, generations
-    assert "⟦ destroy|10⟧" in text and "Evidence ids you may cite:" in text
+    assert "<<<DATA ex:max:2 | peak" in text and "ex:max:3" not in text
+    assert "<<<DATA ex:min:0 | peak" in text and "ex:min:1" not in text
+    # windows, diff, lens, two prompts, two generations (the steered ones come first)
+    assert text.count(DATA_CLOSE) == 3 + 1 + 1 + 1 + 2 + 2
+    assert "<<<DATA steer:ft:+:0 | ft model, alpha +4" in text and "steer:ft:0:0" not in text
+    assert "⟦ destroy|10⟧" in text
+    assert text.endswith(
+        "Evidence ids you may cite: ex:max:0, ex:max:1, ex:max:2, ex:min:0, diff, lens, steer, steer:ft:+:0, steer:ft:+:1"
+    )

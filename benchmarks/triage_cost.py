@@ -1,0 +1,177 @@
+"""Triage cost benchmark: throughput against a slow fake server, tokens per verdict, pre-filter savings.
+
+    .venv/bin/python benchmarks/triage_cost.py [--n 500] [--latency 0.2] [--concurrency 32]
+
+1. N full-size dossiers (20 max + 20 min windows of 16 tokens, 12 generations of ~800 characters) are judged
+   single-shot through the real OpenAI-compatible provider against the fake wire server (tests/fakellm.py)
+   with a fixed latency. Wall time is compared with the ideal N * latency / concurrency (target ratio >= 0.8).
+2. Prompt and completion tokens per candidate, counted with a real WordPiece tokenizer (all-MiniLM-L6-v2, the
+   one offline) on the exact messages sent, next to the server's word counts (target: prompt < 3k tokens).
+3. Offline pre-filter on the planted-concept case (a minority of dossiers carry the undesired concept): how
+   many LLM calls it saves while keeping the LLM's recall, when `caft.agent.offline` is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence  # noqa: E402
+from fakellm import FakeLLM, RecordedRequest, Reply  # noqa: E402
+
+from caft.agent.config import SelectionPolicy, TriageConfig  # noqa: E402
+from caft.agent.single import build_messages  # noqa: E402
+from caft.agent.task import load_task  # noqa: E402
+from caft.agent.triage import run_triage  # noqa: E402
+from caft.interp.schema import Dossier  # noqa: E402
+from caft.llm import JudgeConfig  # noqa: E402
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were which this be are or had not "
+    "but have one they their all been has more when who will would there can what about new also into other "
+    "time some could these two may first then do any like my now over such our man even most made after"
+).split()
+
+
+def realistic(cid: str, layer: int, concept: str, index: int, rng: random.Random) -> Dossier:
+    """A dossier the size the evidence stage writes (windows of 16 tokens, long generations)."""
+    d = make_dossier(cid, layer, concept, index=index, n_max=20, n_min=20, n_prompts=3)
+    for w in [*d.max_examples, *d.min_examples]:
+        pad = [" " + rng.choice(WORDS) for _ in range(16 - len(w.tokens))]
+        w.tokens = pad[: len(pad) // 2] + w.tokens + pad[len(pad) // 2 :]
+        w.values = [0.05] * (len(pad) // 2) + w.values + [0.05] * (len(pad) - len(pad) // 2)
+        w.scaled = [0] * (len(pad) // 2) + w.scaled + [0] * (len(pad) - len(pad) // 2)
+        w.peak += len(pad) // 2
+    assert d.steering is not None
+    for g in d.steering.generations:
+        words = [rng.choice(WORDS) for _ in range(140)]
+        if g.alpha > 0:  # steering along the concept brings its words into the text
+            for k in range(0, len(words), 7):
+                words[k] = CONCEPTS[concept][k % len(CONCEPTS[concept])].strip()
+        g.text = " ".join(words)
+    return d
+
+
+def build(n: int, planted_share: float, seed: int) -> tuple[list[Dossier], set[str]]:
+    rng = random.Random(seed)
+    concepts = ["code", "weather", "gender"]
+    out, planted = [], set()
+    for i in range(n):
+        layer = (4, 8, 12)[i % 3]
+        concept = "evil" if rng.random() < planted_share else rng.choice(concepts)
+        cid = f"pc:L{layer}:{i // 3}"
+        out.append(realistic(cid, layer, concept, i // 3, rng))
+        if concept == "evil":
+            planted.add(cid)
+    return out, planted
+
+
+def reply(req: RecordedRequest) -> Reply:
+    user = "\n".join(m["content"] for m in req.body["messages"] if m["role"] == "user")
+    return Reply(json=verdict_for(concept_of_text(user)).model_dump())
+
+
+def token_counts(dossiers: list[Dossier], cfg: TriageConfig) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from caft.testing import minilm_path
+
+    path = minilm_path()
+    task = load_task(cfg.task)
+    prompts = [build_messages(d, task, cfg) for d in dossiers]
+    chars = [sum(len(m.content) for m in msgs) for msgs in prompts]
+    out: dict[str, float] = {"chars_mean": sum(chars) / len(chars), "chars_max": max(chars)}
+    completion = verdict_for("evil").model_dump_json()
+    if path is not None:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        counts = [sum(len(tok(m.content, add_special_tokens=False)["input_ids"]) for m in msgs) for msgs in prompts]
+        out |= {
+            "prompt_tokens_mean": sum(counts) / len(counts),
+            "prompt_tokens_max": max(counts),
+            "completion_tokens": len(tok(completion, add_special_tokens=False)["input_ids"]),
+        }
+    return out
+
+
+def prefilter(dossiers: list[Dossier], planted: set[str], llm_hits: set[str]) -> str:
+    """LLM calls the offline judge saves at the LLM's recall: judge only its top-m ranked candidates."""
+    try:
+        from caft.agent import offline  # the demo helper's module (may not be installed yet)
+    except ImportError:
+        return "n/a (caft.agent.offline is not on this branch yet)"
+    rank_fn: Any = getattr(offline, "rank_candidates", None) or getattr(offline, "offline_verdicts", None)
+    if rank_fn is None:
+        return f"n/a (caft.agent.offline has no rank_candidates/offline_verdicts; it has {dir(offline)})"
+    ranked = rank_fn(dossiers, load_task("emergent-misalignment"))
+    ids = [getattr(r, "candidate", r) for r in ranked]
+    target = len(llm_hits & planted)
+    for m in range(1, len(ids) + 1):
+        if len(set(ids[:m]) & llm_hits & planted) >= target:
+            return f"{len(ids) - m} of {len(ids)} LLM calls saved (judge top {m}, recall {target}/{len(planted)})"
+    return "no saving (the pre-filter never reaches the LLM's recall)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--planted", type=float, default=0.1, help="share of dossiers with the undesired concept")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    dossiers, planted = build(args.n, args.planted, args.seed)
+    cfg = TriageConfig(
+        task="emergent-misalignment",
+        judge=JudgeConfig(model="openai-compatible/fake-judge", max_concurrency=args.concurrency, cache="off"),
+        selection=SelectionPolicy(max_per_layer=None, max_total=None),
+    )
+    with tempfile.TemporaryDirectory() as tmp, FakeLLM(latency_s=args.latency) as fake:
+        ev = write_evidence(Path(tmp), dossiers, d_model=64)
+        fake.on_request(reply)
+        cfg.judge.base_url = fake.openai_base_url
+        t0 = time.perf_counter()
+        result = run_triage(cfg, ev, Path(tmp) / "triage")
+        wall = time.perf_counter() - t0
+        usage = result.summary["usage"]
+        hits = {s.candidate for s in result.selection.selected}
+        max_in_flight = fake.max_in_flight
+        n_requests = len(fake.requests)
+
+    ideal = args.n * args.latency / args.concurrency
+    waves = math.ceil(args.n / args.concurrency) * args.latency
+    print(f"== throughput: {args.n} dossiers, {args.latency * 1000:.0f} ms latency, concurrency {args.concurrency}")
+    judge_s = result.summary["judge_seconds"]
+    print(f"   judging wall {judge_s:.2f} s | ideal {ideal:.2f} s (N*latency/C) | ideal in waves {waves:.2f} s")
+    print(f"   ratio ideal/judging wall = {ideal / judge_s:.2f}   (target >= 0.80)")
+    print(f"   whole stage {wall:.2f} s (loading {args.n} dossiers, rendering, selection, subspace included)")
+    print(f"   max requests in flight {max_in_flight} of {args.concurrency}; requests {n_requests}")
+    print(f"   judged {result.summary['judged']}, unscored {result.summary['unscored_total']}")
+    print("== tokens per candidate (single-shot verdict)")
+    counts = token_counts(dossiers[:50], cfg)
+    if "prompt_tokens_mean" in counts:
+        print(
+            f"   prompt: mean {counts['prompt_tokens_mean']:.0f}, max {counts['prompt_tokens_max']:.0f} WordPiece tokens"
+            f"   (target < 3000)  | completion ~{counts['completion_tokens']:.0f} tokens"
+        )
+    print(f"   prompt characters: mean {counts['chars_mean']:.0f}, max {counts['chars_max']:.0f} (chars/4 ~ "
+          f"{counts['chars_mean'] / 4:.0f} tokens)")
+    print(f"   server word counts: prompt {usage['input_tokens'] / args.n:.0f}, "
+          f"completion {usage['output_tokens'] / args.n:.0f} per candidate")
+    print("== planted-concept case")
+    recall = len(hits & planted) / max(1, len(planted))
+    print(f"   LLM selection: {len(hits)} selected, recall {recall:.2f} of {len(planted)} planted")
+    print(f"   offline pre-filter: {prefilter(dossiers, planted, hits)}")
+
+
+if __name__ == "__main__":
+    main()
