@@ -39,6 +39,11 @@ _INVISIBLE = re.compile("[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 # the plain-text tool protocol's tags must not be forgeable from inside data either
 _TOOL_TAG = re.compile(r"<(\s*/?\s*)(tool_call|tool_result)", re.IGNORECASE)
+# any character that one of the rules above could touch (most tokens have none: one search, no rewriting)
+_SUSPECT = re.compile(
+    f"[{re.escape(_ANGLES)}\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff"
+    "\x00-\x08\x0b-\x1f\x7f-\x9f⟦⟧]"
+)
 
 
 # ---- prompt files ------------------------------------------------------------------------------------------
@@ -84,6 +89,8 @@ def escape_untrusted(text: str) -> str:
     (`<<<` -> `< < <`), the highlight brackets are replaced by plain ones, and tool-protocol tags
     (`<tool_call>`, `</tool_result>`) lose their `<`.
     """
+    if _SUSPECT.search(text) is None:
+        return text
     text = _INVISIBLE.sub("", text)
     text = _CONTROL.sub(" ", text)
     text = text.replace(HIGHLIGHT_OPEN, "[").replace(HIGHLIGHT_CLOSE, "]")

@@ -29,7 +29,7 @@ from caft.agent.render import render_dossier, render_prompt, render_system_singl
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.interp.schema import Dossier
 
-from caft.env import scrub, scrub_obj
+from caft.env import scrub
 from caft.llm import (
     BudgetExceededError,
     FatalError,
@@ -191,7 +191,6 @@ class SingleJudge:
             rec.unscored = f"provider_error: {type(e).__name__}: {scrub(str(e))[:300]}"
             return rec, exchange
         exchange["replies"].append(scrub(res.text))
-        exchange["raw_response"] = scrub_obj(res.raw_response)
         first, bad = check_evidence(res.parsed, dossier)
         verdict: JudgeVerdict | None = first
         if bad:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
+import multiprocessing as mp
+import os
 import random
 import sys
 import tempfile
@@ -25,21 +26,88 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence  # noqa: E402
-from fakellm import FakeLLM, RecordedRequest, Reply  # noqa: E402
+from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
+from caft.agent.config import SelectionPolicy, TriageConfig
+from caft.agent.single import build_messages
+from caft.agent.task import load_task
+from caft.agent.triage import run_triage
+from caft.interp.schema import Dossier
+from fakellm import FakeLLM, RecordedRequest, Reply
 
-from caft.agent.config import SelectionPolicy, TriageConfig  # noqa: E402
-from caft.agent.single import build_messages  # noqa: E402
-from caft.agent.task import load_task  # noqa: E402
-from caft.agent.triage import run_triage  # noqa: E402
-from caft.interp.schema import Dossier  # noqa: E402
-from caft.llm import JudgeConfig  # noqa: E402
+from caft.llm import GenerateConfig, GenerateResult, JudgeConfig, Message, Provider
+from caft.llm.types import Capabilities, Usage
 
-WORDS = (
-    "the of and to in is was for on that with as by at from his her it an were which this be are or had not "
-    "but have one they their all been has more when who will would there can what about new also into other "
-    "time some could these two may first then do any like my now over such our man even most made after"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "it",
+    "an",
+    "were",
+    "which",
+    "this",
+    "be",
+    "are",
+    "or",
+    "had",
+    "not",
+    "but",
+    "have",
+    "one",
+    "they",
+    "their",
+    "all",
+    "been",
+    "has",
+    "more",
+    "when",
+    "who",
+    "will",
+    "would",
+    "there",
+    "can",
+    "what",
+    "about",
+    "new",
+    "also",
+    "into",
+    "other",
+    "time",
+    "some",
+    "could",
+    "these",
+    "two",
+    "may",
+    "first",
+    "then",
+    "do",
+    "any",
+    "like",
+    "my",
+    "now",
+    "over",
+    "such",
+    "our",
+    "man",
+    "even",
+    "most",
+    "made",
+    "after",
+]
 
 
 def realistic(cid: str, layer: int, concept: str, index: int, rng: random.Random) -> Dossier:
@@ -93,7 +161,9 @@ def token_counts(dossiers: list[Dossier], cfg: TriageConfig) -> dict[str, float]
     completion = verdict_for("evil").model_dump_json()
     if path is not None:
         tok = AutoTokenizer.from_pretrained(str(path))
-        counts = [sum(len(tok(m.content, add_special_tokens=False)["input_ids"]) for m in msgs) for msgs in prompts]
+        counts = [
+            sum(len(tok(m.content, add_special_tokens=False)["input_ids"]) for m in msgs) for msgs in prompts
+        ]
         out |= {
             "prompt_tokens_mean": sum(counts) / len(counts),
             "prompt_tokens_max": max(counts),
@@ -120,6 +190,43 @@ def prefilter(dossiers: list[Dossier], planted: set[str], llm_hits: set[str]) ->
     return "no saving (the pre-filter never reaches the LLM's recall)"
 
 
+class SleepProvider(Provider):
+    """Answers like the fake server after `latency` seconds, without HTTP or an SDK: isolates caft's own
+    scheduling (rendering, validation, writing records) from the client library's CPU cost."""
+
+    name = "sleep"
+    capabilities = Capabilities(logprobs=False, tools=False, structured_output="native")
+
+    def __init__(self, latency: float) -> None:
+        super().__init__("judge")
+        self.latency = latency
+
+    async def generate(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
+        await asyncio.sleep(self.latency)
+        user = "\n".join(m.content for m in messages if m.role == "user")
+        text = verdict_for(concept_of_text(user)).model_dump_json()
+        return GenerateResult(
+            text=text, usage=Usage(input_tokens=len(user.split()), output_tokens=len(text.split()))
+        )
+
+
+def _serve(queue: Any, latency: float) -> None:
+    """Child process: the fake server, so its request handling does not share our interpreter lock."""
+    fake = FakeLLM(latency_s=latency)
+    fake.on_request(reply)
+    fake.start()
+    queue.put(fake.openai_base_url)
+    time.sleep(3600)
+
+
+def _judge_pass(
+    cfg: TriageConfig, ev: Path, out: Path, provider: Provider | None = None
+) -> tuple[Any, float, float]:
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    result = run_triage(cfg, ev, out, provider=provider)
+    return result, time.perf_counter() - t0, time.process_time() - cpu0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500)
@@ -132,41 +239,64 @@ def main() -> None:
     dossiers, planted = build(args.n, args.planted, args.seed)
     cfg = TriageConfig(
         task="emergent-misalignment",
-        judge=JudgeConfig(model="openai-compatible/fake-judge", max_concurrency=args.concurrency, cache="off"),
+        judge=JudgeConfig(
+            model="openai-compatible/fake-judge", max_concurrency=args.concurrency, cache="off"
+        ),
         selection=SelectionPolicy(max_per_layer=None, max_total=None),
     )
-    with tempfile.TemporaryDirectory() as tmp, FakeLLM(latency_s=args.latency) as fake:
-        ev = write_evidence(Path(tmp), dossiers, d_model=64)
-        fake.on_request(reply)
-        cfg.judge.base_url = fake.openai_base_url
-        t0 = time.perf_counter()
-        result = run_triage(cfg, ev, Path(tmp) / "triage")
-        wall = time.perf_counter() - t0
-        usage = result.summary["usage"]
-        hits = {s.candidate for s in result.selection.selected}
-        max_in_flight = fake.max_in_flight
-        n_requests = len(fake.requests)
-
     ideal = args.n * args.latency / args.concurrency
-    waves = math.ceil(args.n / args.concurrency) * args.latency
-    print(f"== throughput: {args.n} dossiers, {args.latency * 1000:.0f} ms latency, concurrency {args.concurrency}")
-    judge_s = result.summary["judge_seconds"]
-    print(f"   judging wall {judge_s:.2f} s | ideal {ideal:.2f} s (N*latency/C) | ideal in waves {waves:.2f} s")
-    print(f"   ratio ideal/judging wall = {ideal / judge_s:.2f}   (target >= 0.80)")
-    print(f"   whole stage {wall:.2f} s (loading {args.n} dossiers, rendering, selection, subspace included)")
-    print(f"   max requests in flight {max_in_flight} of {args.concurrency}; requests {n_requests}")
-    print(f"   judged {result.summary['judged']}, unscored {result.summary['unscored_total']}")
+    load = os.getloadavg()[0]
+    print(
+        f"== throughput: {args.n} dossiers, {args.latency * 1000:.0f} ms latency, concurrency {args.concurrency}"
+    )
+    print(
+        f"   machine: {os.cpu_count()} CPUs, load average {load:.1f}; ideal wall N*latency/C = {ideal:.2f} s"
+    )
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    server = ctx.Process(target=_serve, args=(queue, args.latency), daemon=True)
+    server.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ev = write_evidence(Path(tmp), dossiers, d_model=64)
+            cfg.judge.base_url = queue.get(timeout=30)
+            wire, wall, cpu = _judge_pass(cfg, ev, Path(tmp) / "wire")
+            sleep_cfg = cfg.model_copy(
+                update={
+                    "judge": JudgeConfig(model="mock/sleep", max_concurrency=args.concurrency, cache="off")
+                }
+            )
+            fast, wall2, cpu2 = _judge_pass(sleep_cfg, ev, Path(tmp) / "sleep", SleepProvider(args.latency))
+    finally:
+        server.kill()
+    for label, res, w, c in (
+        ("fake wire server (OpenAI-compatible SDK, HTTP)", wire, wall, cpu),
+        ("latency-only provider (no HTTP/SDK)", fast, wall2, cpu2),
+    ):
+        js = res.summary["judge_seconds"]
+        print(f"   {label}:")
+        print(f"     judging {js:.2f} s -> ratio ideal/judging = {ideal / js:.2f}  (target >= 0.80)")
+        print(
+            f"     whole stage {w:.2f} s, process CPU {c:.2f} s ({1000 * c / args.n:.1f} ms per candidate); "
+            f"judged {res.summary['judged']}, unscored {res.summary['unscored_total']}"
+        )
+    usage = wire.summary["usage"]
+    hits = {s.candidate for s in wire.selection.selected}
     print("== tokens per candidate (single-shot verdict)")
     counts = token_counts(dossiers[:50], cfg)
     if "prompt_tokens_mean" in counts:
         print(
             f"   prompt: mean {counts['prompt_tokens_mean']:.0f}, max {counts['prompt_tokens_max']:.0f} WordPiece tokens"
-            f"   (target < 3000)  | completion ~{counts['completion_tokens']:.0f} tokens"
+            f"   (target < 3000) | completion ~{counts['completion_tokens']:.0f} tokens"
         )
-    print(f"   prompt characters: mean {counts['chars_mean']:.0f}, max {counts['chars_max']:.0f} (chars/4 ~ "
-          f"{counts['chars_mean'] / 4:.0f} tokens)")
-    print(f"   server word counts: prompt {usage['input_tokens'] / args.n:.0f}, "
-          f"completion {usage['output_tokens'] / args.n:.0f} per candidate")
+    print(
+        f"   prompt characters: mean {counts['chars_mean']:.0f}, max {counts['chars_max']:.0f} (chars/4 ~ "
+        f"{counts['chars_mean'] / 4:.0f} tokens)"
+    )
+    print(
+        f"   server word counts: prompt {usage['input_tokens'] / args.n:.0f}, "
+        f"completion {usage['output_tokens'] / args.n:.0f} words per candidate"
+    )
     print("== planted-concept case")
     recall = len(hits & planted) / max(1, len(planted))
     print(f"   LLM selection: {len(hits)} selected, recall {recall:.2f} of {len(planted)} planted")

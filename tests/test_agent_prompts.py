@@ -149,3 +149,18 @@ def test_dossier_rendering_limits_and_ids() -> None:
     assert text.endswith(
         "Evidence ids you may cite: ex:max:0, ex:max:1, ex:max:2, ex:min:0, diff, lens, steer, steer:ft:+:0, steer:ft:+:1"
     )
+
+
+def test_escape_fuzz() -> None:
+    import random
+    import re
+
+    rng = random.Random(0)
+    alphabet = list("<>＜＞‹›«»\u200b\u202e⟦⟧ab /|\x07") + ["tool_call", "tool_result", "END DATA", "\n"]
+    angle_run = re.compile("[<>＜＞‹›«»〈〉⟨⟩《》❮❯❰❱⦑⦒⧼⧽]{2,}")
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        out = escape_untrusted(text)
+        assert not angle_run.search(out) and "⟦" not in out and "\u200b" not in out
+        assert not re.search(r"<\s*/?\s*tool_", out, re.IGNORECASE)
+        assert escape_untrusted(out) == out  # idempotent: escaping twice changes nothing
