@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from caft import __version__
+from caft.agent.cli import triage_app
 from caft.errors import CaftError
 
 app = typer.Typer(
@@ -102,9 +103,7 @@ def config_show() -> None:
                 print(f"    {line.strip()}")
 
 
-from caft.agent.cli import triage_app  # noqa: E402 - registered after the core commands
-
-app.add_typer(triage_app, name="triage")
+app.add_typer(triage_app, name="triage")  # agent: judge candidates, review, apply a selection
 
 
 def main(argv: list[str] | None = None) -> Any:
