@@ -201,7 +201,7 @@ class SleepProvider(Provider):
         super().__init__("judge")
         self.latency = latency
 
-    async def generate(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
+    async def generate(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:  # noqa: ARG002
         await asyncio.sleep(self.latency)
         user = "\n".join(m.content for m in messages if m.role == "user")
         text = verdict_for(concept_of_text(user)).model_dump_json()

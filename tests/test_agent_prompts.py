@@ -156,7 +156,7 @@ def test_escape_fuzz() -> None:
     import re
 
     rng = random.Random(0)
-    alphabet = list("<>＜＞‹›«»\u200b\u202e⟦⟧ab /|\x07") + ["tool_call", "tool_result", "END DATA", "\n"]
+    alphabet = [*"<>＜＞‹›«»\u200b\u202e⟦⟧ab /|\x07", "tool_call", "tool_result", "END DATA", "\n"]
     angle_run = re.compile("[<>＜＞‹›«»〈〉⟨⟩《》❮❯❰❱⦑⦒⧼⧽]{2,}")
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
