@@ -153,7 +153,10 @@ async def run_triage_async(
             ev,
         )
     judged = {r.candidate for r in records if r.verdict is not None or r.unscored is not None}
-    complete = stopped is None and all(d.candidate.id in judged for d in dossiers)
+    if cfg.mode == "agent":  # the agent judges what it chooses to; it is done when it called finish
+        complete = chosen is not None
+    else:
+        complete = stopped is None and all(d.candidate.id in judged for d in dossiers)
     summary["selected"] = len(selection.selected)
     summary["subspace_dims"] = sub.total_dims if sub is not None else None
     summary["selection_notes"] = selection.notes

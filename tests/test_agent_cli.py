@@ -69,6 +69,44 @@ def test_triage_run_resume_review_apply(tmp_path: Path) -> None:
     assert Subspace.load(tmp_path / "subspace").total_dims == 1
 
 
+def test_agent_mode_through_the_cli(tmp_path: Path) -> None:
+    pairs = concept_set(1)
+    evil = next(d.candidate.id for d, c in pairs if c == "evil")
+    ev = write_evidence(tmp_path, [d for d, _ in pairs])
+    verdict = {"candidate": evil, **verdict_for("evil").model_dump()}
+    with FakeLLM() as fake:
+        fake.reply_in_order(
+            Reply(tool_calls=[{"name": "get_steering", "arguments": {"candidate": evil}}]),
+            Reply(tool_calls=[{"name": "record_verdict", "arguments": verdict}]),
+            Reply(tool_calls=[{"name": "finish", "arguments": {"selected": [evil], "notes": "one"}}]),
+        )
+        res = runner.invoke(
+            app,
+            [
+                "triage",
+                "--evidence",
+                str(ev),
+                "--mode",
+                "agent",
+                "--budget",
+                "calls=10",
+                "--judge",
+                "openai-compatible/agent",
+                "--base-url",
+                fake.openai_base_url,
+                "--set",
+                "selection.require_chosen=true",
+            ],
+        )
+    assert res.exit_code == 0, res.output
+    tdir = tmp_path / "triage"
+    assert "selected 1 directions" in res.output and (tdir / "DONE.json").is_file()
+    assert json.loads((tdir / "agent_result.json").read_text())["chosen"] == [evil]
+    sub = Subspace.load(tdir / "subspace")
+    assert [c.candidate for cols in sub.columns.values() for c in cols] == [evil]
+    assert (tdir / "transcript.jsonl").is_file()
+
+
 def test_nothing_undesired_gives_an_empty_subspace(tmp_path: Path) -> None:
     ev = write_evidence(tmp_path, [d for d, c in concept_set(1) if c != "evil"])
     with FakeLLM() as fake:

@@ -132,6 +132,17 @@ def test_budget_stops_the_agent_and_keeps_partial_results(tmp_path: Path) -> Non
     result = json.loads((tmp_path / AGENT_RESULT_FILE).read_text())
     assert result["stopped"] == "budget:calls" and result["verdicts"] == 1
 
+    # dollar budget: a priced model whose first reply already costs more than the limit
+    from caft.llm import Price
+
+    p3 = MockProvider("agent", busy)
+    client = LLMClient(
+        p3, max_retries=0, prices={"mock/agent": Price(input_per_mtok=1e6, output_per_mtok=0.0)}
+    )
+    cfg = TriageConfig(mode="agent", budget=AgentBudget(max_usd=5.0))
+    out3 = asyncio.run(AgentSession(client, TASK, [d for d, _ in PAIRS], cfg, tmp_path / "usd").run())
+    assert out3.stopped == "budget:usd" and len(p3.calls) == 1 and out3.usage["cost_usd"] > 5.0
+
     # token budget: one reply is enough to exceed a tiny limit
     p2 = MockProvider("agent", busy)
     out2 = asyncio.run(_session(tmp_path / "t", p2, AgentBudget(max_tokens=50)).run())
