@@ -47,13 +47,24 @@ def json_for_script(obj: Any) -> str:
 
 # ---- evidence fragments ------------------------------------------------------------------------------------
 def _window_html(w: Window) -> str:
-    neg = w.sign == "min"
-    spans = []
+    """Tokens shaded by their 0-10 value (classes p1..p10 / n1..n10); unshaded tokens stay plain text."""
+    prefix = "n" if w.sign == "min" else "p"
+    parts = []
     for tok, s, v in zip(w.tokens, w.scaled, w.values, strict=False):
-        alpha = max(0, min(10, s)) / 10
-        color = f"rgba(30,100,230,{alpha:.2f})" if neg else f"rgba(240,90,20,{alpha:.2f})"
-        spans.append(f'<span class="tok" style="background:{color}" title="{v:.3g}">{esc(tok)}</span>')
-    return f'<div class="win"><span class="wid">{esc(w.id)} ({w.value:+.3g})</span>{"".join(spans)}</div>'
+        level = max(0, min(10, s))
+        if level == 0:
+            parts.append(esc(tok))
+        else:
+            parts.append(f'<span class="{prefix}{level}" title="{v:.3g}">{esc(tok)}</span>')
+    return f'<div class="win"><span class="wid">{esc(w.id)} ({w.value:+.3g})</span>{"".join(parts)}</div>'
+
+
+def _shade_css() -> str:
+    rules = [
+        f".p{i}{{background:rgba(240,90,20,{i / 10:.1f})}}.n{i}{{background:rgba(30,100,230,{i / 10:.1f})}}"
+        for i in range(1, 11)
+    ]
+    return "".join(rules)
 
 
 def _tokens_html(items: Sequence[TokenScore]) -> str:
@@ -209,7 +220,7 @@ def build_review_html(
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{_asset("review.css")}</style></head>
+<title>{esc(title)}</title><style>{_asset("review.css")}{_shade_css()}</style></head>
 <body><header><h1>{esc(title)}</h1>
 <div class="controls">
 <label>relation <select id="f-relation"><option value="all">all</option>{rel_opts}</select></label>
