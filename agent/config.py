@@ -89,8 +89,9 @@ class TriageConfig(CaftConfig):
     `judge.base_url`), its concurrency, cache, retries and dollar limit."""
     mode: Literal["single", "agent"] = "single"
     """`single`: one verdict per candidate; `agent`: a tool-using session over all candidates."""
-    task: str = "emergent-misalignment"
-    """Task description: a YAML path or a bundled name (`emergent-misalignment`, `spurious-correlation`)."""
+    task: str | None = None
+    """Task description: a YAML path or a bundled name (`emergent-misalignment`, `spurious-correlation`).
+    Required: the judge cannot tell intended from undesired without it."""
     temperature: float = Field(default=0.0, ge=0)
     """Judge sampling temperature."""
     samples: int = Field(default=1, ge=1)

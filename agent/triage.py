@@ -36,7 +36,7 @@ from caft.agent.selection import (
 )
 from caft.agent.task import load_task
 
-from caft.errors import CaftError, DataError
+from caft.errors import CaftError, ConfigError, DataError
 from caft.rundir import RunDir, atomic_write_json
 
 if TYPE_CHECKING:
@@ -101,7 +101,16 @@ async def run_triage_async(
 
     started = time.time()
     ev = Path(evidence_dir)
+    if cfg.task is None:
+        raise ConfigError(
+            "no task description: pass --task (a YAML file, or emergent-misalignment / spurious-correlation) "
+            "or set triage.task"
+        )
     task = load_task(cfg.task)
+    if cfg.mode == "single" and cfg.samples > 1 and cfg.temperature == 0:
+        log.warning(
+            "samples=%d at temperature 0: the samples will barely differ; raise the temperature", cfg.samples
+        )
     dossiers = load_dossiers(ev)
     dpath = Path(directions_path) if directions_path is not None else find_directions(ev)
     if dpath is not None and not dpath.is_file():

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
 from caft.agent.config import SelectionPolicy, TriageConfig
+from caft.agent.schema import VerdictRecord
 from caft.agent.single import build_messages
 from caft.agent.task import load_task
 from caft.agent.triage import run_triage
@@ -181,7 +182,11 @@ def prefilter(dossiers: list[Dossier], planted: set[str], llm_hits: set[str]) ->
     rank_fn: Any = getattr(offline, "rank_candidates", None) or getattr(offline, "offline_verdicts", None)
     if rank_fn is None:
         return f"n/a (caft.agent.offline has no rank_candidates/offline_verdicts; it has {dir(offline)})"
-    ranked = rank_fn(dossiers, load_task("emergent-misalignment"))
+    ranked = list(rank_fn(dossiers, load_task("emergent-misalignment")))
+    if ranked and isinstance(
+        ranked[0], VerdictRecord
+    ):  # verdicts: most relevant to the undesired concepts first
+        ranked.sort(key=lambda r: -(r.relevance if r.relevance is not None else r.scores.get("z", 0.0)))
     ids = [getattr(r, "candidate", r) for r in ranked]
     target = len(llm_hits & planted)
     for m in range(1, len(ids) + 1):

@@ -88,6 +88,8 @@ def test_agent_mode_through_the_cli(tmp_path: Path) -> None:
                 str(ev),
                 "--mode",
                 "agent",
+                "--task",
+                "emergent-misalignment",
                 "--budget",
                 "calls=10",
                 "--judge",
@@ -142,6 +144,12 @@ def test_bad_input_fails_cleanly(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "is not a number" in res.output
     res = runner.invoke(app, ["triage", "--evidence", str(ev), "--judge", "bogus"])
     assert res.exit_code == 2 and "judge.model" in res.output
+    res = runner.invoke(app, ["triage", "--evidence", str(ev), "--judge", "mock/x"])
+    assert res.exit_code == 2 and "no task description: pass --task" in res.output
+    res = runner.invoke(
+        app, ["triage", "--evidence", str(ev), "--task", "spurious-correlation", "--mode", "both"]
+    )
+    assert res.exit_code == 2 and "mode" in res.output and "single" in res.output
     res = runner.invoke(app, ["triage", "review", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no triage results" in res.output
     res = runner.invoke(app, ["triage"])
