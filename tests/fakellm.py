@@ -39,7 +39,14 @@ Faults (``inject(kind, ...)`` or ``Fault(kind, ...)`` as a reply): ``"429"`` (wi
 
 What it records: ``requests`` (every request, faulted ones included: path, headers, parsed body, api, time),
 ``in_flight`` and ``max_in_flight`` (concurrent requests being handled, latency included), ``count(match)``.
-``reset()`` clears records, rules, scripts and faults.
+``reset()`` clears records, rules, the script, faults and the ``on_request`` callable (``default`` stays).
+``GET /_fake/stats`` returns the request count and in-flight figures as JSON, for a server running in another
+process.
+
+Run it as its own process (so that its threads do not share the client's GIL, as in the benchmark)::
+
+    python tests/fakellm.py --latency 0.2 --text 7 --top-logprobs 21
+    # prints "READY http://127.0.0.1:PORT" and serves until stdin closes or it is terminated
 """
 
 from __future__ import annotations
@@ -294,6 +301,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         return
 
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") != "/_fake/stats":
+            self._send_json(404, {"error": {"message": f"fakellm: no route {self.path}"}})
+            return
+        fake = self.server_fake
+        with fake._lock:
+            stats = {
+                "requests": len(fake.requests),
+                "in_flight": fake.in_flight,
+                "max_in_flight": fake.max_in_flight,
+            }
+        self._send_json(200, stats)
+
     def do_POST(self) -> None:
         fake = self.server_fake
         length = int(self.headers.get("Content-Length") or 0)
@@ -502,3 +522,28 @@ class _Handler(BaseHTTPRequestHandler):
                 else _words(reply.content),
             },
         }
+
+
+def main() -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Serve a FakeLLM answering every request with one reply.")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    parser.add_argument("--text", default="ok", help="the reply text")
+    parser.add_argument(
+        "--top-logprobs", type=int, default=0, help="script a one-position logprob table of this many tokens"
+    )
+    args = parser.parse_args()
+    table = None
+    if args.top_logprobs:
+        table = {args.text: -0.05, **{f"alt{k}": -1.0 - k for k in range(args.top_logprobs - 1)}}
+    fake = FakeLLM(latency_s=args.latency, default=Reply(text=args.text, top_logprobs=table))
+    with fake:
+        sys.stdout.write(f"READY {fake.url}\n")
+        sys.stdout.flush()
+        sys.stdin.read()  # serve until the parent closes our stdin (or kills us)
+
+
+if __name__ == "__main__":
+    main()

@@ -266,3 +266,68 @@ def test_get_provider_errors() -> None:
     with pytest.raises(ValueError, match="provider"):
         JudgeConfig(model="gpt-4.1")
     assert isinstance(get_provider("mock/a", replies=["r"]), MockProvider)
+
+
+def test_redact_matches_scrub_obj(monkeypatch: pytest.MonkeyPatch) -> None:
+    from caft.env import scrub_obj
+    from caft.llm.redact import redact, redact_json
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abcdefghijklmnop1234")
+    obj = {
+        "a": "key sk-live-abcdefghijklmnop1234 here",
+        "Authorization": "Bearer x",
+        "n": [1, {"api_key": "z", "t": "hf_abcdefghijklmnopqrstuvwxyz"}],
+        "ok": "plain",
+    }
+    assert redact(obj) == scrub_obj(obj)
+    assert json.loads(redact_json(obj)) == scrub_obj(obj)
+    assert "abcdefghijklmnop1234" not in redact_json(obj)
+    plain = {"x": ["y", 1]}
+    assert redact(plain) is plain  # nothing to remove: no copy
+    monkeypatch.setenv("ANTHROPIC_API_KEY", 'odd"secret\\value123')  # JSON would escape it: fallback path
+    odd = {"s": 'has odd"secret\\value123 inside'}
+    assert redact(odd) == scrub_obj(odd) == {"s": "has *** inside"}
+    assert json.loads(redact_json(odd)) == {"s": "has *** inside"}
+
+
+def test_request_timeout_is_retryable_and_counted() -> None:
+    from caft.llm import Provider
+
+    class Slow(Provider):
+        name = "mock"
+
+        def __init__(self) -> None:
+            super().__init__("slow")
+            self.started = 0
+
+        async def generate(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
+            self.started += 1
+            if self.started <= 2:
+                await asyncio.sleep(10)
+            return GenerateResult(text="late but fine")
+
+    async def go() -> None:
+        slow = Slow()
+        client = LLMClient(slow, timeout_s=0.05, max_retries=2, backoff_initial_s=0.01, backoff_max_s=0.01)
+        res = await client.generate(user("x"))
+        assert res.text == "late but fine" and slow.started == 3
+        slow.started = 0
+        client1 = LLMClient(slow, timeout_s=0.05, max_retries=1, backoff_initial_s=0.01, backoff_max_s=0.01)
+        with pytest.raises(RetryableError, match=r"gave up after 2 attempt.*no reply within 0.05 s"):
+            await client1.generate(user("y"))
+
+    run(go())
+
+
+def test_repair_round_is_marked_in_the_call_log(tmp_path: Path) -> None:
+    async def go() -> None:
+        mock = MockProvider("m", replies=['{"score": 1}', {"score": 1, "reason": "ok"}])
+        client = LLMClient(mock, call_log=tmp_path / "calls.jsonl")
+        res = await client.generate(user("judge"), GenerateConfig(response_model=Score))
+        assert res.parsed == Score(score=1, reason="ok")
+        await client.aclose()
+
+    run(go())
+    records = read_jsonl(tmp_path / "calls.jsonl")
+    assert [r["repair_round"] for r in records] == [False, True]
+    assert records[0]["text"] == '{"score": 1}' and records[0]["key"] == records[1]["key"]

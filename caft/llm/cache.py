@@ -16,10 +16,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from caft.env import scrub_obj
+from caft.env import scrub
 from caft.errors import RunDirError
+from caft.llm.redact import redact_json
 from caft.llm.structured import json_schema, schema_name
 from caft.llm.types import GenerateConfig, GenerateResult, Message
 
@@ -33,7 +34,8 @@ CACHE_KEY_VERSION = 1
 def cache_key(
     provider: str, model: str, base_url: str | None, messages: list[Message], config: GenerateConfig
 ) -> str:
-    """Hex digest identifying a request. Everything that can change the reply is in it; no credential is."""
+    """Hex digest identifying a request. Everything that can change the reply is in it; no credential is
+    (keys travel in the SDK client's headers, never in `GenerateConfig`)."""
     cfg = config.model_dump(mode="json")
     if config.response_model is not None:
         cfg["response_model"] = {
@@ -46,7 +48,7 @@ def cache_key(
         "model": model,
         "base_url": base_url,
         "messages": [m.model_dump(mode="json") for m in messages],
-        "config": scrub_obj(cfg),
+        "config": cfg,
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -106,9 +108,17 @@ class ResponseCache:
             return None
         return GenerateResult.model_validate_json(row[0])
 
-    def put(self, key: str, provider: str, model: str, result: GenerateResult) -> None:
-        stored: dict[str, Any] = scrub_obj(result.model_dump(mode="json", exclude={"parsed", "cached"}))
-        blob = json.dumps(stored, ensure_ascii=False)
+    def put(
+        self, key: str, provider: str, model: str, result: GenerateResult, *, raw_redacted: bool = False
+    ) -> None:
+        """Store `result` with its secrets removed. `raw_redacted=True` says its raw request and response
+        have been through `redact` already (as `LLMClient` does), so only the text is scrubbed here."""
+        stored = result.model_dump(mode="json", exclude={"parsed", "cached"})
+        if raw_redacted:
+            stored["text"] = scrub(stored["text"])
+            blob = json.dumps(stored, ensure_ascii=False)
+        else:
+            blob = redact_json(stored)
         with self._lock:
             self._db().execute(
                 "INSERT OR REPLACE INTO responses (key, provider, model, created, result) VALUES (?, ?, ?, ?, ?)",

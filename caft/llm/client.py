@@ -27,11 +27,12 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_exponential_jitter
 
-from caft.env import scrub, scrub_obj
+from caft.env import scrub
 from caft.llm import structured
 from caft.llm.cache import CachePolicy, ResponseCache, cache_key, should_read, should_write
 from caft.llm.config import JudgeConfig
 from caft.llm.prices import Price, find_price, load_prices
+from caft.llm.redact import redact
 from caft.llm.types import (
     BudgetExceededError,
     Capabilities,
@@ -70,7 +71,12 @@ class LLMClient:
 
     `prices`: None (the built-in table), a path to a YAML override file, or a ready table.
     `backoff_initial_s`, `backoff_max_s`: the exponential backoff (with jitter of one initial step);
-    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it)."""
+    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it).
+
+    One client serves one event loop (the SDK's connection pool belongs to it). `max_cost_usd` is checked
+    before each request, so requests already in flight may overshoot it by up to `max_concurrency` calls.
+    The call log is flushed per record but not fsynced: a process crash loses nothing, a power cut may lose
+    the last records."""
 
     def __init__(
         self,
@@ -189,7 +195,7 @@ class LLMClient:
             self._write_log(key, stage_name, None, error=e)
             raise
         if self._cache is not None and should_write(self.cache_policy, config):
-            self._cache.put(key, self.provider.name, self.provider.model, result)
+            self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
         return result
 
     def _check(self, messages: list[Message], config: GenerateConfig) -> None:
@@ -247,6 +253,21 @@ class LLMClient:
         stage: str,
         repair_round: bool = False,
     ) -> GenerateResult:
+        attempts = 1
+        try:  # the common case, without the retry machinery's per-call cost
+            result = await self._attempt(messages, config)
+        except RetryableError as first_failure:
+            result, attempts = await self._retry(messages, config, first_failure)
+        self._account(result, stage)
+        self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
+        return result
+
+    async def _retry(
+        self, messages: list[Message], config: GenerateConfig, first_failure: RetryableError
+    ) -> tuple[GenerateResult, int]:
+        """Tenacity takes over after a first failed attempt; that failure is replayed to it as attempt 1,
+        so its backoff and the Retry-After of that reply apply from the start. Returns (result, attempts)."""
+        replay: list[RetryableError] = [first_failure]
         attempts = 0
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(RetryableError),
@@ -259,6 +280,8 @@ class LLMClient:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
+                    if replay:
+                        raise replay.pop()
                     result = await self._attempt(messages, config)
         except RetryableError as e:
             raise RetryableError(
@@ -266,9 +289,7 @@ class LLMClient:
                 retry_after=None,
                 status=e.status,
             ) from e
-        self._account(result, stage)
-        self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
-        return result
+        return result, attempts
 
     async def _attempt(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
         async with self._sem:
@@ -278,7 +299,9 @@ class LLMClient:
                 result = await asyncio.wait_for(self.provider.generate(messages, config), self.timeout_s)
             except asyncio.TimeoutError:
                 raise RetryableError(f"no reply within {self.timeout_s:g} s (request timeout)") from None
-            return result.model_copy(update={"latency_s": time.perf_counter() - t0})
+            # Redacted once, here (one pass over both); the cache and the call log store these as they are.
+            raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
+            return result.model_copy(update={"latency_s": time.perf_counter() - t0, **raw})
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -353,7 +376,11 @@ class LLMClient:
             "cached": bool(result is not None and result.cached),
             "attempts": attempts,
         }
-        if result is not None:
+        if result is not None and result.cached:
+            # The full exchange is in the cache entry and in the record of the call that filled it.
+            # (the cached text was redacted when it was stored).
+            record.update(text=result.text, finish_reason=result.finish_reason)
+        elif result is not None:
             record.update(
                 repair_round=repair_round,
                 latency_s=round(result.latency_s, 4),
@@ -362,14 +389,14 @@ class LLMClient:
                 cost_usd=result.usage.cost_usd,
                 finish_reason=result.finish_reason,
                 text=scrub(result.text),
-                request=scrub_obj(result.raw_request),
-                response=scrub_obj(result.raw_response),
+                request=result.raw_request,
+                response=result.raw_response,
             )
         if error is not None:
             record["error"] = {"type": type(error).__name__, "message": scrub(str(error))}
             if isinstance(error, StructuredOutputError) and error.result is not None:
-                record["request"] = scrub_obj(error.result.raw_request)
-                record["response"] = scrub_obj(error.result.raw_response)
+                record["request"] = error.result.raw_request
+                record["response"] = error.result.raw_response
         self._log.write(record)
 
     # -- many requests -------------------------------------------------------------------------------

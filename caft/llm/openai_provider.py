@@ -120,12 +120,13 @@ class OpenAIProvider(Provider):
     ) -> list[Message]:
         """Add the response format; return the messages to send (unchanged for native schemas)."""
         assert config.response_model is not None
+        strict = structured.strict_json_schema(config.response_model)
         kwargs["response_format"] = {
             "type": "json_schema",
             "json_schema": {
                 "name": structured.schema_name(config.response_model),
-                "schema": structured.strict_json_schema(config.response_model),
-                "strict": True,
+                "schema": strict if strict is not None else structured.json_schema(config.response_model),
+                "strict": strict is not None,
             },
         }
         return messages

@@ -29,26 +29,37 @@ def json_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema()
 
 
-def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """The model's schema in the shape OpenAI's strict mode demands: every object closed
-    (`additionalProperties: false`), every property required, no defaults. Validation still happens on
-    our side against the pydantic model, so this only narrows what the server may send."""
+def strict_json_schema(model: type[BaseModel]) -> dict[str, Any] | None:
+    """The model's schema in the shape OpenAI's strict mode demands (every object closed with
+    `additionalProperties: false`, every property required, no defaults), or None when the model cannot be
+    expressed that way (a free-form `dict` field); the caller then sends the plain schema without `strict`.
+    Validation happens on our side against the pydantic model either way."""
     schema = copy.deepcopy(model.model_json_schema())
+    return schema if _make_strict(schema) else None
 
-    def fix(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node:
-                node["additionalProperties"] = False
-                node["required"] = list(node["properties"])
-            node.pop("default", None)
-            for value in node.values():
-                fix(value)
-        elif isinstance(node, list):
-            for value in node:
-                fix(value)
 
-    fix(schema)
-    return schema
+def _make_strict(schema: Any) -> bool:
+    if not isinstance(schema, dict):
+        return True
+    ok = True
+    schema.pop("default", None)
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties")
+        if not isinstance(props, dict) or schema.get("additionalProperties") not in (None, False):
+            ok = False  # a free-form mapping
+        else:
+            schema["additionalProperties"] = False
+            schema["required"] = list(props)
+            for sub in props.values():
+                ok = _make_strict(sub) and ok
+    for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
+        for sub in schema.get(key, []):
+            ok = _make_strict(sub) and ok
+    if isinstance(schema.get("items"), dict):
+        ok = _make_strict(schema["items"]) and ok
+    for sub in schema.get("$defs", {}).values():
+        ok = _make_strict(sub) and ok
+    return ok
 
 
 def schema_instructions(model: type[BaseModel]) -> str:
