@@ -31,7 +31,7 @@ from caft.agent.config import SelectionPolicy, TriageConfig
 from caft.agent.schema import VerdictRecord
 from caft.agent.single import build_messages
 from caft.agent.task import load_task
-from caft.agent.triage import run_triage
+from caft.agent.triage import run_triage_async
 from caft.interp.schema import Dossier
 from fakellm import FakeLLM, RecordedRequest, Reply
 
@@ -226,10 +226,35 @@ def _serve(queue: Any, latency: float) -> None:
 
 def _judge_pass(
     cfg: TriageConfig, ev: Path, out: Path, provider: Provider | None = None
-) -> tuple[Any, float, float]:
+) -> tuple[Any, float, float, list[float]]:
+    """One stage run; also samples event-loop stalls (a 5 ms timer's lateness), which on a saturated machine
+    show time the process spent waiting for a CPU rather than working."""
+    stalls: list[float] = []
+
+    async def monitor() -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.005)
+            stalls.append(time.perf_counter() - t - 0.005)
+
+    async def run() -> Any:
+        mon = asyncio.ensure_future(monitor())
+        try:
+            return await run_triage_async(cfg, ev, out, provider=provider)
+        finally:
+            mon.cancel()
+
     cpu0, t0 = time.process_time(), time.perf_counter()
-    result = run_triage(cfg, ev, out, provider=provider)
-    return result, time.perf_counter() - t0, time.process_time() - cpu0
+    result = asyncio.run(run())
+    return result, time.perf_counter() - t0, time.process_time() - cpu0, stalls
+
+
+def _pressure() -> str:
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "n/a"
+    return line.replace("some ", "")
 
 
 def main() -> None:
@@ -255,7 +280,8 @@ def main() -> None:
         f"== throughput: {args.n} dossiers, {args.latency * 1000:.0f} ms latency, concurrency {args.concurrency}"
     )
     print(
-        f"   machine: {os.cpu_count()} CPUs, load average {load:.1f}; ideal wall N*latency/C = {ideal:.2f} s"
+        f"   machine: {os.cpu_count()} CPUs, load average {load:.1f}, CPU pressure {_pressure()}\n"
+        f"   ideal judging wall N*latency/C = {ideal:.2f} s"
     )
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
@@ -265,18 +291,20 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ev = write_evidence(Path(tmp), dossiers, d_model=64)
             cfg.judge.base_url = queue.get(timeout=30)
-            wire, wall, cpu = _judge_pass(cfg, ev, Path(tmp) / "wire")
+            wire, wall, cpu, st1 = _judge_pass(cfg, ev, Path(tmp) / "wire")
             sleep_cfg = cfg.model_copy(
                 update={
                     "judge": JudgeConfig(model="mock/sleep", max_concurrency=args.concurrency, cache="off")
                 }
             )
-            fast, wall2, cpu2 = _judge_pass(sleep_cfg, ev, Path(tmp) / "sleep", SleepProvider(args.latency))
+            fast, wall2, cpu2, st2 = _judge_pass(
+                sleep_cfg, ev, Path(tmp) / "sleep", SleepProvider(args.latency)
+            )
     finally:
         server.kill()
-    for label, res, w, c in (
-        ("fake wire server (OpenAI-compatible SDK, HTTP)", wire, wall, cpu),
-        ("latency-only provider (no HTTP/SDK)", fast, wall2, cpu2),
+    for label, res, w, c, stalls in (
+        ("fake wire server (OpenAI-compatible SDK, HTTP)", wire, wall, cpu, st1),
+        ("latency-only provider (no HTTP/SDK)", fast, wall2, cpu2, st2),
     ):
         js = res.summary["judge_seconds"]
         print(f"   {label}:")
@@ -284,6 +312,10 @@ def main() -> None:
         print(
             f"     whole stage {w:.2f} s, process CPU {c:.2f} s ({1000 * c / args.n:.1f} ms per candidate); "
             f"judged {res.summary['judged']}, unscored {res.summary['unscored_total']}"
+        )
+        big = [x for x in stalls if x > 0.02]
+        print(
+            f"     event-loop stalls > 20 ms: {len(big)}, {sum(big):.2f} s in total, longest {max(stalls, default=0):.3f} s"
         )
     usage = wire.summary["usage"]
     hits = {s.candidate for s in wire.selection.selected}
