@@ -81,6 +81,17 @@ class SelectionPolicy(CaftConfig):
     """Seed of `random_k`."""
 
 
+class PrefilterConfig(CaftConfig):
+    """Rank candidates by cheap verdicts (the offline embedding judge) and send only the top ones to the LLM."""
+
+    top_k: int | None = Field(default=None, ge=1)
+    """Judge only this many candidates, the most relevant first (None: no pre-filter)."""
+    method: str = "offline-embedding"
+    """Verdict method whose `relevance` (or confidence of an `undesired` verdict) ranks the candidates."""
+    verdicts: str | None = None
+    """File holding those verdicts (default: the stage's own verdicts.jsonl)."""
+
+
 class TriageConfig(CaftConfig):
     """The judge stage: dossiers + task description -> verdicts -> selection -> subspace."""
 
@@ -104,6 +115,8 @@ class TriageConfig(CaftConfig):
     """Also ask for a 0-100 relevance score read from logprobs (providers with logprobs only)."""
     prompts_dir: str | None = None
     """A folder whose `<name>.md` files replace bundled agent prompts of the same name."""
+    prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)
+    """Optional cheap pre-filter in front of the LLM judge."""
     render: RenderLimits = Field(default_factory=RenderLimits)
     """How much of each dossier the judge sees."""
     budget: AgentBudget = Field(default_factory=AgentBudget)

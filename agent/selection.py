@@ -337,3 +337,20 @@ def read_selection(path: str | Path) -> Selection:
         first = e.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
         raise DataError(f"{p} is not a valid selection ({loc}: {first['msg']})") from None
+
+
+def prefilter_rank(records: Iterable[VerdictRecord], method: str) -> list[str]:
+    """Candidate ids ranked by cheap verdicts of `method`: relevance when present, else the confidence of an
+    `undesired` verdict (0 for other relations); ties keep file order."""
+    best: dict[str, float] = {}
+    for r in records:
+        if r.method != method:
+            continue
+        if r.relevance is not None:
+            score = r.relevance / 100.0
+        elif r.verdict is not None and r.verdict.relation == "undesired":
+            score = r.verdict.confidence
+        else:
+            score = 0.0
+        best[r.candidate] = max(score, best.get(r.candidate, float("-inf")))
+    return sorted(best, key=lambda c: -best[c])

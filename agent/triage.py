@@ -30,6 +30,7 @@ from caft.agent.selection import (
     load_directions,
     load_dossiers,
     load_verdicts,
+    prefilter_rank,
     read_selection,
     select,
     write_selection,
@@ -42,6 +43,7 @@ from caft.rundir import RunDir, atomic_write_json
 if TYPE_CHECKING:
     import torch
     from caft.agent.steer import Steerer
+    from caft.interp.schema import Dossier
 
     from caft.llm import Provider
     from caft.subspace import Subspace
@@ -135,9 +137,12 @@ async def run_triage_async(
     client = LLMClient.from_config(cfg.judge, run_dir=out, stage="triage", provider=provider)
     summary: dict[str, Any] = {"mode": cfg.mode, "judge": client.model_id, "task": task.name}
     chosen: set[str] | None = None
+    judged_ids: set[str] = set()
     async with client:
         if cfg.mode == "single":
-            outcome = await SingleJudge(client, task, cfg, out).run(dossiers, samples=cfg.samples)
+            todo = _prefilter(cfg, dossiers, out, summary)
+            outcome = await SingleJudge(client, task, cfg, out).run(todo, samples=cfg.samples)
+            judged_ids = {d.candidate.id for d in todo}
             summary |= outcome.summary()
             stopped = outcome.stopped
         else:
@@ -165,7 +170,7 @@ async def run_triage_async(
     if cfg.mode == "agent":  # the agent judges what it chooses to; it is done when it called finish
         complete = chosen is not None
     else:
-        complete = stopped is None and all(d.candidate.id in judged for d in dossiers)
+        complete = stopped is None and judged_ids <= judged
     summary["selected"] = len(selection.selected)
     summary["subspace_dims"] = sub.total_dims if sub is not None else None
     summary["selection_notes"] = selection.notes
@@ -174,6 +179,28 @@ async def run_triage_async(
     if complete:
         stage.mark_done({"selected": len(selection.selected), "mode": cfg.mode}, started=started)
     return TriageResult(out, selection, sub, summary, complete)
+
+
+def _prefilter(
+    cfg: TriageConfig, dossiers: list[Dossier], out: Path, summary: dict[str, Any]
+) -> list[Dossier]:
+    """The dossiers the LLM judges: all, or the top-k by the pre-filter's verdicts."""
+    pf = cfg.prefilter
+    if pf.top_k is None:
+        return dossiers
+    path = Path(pf.verdicts) if pf.verdicts is not None else out / VERDICTS_FILE
+    if not path.is_file():
+        raise DataError(f"prefilter: {path} not found; run the offline judge first or set prefilter.verdicts")
+    ranked = prefilter_rank(load_verdicts(path), pf.method)
+    if not ranked:
+        raise DataError(f"prefilter: {path} holds no verdicts of method {pf.method!r}; run that judge first")
+    keep = set(ranked[: pf.top_k])
+    chosen = [d for d in dossiers if d.candidate.id in keep]
+    summary["prefilter"] = {"method": pf.method, "kept": len(chosen), "skipped": len(dossiers) - len(chosen)}
+    log.info(
+        "prefilter: the LLM judges %d of %d candidates (top by %s)", len(chosen), len(dossiers), pf.method
+    )
+    return chosen
 
 
 def apply_selection(

@@ -165,3 +165,40 @@ def test_parse_budget() -> None:
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_budget("dollars=3")
+
+
+def test_prefilter_sends_only_the_top_candidates_to_the_llm(tmp_path: Path) -> None:
+    from caft.agent.config import PrefilterConfig, TriageConfig
+    from caft.agent.schema import VerdictRecord
+    from caft.agent.triage import run_triage
+
+    from caft.llm import JudgeConfig
+    from caft.rundir import JsonlWriter
+
+    pairs = concept_set(2)
+    ev = write_evidence(tmp_path, [d for d, _ in pairs])
+    offline = tmp_path / "offline.jsonl"
+    with JsonlWriter(offline) as w:
+        for i, (d, c) in enumerate(pairs):
+            rel = 90.0 - i if c == "evil" else 10.0 + i
+            w.write(
+                VerdictRecord(
+                    candidate=d.candidate.id,
+                    judge="offline-embedding",
+                    method="offline-embedding",
+                    relevance=rel,
+                ).model_dump()
+            )
+    with FakeLLM() as fake:
+        fake.on_request(_judge_reply)
+        cfg = TriageConfig(
+            task="emergent-misalignment",
+            judge=JudgeConfig(model="openai-compatible/j", base_url=fake.openai_base_url),
+            prefilter=PrefilterConfig(top_k=3, verdicts=str(offline)),
+        )
+        result = run_triage(cfg, ev)
+        assert len(fake.requests) == 3
+    assert result.summary["prefilter"] == {"method": "offline-embedding", "kept": 3, "skipped": 5}
+    assert result.complete
+    evil = sorted(d.candidate.id for d, c in pairs if c == "evil")
+    assert sorted(s.candidate for s in result.selection.selected) == evil
