@@ -76,13 +76,13 @@ def test_empty_selection_page_builds(tmp_path: Path) -> None:
     assert "nothing selected" in page and 'data-relation="unscored"' in page
 
 
-pytestmark_browser = pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     chromium_binary() is None or chromedriver_binary() is None,
     reason="needs Debian packages chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
 )
 
 
-@pytestmark_browser
+@needs_chromium
 def test_review_page_in_headless_chromium(tmp_path: Path) -> None:
     run, _ = _triage_run(tmp_path / "run")
     page = write_review(run)
