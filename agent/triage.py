@@ -99,7 +99,7 @@ async def run_triage_async(
     from caft.agent.loop import AgentSession
     from caft.agent.single import SingleJudge
 
-    from caft.llm import LLMClient
+    from caft.llm import FatalError, LLMClient
 
     started = time.time()
     ev = Path(evidence_dir)
@@ -139,18 +139,26 @@ async def run_triage_async(
     chosen: set[str] | None = None
     judged_ids: set[str] = set()
     async with client:
-        if cfg.mode == "single":
-            todo = _prefilter(cfg, dossiers, out, summary)
-            outcome = await SingleJudge(client, task, cfg, out).run(todo, samples=cfg.samples)
-            judged_ids = {d.candidate.id for d in todo}
-            summary |= outcome.summary()
-            stopped = outcome.stopped
-        else:
-            session = AgentSession(client, task, dossiers, cfg, out, directions=directions, steerer=steerer)
-            agent = await session.run()
-            summary |= agent.summary()
-            stopped = agent.stopped
-            chosen = set(agent.chosen) if agent.finished else None
+        try:
+            if cfg.mode == "single":
+                todo = _prefilter(cfg, dossiers, out, summary)
+                outcome = await SingleJudge(client, task, cfg, out).run(todo, samples=cfg.samples)
+                judged_ids = {d.candidate.id for d in todo}
+                summary |= outcome.summary()
+                stopped = outcome.stopped
+            else:
+                session = AgentSession(
+                    client, task, dossiers, cfg, out, directions=directions, steerer=steerer
+                )
+                agent = await session.run()
+                summary |= agent.summary()
+                stopped = agent.stopped
+                chosen = set(agent.chosen) if agent.finished else None
+        except FatalError as e:
+            raise CaftError(
+                f"the judge {client.model_id} refused the request: {e}. Fix the cause (API key, model name, "
+                f"base URL) and rerun: the verdicts already in {out / VERDICTS_FILE} are kept and skipped"
+            ) from None
         summary["usage"] = client.usage.model_dump(mode="json")
     records = load_verdicts(out / VERDICTS_FILE) if (out / VERDICTS_FILE).is_file() else []
     selection = select(records, [d.candidate for d in dossiers], cfg.selection, chosen=chosen)

@@ -202,3 +202,36 @@ def test_prefilter_sends_only_the_top_candidates_to_the_llm(tmp_path: Path) -> N
     assert result.complete
     evil = sorted(d.candidate.id for d, c in pairs if c == "evil")
     assert sorted(s.candidate for s in result.selection.selected) == evil
+
+
+def test_fatal_judge_error_is_a_clean_message_and_keeps_verdicts(tmp_path: Path) -> None:
+    pairs = concept_set(1)
+    ev = write_evidence(tmp_path, [d for d, _ in pairs])
+    args = [
+        "triage",
+        "--evidence",
+        str(ev),
+        "--task",
+        "emergent-misalignment",
+        "--judge",
+        "openai-compatible/j",
+        "--set",
+        "judge.max_concurrency=1",
+    ]
+    with FakeLLM() as fake:
+        fake.on_request(_judge_reply)
+        first = pairs[2][
+            0
+        ].candidate.id  # sorted by layer: L1:0, L1:1, L2:0, L2:1 -> the third is judged third
+        fake.add_rule(f"Candidate {first} ", lambda req: __import__("fakellm").Fault("401"))
+        res = runner.invoke(app, [*args, "--base-url", fake.openai_base_url])
+        assert res.exit_code == 2 and "refused the request" in res.output and "are kept" in res.output
+        assert not (tmp_path / "triage" / "DONE.json").exists()
+        kept = (tmp_path / "triage" / "verdicts.jsonl").read_text().count("\n")
+        assert kept >= 1
+        fake.reset()
+        fake.on_request(_judge_reply)
+        res = runner.invoke(app, [*args, "--base-url", fake.openai_base_url])
+        assert res.exit_code == 0, res.output
+        assert len(fake.requests) == len(pairs) - kept
+    assert (tmp_path / "triage" / "DONE.json").is_file()
