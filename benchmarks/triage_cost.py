@@ -187,7 +187,8 @@ def prefilter(dossiers: list[Dossier], planted: set[str], llm_hits: set[str]) ->
         ranked[0], VerdictRecord
     ):  # verdicts: most relevant to the undesired concepts first
         ranked.sort(key=lambda r: -(r.relevance if r.relevance is not None else r.scores.get("z", 0.0)))
-    ids = [getattr(r, "candidate", r) for r in ranked]
+    # rank_candidates gives (candidate id, score) pairs, most likely undesired first
+    ids = [r[0] if isinstance(r, tuple) else getattr(r, "candidate", r) for r in ranked]
     target = len(llm_hits & planted)
     for m in range(1, len(ids) + 1):
         if len(set(ids[:m]) & llm_hits & planted) >= target:
