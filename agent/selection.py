@@ -340,14 +340,16 @@ def read_selection(path: str | Path) -> Selection:
 
 
 def prefilter_rank(records: Iterable[VerdictRecord], method: str) -> list[str]:
-    """Candidate ids ranked by cheap verdicts of `method`: relevance when present, else the confidence of an
-    `undesired` verdict (0 for other relations); ties keep file order."""
+    """Candidate ids ranked by cheap verdicts of `method`: relevance when present, else a calibrated `z`
+    score, else the confidence of an `undesired` verdict (0 for other relations); ties keep file order."""
     best: dict[str, float] = {}
     for r in records:
         if r.method != method:
             continue
         if r.relevance is not None:
             score = r.relevance / 100.0
+        elif "z" in r.scores:  # the offline judge's calibrated score
+            score = r.scores["z"]
         elif r.verdict is not None and r.verdict.relation == "undesired":
             score = r.verdict.confidence
         else:
