@@ -203,3 +203,25 @@ def test_inputs_are_validated(tmp_path: Path) -> None:
         load_verdicts(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="not found"):
         apply_selection(tmp_path / "nope.json")
+
+
+def test_prefilter_rank_orders_by_the_cheap_judge() -> None:
+    from caft.agent.selection import prefilter_rank
+
+    def off(cid: str, **kw: object) -> VerdictRecord:
+        return VerdictRecord.model_validate(
+            {"candidate": cid, "judge": "off", "method": "offline-embedding", **kw}
+        )
+
+    recs = [
+        off("a", scores={"z": 0.5}),
+        off("b", scores={"z": 2.5}),
+        off("c", scores={"z": -1.0}),
+        record("d", "evil", 1.0),
+    ]  # an LLM verdict: not part of this ranking
+    assert prefilter_rank(recs, "offline-embedding") == ["b", "a", "c"]
+    assert prefilter_rank([off("x", relevance=20.0), off("y", relevance=80.0)], "offline-embedding") == [
+        "y",
+        "x",
+    ]
+    assert prefilter_rank(recs, "single") == ["d"]
