@@ -14,6 +14,9 @@ import typer
 from caft import __version__
 from caft.agent.cli import triage_app
 from caft.errors import CaftError
+from caft.evals.cli import eval_app, grade_command, report_command
+from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
+from caft.training.cli import train_command
 
 app = typer.Typer(
     name="caft",
@@ -103,6 +106,13 @@ def config_show() -> None:
                 print(f"    {line.strip()}")
 
 
+app.command("train")(train_command)
+app.command("grade")(grade_command)
+app.add_typer(eval_app, name="eval")
+app.command("report")(report_command)
+app.command("diff")(diff_cmd)  # interp: collection + streaming PCA
+app.add_typer(sae_app, name="sae")  # interp: SAE latent rankings
+app.command("evidence")(evidence_cmd)  # interp: evidence dossiers
 app.add_typer(triage_app, name="triage")  # agent: judge candidates, review, apply a selection
 
 

@@ -81,6 +81,8 @@ class Reply:
     finish_reason: str | None = None
     latency_s: float | None = None
     """Overrides the server's latency for this reply."""
+    refusal: str | None = None
+    """OpenAI only: the message's `refusal` (its content is then null)."""
 
     @property
     def content(self) -> str:
@@ -443,6 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server_fake
         n = fake._next_id()
         message: dict[str, Any] = {"role": "assistant", "content": reply.content or None}
+        if reply.refusal is not None:
+            message.update(content=None, refusal=reply.refusal)
         if reply.tool_calls:
             message["tool_calls"] = [
                 {

@@ -306,3 +306,16 @@ def test_compatible_server_without_key_and_schema_prompt_mode(
     assert "response_format" not in body
     assert body["messages"][0]["content"].startswith("You grade.")
     assert "JSON schema" in body["messages"][0]["content"]
+
+
+def test_openai_refusal_is_flagged(fake: FakeLLM) -> None:
+    fake.reply_in_order(Reply(refusal="I can't help with that."))
+
+    async def go() -> None:
+        client = make_client(fake, "openai/gpt-4.1")
+        res = await client.generate(user("x"))
+        assert res.text == "" and res.finish_reason == "refusal"
+        assert res.raw_response["choices"][0]["message"]["refusal"] == "I can't help with that."
+        await client.aclose()
+
+    run(go())

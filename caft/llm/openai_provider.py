@@ -197,7 +197,10 @@ class OpenAIProvider(Provider):
             logprobs=logprobs,
             tool_calls=tool_calls,
             usage=usage,
-            finish_reason=choice.finish_reason,
+            # A refusal comes with no content; say so instead of returning an unexplained empty text.
+            finish_reason="refusal"
+            if getattr(msg, "refusal", None) and not msg.content
+            else choice.finish_reason,
             model=response.model or self.model,
             raw_request=request,
             raw_response=response.model_dump(mode="json", exclude_none=True),
