@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from caft import __version__
+from caft.agent.cli import triage_app
 from caft.errors import CaftError
 from caft.evals.cli import eval_app, grade_command, report_command
 from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
@@ -112,6 +113,7 @@ app.command("report")(report_command)
 app.command("diff")(diff_cmd)  # interp: collection + streaming PCA
 app.add_typer(sae_app, name="sae")  # interp: SAE latent rankings
 app.command("evidence")(evidence_cmd)  # interp: evidence dossiers
+app.add_typer(triage_app, name="triage")  # agent: judge candidates, review, apply a selection
 
 
 def main(argv: list[str] | None = None) -> Any:
