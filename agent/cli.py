@@ -156,7 +156,6 @@ def _run(
 ) -> Any:
     from caft.agent.config import TriageConfig
     from caft.agent.triage import run_triage
-
     from caft.config import apply_overrides, read_yaml, validate_config
 
     extra: list[str] = []
@@ -186,7 +185,6 @@ def _run(
 def _load_steerer(evidence: Path, directions: Path | None, model: str, adapter: str | None) -> Any:
     from caft.agent.selection import find_directions, load_directions, load_dossiers
     from caft.agent.steer import HookSteerer
-
     from caft.config import ModelConfig
     from caft.models import load_model
 

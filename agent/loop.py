@@ -26,9 +26,8 @@ from caft.agent.config import TriageConfig
 from caft.agent.render import open_clause, render_overview_entry, render_prompt, render_task
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.agent.tools import TOOL_SPECS, AgentState, AgentTools, ToolError, tools_help
-from caft.interp.schema import Dossier
-
 from caft.env import scrub, scrub_obj
+from caft.interp.schema import Dossier
 from caft.llm import (
     BudgetExceededError,
     FatalError,
@@ -43,6 +42,7 @@ from caft.rundir import JsonlWriter, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
+
     from caft.agent.steer import Steerer
 
 log = logging.getLogger(__name__)

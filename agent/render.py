@@ -19,9 +19,8 @@ from pathlib import Path
 
 from caft.agent.config import RenderLimits
 from caft.agent.schema import TaskDescription
-from caft.interp.schema import Dossier, Generation, Window
-
 from caft.errors import ConfigError
+from caft.interp.schema import Dossier, Generation, Window
 
 PROMPTS_PACKAGE = "caft.prompts"
 PROMPTS_DIR = "agent"

@@ -19,9 +19,8 @@ from typing import Any
 
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import SELECTION_FILE, VERDICTS_FILE, Selection, VerdictRecord
-from caft.interp.schema import Dossier, Generation, TokenScore, Window
-
 from caft.errors import DataError
+from caft.interp.schema import Dossier, Generation, TokenScore, Window
 from caft.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caft.agent.config import SelectionPolicy
-from caft.agent.schema import SELECTION_FILE, SelectedColumn, Selection, VerdictRecord
-from caft.interp.schema import DIRECTIONS_FILE, DOSSIER_DIR, Candidate, Dossier
 from pydantic import ValidationError
 
+from caft.agent.config import SelectionPolicy
+from caft.agent.schema import SELECTION_FILE, SelectedColumn, Selection, VerdictRecord
 from caft.errors import DataError, SubspaceError
+from caft.interp.schema import DIRECTIONS_FILE, DOSSIER_DIR, Candidate, Dossier
 from caft.rundir import atomic_write_json, iter_jsonl
 from caft.subspace import Column, Subspace
 

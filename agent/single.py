@@ -27,9 +27,8 @@ from typing import Any, TypeVar
 from caft.agent.config import TriageConfig
 from caft.agent.render import render_dossier, render_prompt, render_system_single, safe_id
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
-from caft.interp.schema import Dossier
-
 from caft.env import scrub
+from caft.interp.schema import Dossier
 from caft.llm import (
     BudgetExceededError,
     FatalError,

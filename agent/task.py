@@ -10,7 +10,6 @@ from importlib import resources
 from pathlib import Path
 
 from caft.agent.schema import TaskDescription
-
 from caft.config import read_yaml, validate_config
 from caft.errors import ConfigError
 

@@ -13,17 +13,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from caft.agent.config import RenderLimits
 from caft.agent.render import data_block, safe_id, window_block
 from caft.agent.schema import JudgeVerdict
-from caft.interp.schema import Dossier
-from pydantic import ValidationError
-
 from caft.errors import CaftError
+from caft.interp.schema import Dossier
 from caft.llm import ToolSpec
 
 if TYPE_CHECKING:
     import torch
+
     from caft.agent.steer import Steerer
 
 log = logging.getLogger(__name__)

@@ -36,15 +36,14 @@ from caft.agent.selection import (
     write_selection,
 )
 from caft.agent.task import load_task
-
 from caft.errors import CaftError, ConfigError, DataError
 from caft.rundir import RunDir, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
+
     from caft.agent.steer import Steerer
     from caft.interp.schema import Dossier
-
     from caft.llm import Provider
     from caft.subspace import Subspace
 
@@ -98,7 +97,6 @@ async def run_triage_async(
 ) -> TriageResult:
     from caft.agent.loop import AgentSession
     from caft.agent.single import SingleJudge
-
     from caft.llm import FatalError, LLMClient
 
     started = time.time()

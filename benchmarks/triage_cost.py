@@ -27,14 +27,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
+from fakellm import FakeLLM, RecordedRequest, Reply
+
 from caft.agent.config import SelectionPolicy, TriageConfig
 from caft.agent.schema import VerdictRecord
 from caft.agent.single import build_messages
 from caft.agent.task import load_task
 from caft.agent.triage import run_triage_async
 from caft.interp.schema import Dossier
-from fakellm import FakeLLM, RecordedRequest, Reply
-
 from caft.llm import GenerateConfig, GenerateResult, JudgeConfig, Message, Provider
 from caft.llm.types import Capabilities, Usage
 

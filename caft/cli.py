@@ -77,13 +77,45 @@ def doctor() -> None:
         print(f"  {k:<24} {'present' if present else 'absent'}")
 
 
+@app.command("run")
+def run_command(
+    config: Annotated[Path, typer.Argument(help="The run config YAML (see `caft config show`).")],
+    set_: SetOpt = None,
+    from_stage: Annotated[
+        str | None,
+        typer.Option("--from", help="Rerun this stage and every later one (clears their markers)."),
+    ] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
+) -> None:
+    """Run every stage of a CAFT run from one config: train -> diff (+ sae) -> evidence -> triage -> caft ->
+    eval -> report. Finished stages are skipped, partial ones resume."""
+    import json
+    import logging
+
+    from caft.config import load_config
+    from caft.pipeline import SUMMARY_FILE, run_pipeline
+    from caft.run_config import RunConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(config, RunConfig, set_ or [])
+        summary = run_pipeline(cfg, from_stage=from_stage, only=only, config_source=str(config))
+    except CaftError as e:
+        _fail(e)
+        return
+    print(json.dumps(summary.get("stages", {}), indent=2, default=str))
+    state = "complete" if summary.get("complete") else "incomplete"
+    print(f"run {state}: {Path(cfg.out_dir) / SUMMARY_FILE}")
+
+
 @config_app.command("validate")
 def config_validate(
     file: Annotated[Path, typer.Argument(help="A run config YAML file.")],
     set_: SetOpt = None,
 ) -> None:
     """Validate a run config and print it resolved (defaults filled in, overrides applied)."""
-    from caft.config import RunConfig, config_to_yaml, load_config
+    from caft.config import config_to_yaml, load_config
+    from caft.run_config import RunConfig
 
     try:
         cfg = load_config(file, RunConfig, set_ or [])
@@ -97,7 +129,8 @@ def config_validate(
 @config_app.command("show")
 def config_show() -> None:
     """List every field of the run config with its type and documentation."""
-    from caft.config import RunConfig, describe_fields
+    from caft.config import describe_fields
+    from caft.run_config import RunConfig
 
     for path, typ, doc in describe_fields(RunConfig):
         print(f"{path}  ({typ})")

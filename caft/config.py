@@ -3,7 +3,8 @@
 Every field carries a docstring (kept by `use_attribute_docstrings`, shown by `caft config show`).
 Validators only validate. Secrets never live in a config: API keys come from the environment.
 
-Loading: `load_config(path, RunConfig, overrides=["train.lr=1e-5"])`. A validation error names the file,
+Loading: `load_config(path, RunConfig, overrides=["train.optim.lr=1e-5"])` (RunConfig, the composition of
+every stage's section, is in `caft.run_config`). A validation error names the file,
 the dotted field path, what was expected and what was given.
 """
 
@@ -179,19 +180,3 @@ def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, s
 def _type_name(ann: object) -> str:
     text = getattr(ann, "__name__", None) or str(ann)
     return text.replace("typing.", "")
-
-
-class RunConfig(CaftConfig):
-    """A whole caft run. Stage sections (train, diff, evidence, triage, eval, judge) are composed in here by
-    the stages that own them; each stage's config class lives in its own package."""
-
-    name: str = "caft-run"
-    """Run name (used in reports)."""
-    out_dir: str = "runs/caft-run"
-    """Run directory: manifest, one folder per stage, completion markers."""
-    seed: int = 0
-    """Global seed; stages derive their own seeds from it."""
-    model: ModelConfig
-    """The base model."""
-    finetuned: ModelConfig | None = None
-    """An already fine-tuned model or adapter; when absent the run fine-tunes the base model first."""

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import injected_set
+
 from caft.agent.config import TriageConfig
 from caft.agent.single import SingleJudge
 from caft.agent.task import load_task
-
 from caft.llm import LLMClient, get_provider
 
 JUDGES = {"OPENAI_API_KEY": "openai/gpt-4.1-mini", "ANTHROPIC_API_KEY": "anthropic/claude-haiku-4-5"}

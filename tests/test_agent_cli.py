@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import concept_of_text, concept_set, verdict_for, write_evidence
-from caft.agent.cli import parse_budget
 from fakellm import FakeLLM, RecordedRequest, Reply
 from typer.testing import CliRunner
 
+from caft.agent.cli import parse_budget
 from caft.cli import app
 from caft.errors import ConfigError
 from caft.subspace import Subspace
@@ -171,7 +171,6 @@ def test_prefilter_sends_only_the_top_candidates_to_the_llm(tmp_path: Path) -> N
     from caft.agent.config import PrefilterConfig, TriageConfig
     from caft.agent.schema import VerdictRecord
     from caft.agent.triage import run_triage
-
     from caft.llm import JudgeConfig
     from caft.rundir import JsonlWriter
 

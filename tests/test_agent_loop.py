@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 from agent_helpers import concept_set, injected_set, verdict_for
+from fakellm import FakeLLM, Reply
+
 from caft.agent.config import AgentBudget, TriageConfig
 from caft.agent.loop import AGENT_RESULT_FILE, TRANSCRIPT_FILE, AgentSession, parse_text_tool_calls
 from caft.agent.selection import load_verdicts
 from caft.agent.task import load_task
-from fakellm import FakeLLM, Reply
-
 from caft.llm import GenerateConfig, LLMClient, Message, MockProvider, get_provider
 
 TASK = load_task("emergent-misalignment")
@@ -222,8 +222,8 @@ def test_tool_call_round_trip_through_fake_server(
 
 def test_live_steering_tool_with_a_tiny_model(tmp_path: Path) -> None:
     import torch
-    from caft.agent.steer import HookSteerer
 
+    from caft.agent.steer import HookSteerer
     from caft.config import ModelConfig
     from caft.models import LoadedModel
     from caft.sites import Sites

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import INJECTIONS, injected_set, make_dossier
+
 from caft.agent.config import AgentBudget, RenderLimits, TriageConfig
 from caft.agent.loop import AgentSession
 from caft.agent.render import (
@@ -21,7 +22,6 @@ from caft.agent.render import (
 )
 from caft.agent.task import bundled_tasks, load_task, parse_task
 from caft.agent.tools import TOOL_SPECS, tools_help
-
 from caft.errors import ConfigError
 from caft.llm import LLMClient, MockProvider
 

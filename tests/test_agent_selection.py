@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from agent_helpers import make_dossier, record, write_evidence
+
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import JudgeVerdict, SelectedColumn, Selection, VerdictRecord
 from caft.agent.selection import (
@@ -19,9 +20,8 @@ from caft.agent.selection import (
     write_selection,
 )
 from caft.agent.triage import apply_selection
-from caft.interp.schema import Candidate
-
 from caft.errors import DataError, SubspaceError
+from caft.interp.schema import Candidate
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
 

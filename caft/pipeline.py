@@ -1,0 +1,326 @@
+"""`caft run`: every stage of a CAFT run in order, from one config, resumable.
+
+    train     baseline fine-tune of the base model (skipped when `finetuned` is given)
+    diff      base vs fine-tuned activations on the same tokens -> streaming PCA -> candidates
+    sae       SAE latent rankings (only when the `sae` section lists SAEs)
+    evidence  one dossier per candidate
+    triage    the judge: verdicts -> selection -> subspace
+    caft      fine-tune again with the subspace ablated
+    eval      misalignment / code (chat) or ID / OOD accuracy (classification) of the models
+    report    markdown + HTML comparison of the evaluated models
+
+A stage whose completion marker (`<stage>/DONE.json`) exists is skipped; one that stopped part way resumes
+from its own files (every stage function resumes). `--from STAGE` clears the markers of that stage and the
+ones after it, so they run again; `--only STAGE` runs one stage. `summary.json` holds per-stage timing and the
+key figures, rewritten after every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from caft.config import ModelConfig
+from caft.errors import ConfigError, RunDirError
+from caft.run_config import RunConfig
+from caft.rundir import RunDir, atomic_write_json
+
+if TYPE_CHECKING:
+    from caft.llm.types import Provider
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "diff", "sae", "evidence", "triage", "caft", "eval", "report")
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig
+    run: RunDir
+    judge_provider: Provider | None = None
+    """Replaces the provider `triage.judge.model` names (tests and demos pass a mock)."""
+    grade_client_factory: Any = None
+    """Replaces the eval stage's judge client factory (tests pass a mock)."""
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    def trained_model(self, stage: str) -> ModelConfig:
+        """The model written by a training stage (`train` or `caft`): an adapter on the base, a full model, or
+        a classifier folder."""
+        final = self.path / stage / "final"
+        if not final.is_dir():
+            raise RunDirError(
+                f"{final} does not exist: run the `{stage}` stage first (caft run --only {stage})"
+            )
+        base = self.cfg.model
+        if (final / "adapter_config.json").is_file():
+            return base.model_copy(update={"adapter": str(final)})
+        return base.model_copy(update={"name_or_path": str(final), "adapter": None})
+
+    def finetuned(self) -> ModelConfig:
+        return self.cfg.finetuned if self.cfg.finetuned is not None else self.trained_model("train")
+
+    def subspace_dir(self) -> Path:
+        return self.path / "triage" / "subspace"
+
+
+# ---- stages -------------------------------------------------------------------------------------------------
+
+
+def _train_cfg(ctx: RunContext) -> Any:
+    tc = ctx.cfg.train
+    if "seed" not in tc.model_fields_set:
+        tc = tc.model_copy(update={"seed": ctx.cfg.seed})
+    return tc
+
+
+def stage_train(ctx: RunContext) -> dict[str, Any]:
+    from caft.training.trainer import train
+
+    out = ctx.path / "train"
+    res = train(_train_cfg(ctx), out, model=ctx.cfg.model, resume=True)
+    return {"final": str(res.final_path), "metrics": res.metrics}
+
+
+def stage_diff(ctx: RunContext) -> dict[str, Any]:
+    from caft.interp.pca import run_diff
+
+    cfg = ctx.cfg.diff
+    inputs = cfg.inputs
+    if not inputs.data and not inputs.generate:
+        if ctx.cfg.train.data.path is None:
+            raise ConfigError(
+                "diff has no inputs: set diff.inputs.data, diff.inputs.generate, or train.data.path"
+            )
+        inputs = inputs.model_copy(update={"data": [ctx.cfg.train.data.path]})
+    if ctx.cfg.task_kind == "classification" and "tokens" not in inputs.model_fields_set:
+        inputs = inputs.model_copy(update={"tokens": "all"})
+    cfg = cfg.model_copy(update={"inputs": inputs})
+    folder = run_diff(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    return _marker_info(folder)
+
+
+def stage_sae(ctx: RunContext) -> dict[str, Any]:
+    from caft.interp.sae import run_sae_rank
+
+    assert ctx.cfg.sae is not None
+    folder = run_sae_rank(ctx.cfg.sae, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    return _marker_info(folder)
+
+
+def stage_evidence(ctx: RunContext) -> dict[str, Any]:
+    from caft.interp.evidence import build_dossiers
+
+    folder = build_dossiers(ctx.cfg.evidence, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    return _marker_info(folder)
+
+
+def stage_triage(ctx: RunContext) -> dict[str, Any]:
+    from caft.agent.triage import run_triage
+
+    cfg = ctx.cfg.triage
+    if cfg.task is None:
+        if ctx.cfg.task is None:
+            raise ConfigError(
+                "the judge needs a task description: set `task` (or triage.task) in the run config"
+            )
+        cfg = cfg.model_copy(update={"task": ctx.cfg.task})
+    res = run_triage(cfg, ctx.path / "evidence", ctx.path / "triage", provider=ctx.judge_provider)
+    if not res.complete:
+        raise RunDirError(
+            "triage stopped before judging every candidate (a budget was reached); its verdicts are kept. "
+            "Raise the budget and rerun `caft run` to continue, or review and apply the partial selection"
+        )
+    return {
+        "selected": [c.candidate for c in res.selection.selected],
+        "labels": {c.candidate: c.label for c in res.selection.selected},
+        "subspace_dims": res.subspace.total_dims if res.subspace is not None else 0,
+        **{k: v for k, v in res.summary.items() if k in ("judged", "unscored", "cost_usd", "calls")},
+    }
+
+
+def stage_caft(ctx: RunContext) -> dict[str, Any]:
+    from caft.subspace import Subspace
+    from caft.training.trainer import train
+
+    sub_dir = ctx.subspace_dir()
+    if not sub_dir.is_dir():
+        raise RunDirError(f"{sub_dir} does not exist: run the triage stage first")
+    sub = Subspace.load(sub_dir)
+    if sub.is_empty:
+        log.warning(
+            "the triage selected no directions: the CAFT stage equals plain fine-tuning with this seed"
+        )
+    res = train(_train_cfg(ctx), ctx.path / "caft", model=ctx.cfg.model, subspace=sub, resume=True)
+    return {"final": str(res.final_path), "metrics": res.metrics, "subspace_dims": sub.total_dims}
+
+
+def _role_model(ctx: RunContext, role: str) -> ModelConfig:
+    if role == "base":
+        return ctx.cfg.model
+    if role == "ft":
+        return ctx.finetuned()
+    return ctx.trained_model("caft")
+
+
+def stage_eval(ctx: RunContext) -> dict[str, Any]:
+    out = ctx.path / "eval"
+    results: dict[str, Any] = {}
+    if ctx.cfg.task_kind == "chat":
+        from caft.evals.pipeline import run_eval_stage
+
+        for role in ctx.cfg.eval_models:
+            res = run_eval_stage(
+                _role_model(ctx, role), ctx.cfg.eval, out / role, client_factory=ctx.grade_client_factory
+            )
+            results[role] = _eval_figures(res)
+        return results
+
+    from caft.evals.mc import run_mc_eval
+
+    cc = ctx.cfg.classification
+    if cc.val is None:
+        raise ConfigError(
+            "classification.val (the in-distribution test set) is required for task_kind classification"
+        )
+    for role in ctx.cfg.eval_models:
+        if role == "base":
+            continue  # an untrained head has no meaningful accuracy
+        res = run_mc_eval(
+            _role_model(ctx, role), cc.val, out / role, ood_path=cc.ood, batch_size=cc.batch_size
+        )
+        results[role] = res["mc"]
+    if cc.test_time_baseline and ctx.subspace_dir().is_dir():
+        res = run_mc_eval(
+            ctx.finetuned(),
+            cc.val,
+            out / "test_time",
+            ood_path=cc.ood,
+            subspace=ctx.subspace_dir(),
+            ablation_mode=ctx.cfg.train.ablation.mode,
+            batch_size=cc.batch_size,
+        )
+        results["test_time"] = res["mc"]
+    return results
+
+
+def _eval_figures(res: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers of one model's eval (misaligned rates, vulnerability)."""
+    out: dict[str, Any] = {}
+    for kind, summary in res.items():
+        if not isinstance(summary, dict):
+            continue
+        overall = summary.get("overall") or summary.get("misaligned") or {}
+        out[kind] = overall if isinstance(overall, dict) else summary
+    return out
+
+
+def stage_report(ctx: RunContext) -> dict[str, Any]:
+    from caft.evals.report import write_report
+
+    eval_dir = ctx.path / "eval"
+    dirs = sorted(p for p in eval_dir.iterdir() if p.is_dir()) if eval_dir.is_dir() else []
+    if not dirs:
+        raise RunDirError(f"nothing to report: {eval_dir} holds no evaluated model (run the eval stage)")
+    md, page = write_report(dirs, ctx.path / "report", [p.name for p in dirs])
+    return {"markdown": str(md), "html": str(page)}
+
+
+def _marker_info(folder: Path) -> dict[str, Any]:
+    marker = folder / "DONE.json"
+    if not marker.is_file():
+        return {}
+    data = json.loads(marker.read_text(encoding="utf-8"))
+    info = data.get("info", {}) if isinstance(data, dict) else {}
+    return {k: v for k, v in info.items() if not isinstance(v, dict | list) or len(json.dumps(v)) < 2000}
+
+
+STAGE_FUNCS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
+    "train": stage_train,
+    "diff": stage_diff,
+    "sae": stage_sae,
+    "evidence": stage_evidence,
+    "triage": stage_triage,
+    "caft": stage_caft,
+    "eval": stage_eval,
+    "report": stage_report,
+}
+
+
+def enabled_stages(cfg: RunConfig) -> list[str]:
+    out = []
+    for name in STAGES:
+        if name == "train" and cfg.finetuned is not None:
+            continue
+        if name == "sae" and (cfg.sae is None or not cfg.sae.saes):
+            continue
+        out.append(name)
+    return out
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    from_stage: str | None = None,
+    only: str | None = None,
+    judge_provider: Provider | None = None,
+    grade_client_factory: Any = None,
+    config_source: str | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) every enabled stage; returns the summary (also written to `<out_dir>/summary.json`)."""
+    stages = enabled_stages(cfg)
+    for name in (from_stage, only):
+        if name is not None and name not in stages:
+            raise ConfigError(
+                f"unknown or disabled stage {name!r}; this run's stages are: {', '.join(stages)}"
+            )
+    run = RunDir.create(
+        cfg.out_dir,
+        config=cfg,
+        models={
+            "base": cfg.model.name_or_path,
+            **({"finetuned": cfg.finetuned.name_or_path} if cfg.finetuned else {}),
+        },
+        judges={"triage": cfg.triage.judge.model, "eval": cfg.eval.grade.judge.model},
+        extra={"config_source": config_source} if config_source else None,
+    )
+    ctx = RunContext(cfg, run, judge_provider=judge_provider, grade_client_factory=grade_client_factory)
+    if from_stage is not None:
+        for name in stages[stages.index(from_stage) :]:
+            run.stage(name).invalidate()
+    summary = _load_summary(run)
+    summary.update({"name": cfg.name, "task_kind": cfg.task_kind, "stages_enabled": stages})
+    todo = [only] if only is not None else stages
+    for name in todo:
+        stage = run.stage(name)
+        if stage.done and only is None:
+            log.info("stage %s: done, skipped", name)
+            continue
+        log.info("stage %s: running", name)
+        started = time.time()
+        info = STAGE_FUNCS[name](ctx)
+        seconds = round(time.time() - started, 2)
+        stage.mark_done(info, started=started)
+        summary.setdefault("stages", {})[name] = {"seconds": seconds, **info}
+        atomic_write_json(run.path / SUMMARY_FILE, summary)
+        log.info("stage %s: finished in %.1f s", name, seconds)
+    summary["complete"] = all(run.stage(n).done for n in stages)
+    atomic_write_json(run.path / SUMMARY_FILE, summary)
+    return summary
+
+
+def _load_summary(run: RunDir) -> dict[str, Any]:
+    p = run.path / SUMMARY_FILE
+    if p.is_file():
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return {}

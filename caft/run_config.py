@@ -1,0 +1,85 @@
+"""The run config: one YAML file describing a whole CAFT run (`caft run config.yaml`).
+
+Each stage's section is that stage's own config class; this module only composes them and fills the
+cross-stage defaults (the base model, the training data as diff inputs, the task description for the judge).
+It imports only config modules (pydantic), so `caft config validate` stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from caft.agent.config import TriageConfig
+from caft.config import CaftConfig, ModelConfig
+from caft.evals.config import EvalConfig
+from caft.interp.config import DiffConfig, EvidenceConfig, SAEConfig
+from caft.training.config import TrainConfig
+
+TaskKind = Literal["chat", "classification"]
+ModelRole = Literal["base", "ft", "caft"]
+_DEFAULT_EVAL_MODELS: tuple[ModelRole, ...] = ("ft", "caft")
+
+
+class ClassificationEvalConfig(CaftConfig):
+    """Accuracy of a classification / multiple-choice task, in distribution and out of distribution."""
+
+    val: str | None = None
+    """In-distribution test set (JSONL rows in the training format)."""
+    ood: str | None = None
+    """Out-of-distribution test set (the spurious cue inverted)."""
+    test_time_baseline: bool = True
+    """Also evaluate the fine-tuned model with the selected subspace ablated at test time only (the paper's
+    baseline)."""
+    batch_size: int = Field(default=32, gt=0)
+    """Examples per forward pass."""
+
+
+class RunConfig(CaftConfig):
+    """A whole caft run: baseline fine-tune -> diff (+ SAE) -> evidence -> triage -> CAFT -> eval -> report."""
+
+    name: str = "caft-run"
+    """Run name (used in reports)."""
+    out_dir: str = "runs/caft-run"
+    """Run directory: manifest, one folder per stage, completion markers."""
+    seed: int = 0
+    """Global seed: the training seed, unless `train.seed` is set explicitly."""
+    task_kind: TaskKind = "chat"
+    """`chat`: SFT on chat JSONL, evaluated for misalignment (and code vulnerability when `eval.code_prompts`
+    is set); `classification`: text/label JSONL, evaluated for ID and OOD accuracy."""
+    model: ModelConfig
+    """The base model."""
+    finetuned: ModelConfig | None = None
+    """An already fine-tuned model or adapter; when absent, the `train` stage fine-tunes the base model."""
+    task: str | None = None
+    """Task description the judge reads (YAML path or a bundled name); default for `triage.task`."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Fine-tuning, shared by the baseline (`train`) and the CAFT stage (`caft`, with the triage subspace)."""
+    diff: DiffConfig = Field(default_factory=DiffConfig)
+    """Activation differences and PCA. Inputs default to the training data."""
+    sae: SAEConfig | None = None
+    """SAE latent rankings; the stage runs only when this section lists SAEs."""
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
+    """Evidence dossiers for every candidate."""
+    triage: TriageConfig = Field(default_factory=TriageConfig)
+    """The judge: verdicts and the selected subspace."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Misalignment (and code) evaluation, for `task_kind: chat`."""
+    eval_models: list[ModelRole] = Field(default_factory=lambda: list(_DEFAULT_EVAL_MODELS))
+    """Which models the eval stage measures (`base` adds the untouched base model as a reference row)."""
+    classification: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
+    """ID / OOD accuracy, for `task_kind: classification`."""
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> RunConfig:
+        if self.task_kind == "classification" and self.train.objective == "chat":
+            raise ValueError(
+                "task_kind is classification but train.objective is chat: set train.objective to "
+                "encoder_classifier or choice_lm"
+            )
+        if self.task_kind == "chat" and self.train.objective != "chat":
+            raise ValueError(
+                f"task_kind is chat but train.objective is {self.train.objective}: set task_kind"
+            )
+        return self
