@@ -10,6 +10,7 @@ for each other instead of failing; `INSERT OR REPLACE` makes a repeated write of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sqlite3
@@ -17,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Literal
+
+from pydantic import BaseModel
 
 from caft.env import scrub
 from caft.errors import RunDirError
@@ -28,7 +31,7 @@ CachePolicy = Literal["deterministic", "all", "off", "refresh"]
 """`deterministic`: read and write temperature-0 requests only; `all`: also sampled ones; `off`: no cache;
 `refresh`: never read, overwrite deterministic entries with fresh replies."""
 
-CACHE_KEY_VERSION = 1
+CACHE_KEY_VERSION = 2
 
 
 def cache_key(
@@ -38,10 +41,7 @@ def cache_key(
     (keys travel in the SDK client's headers, never in `GenerateConfig`)."""
     cfg = config.model_dump(mode="json")
     if config.response_model is not None:
-        cfg["response_model"] = {
-            "name": schema_name(config.response_model),
-            "schema": json_schema(config.response_model),
-        }
+        cfg["response_model"] = _schema_fingerprint(config.response_model)
     payload = {
         "v": CACHE_KEY_VERSION,
         "provider": provider,
@@ -52,6 +52,15 @@ def cache_key(
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_fingerprint(model: type[BaseModel]) -> str:
+    """Name + JSON schema of a response model, serialized once per class (rebuilding the schema on every
+    request cost milliseconds of CPU per call)."""
+    return json.dumps(
+        {"name": schema_name(model), "schema": json_schema(model)}, sort_keys=True, separators=(",", ":")
+    )
 
 
 def is_deterministic(config: GenerateConfig) -> bool:
