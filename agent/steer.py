@@ -9,7 +9,7 @@ in the evidence stage's cached generations.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from caft.errors import ModelError
 
@@ -42,6 +42,7 @@ class HookSteerer:
     def __call__(self, candidate: str, alpha: float, prompt: str) -> str:
         import torch
 
+        from caft.interp.lens import steer
         from caft.models import generate_chat
 
         if candidate not in self.directions or candidate not in self.layers:
@@ -50,14 +51,7 @@ class HookSteerer:
         vec = self.directions[candidate].to(torch.float32)
         unit = vec / vec.norm().clamp_min(1e-12)
         add = (alpha * self.scales.get(candidate, 1.0)) * unit  # (d,)
-        module = sites.layer_module(self.loaded.model, self.layers[candidate])
-
-        def hook(_mod: Any, _inp: Any, output: Any) -> Any:
-            h = sites.hidden(output)
-            return sites.replace_hidden(output, h + add.to(h.device, h.dtype))
-
-        handle = module.register_forward_hook(hook)
-        try:
+        with steer(self.loaded.model, sites, self.layers[candidate], add):
             self.calls += 1
             return generate_chat(
                 self.loaded,
@@ -65,5 +59,3 @@ class HookSteerer:
                 max_new_tokens=self.max_new_tokens,
                 temperature=0.0,
             )[0]
-        finally:
-            handle.remove()
