@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from caft import __version__
+from caft.data_cli import data_app
 from caft.errors import CaftError
 
 app = typer.Typer(
@@ -100,6 +101,9 @@ def config_show() -> None:
         if doc:
             for line in doc.splitlines():
                 print(f"    {line.strip()}")
+
+
+app.add_typer(data_app, name="data")
 
 
 def main(argv: list[str] | None = None) -> Any:
