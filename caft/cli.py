@@ -14,6 +14,9 @@ import typer
 from caft import __version__
 from caft.data_cli import data_app
 from caft.errors import CaftError
+from caft.evals.cli import eval_app, grade_command, report_command
+from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
+from caft.training.cli import train_command
 
 app = typer.Typer(
     name="caft",
@@ -103,7 +106,14 @@ def config_show() -> None:
                 print(f"    {line.strip()}")
 
 
-app.add_typer(data_app, name="data")
+app.command("train")(train_command)
+app.command("grade")(grade_command)
+app.add_typer(eval_app, name="eval")
+app.command("report")(report_command)
+app.command("diff")(diff_cmd)  # interp: collection + streaming PCA
+app.add_typer(sae_app, name="sae")  # interp: SAE latent rankings
+app.command("evidence")(evidence_cmd)  # interp: evidence dossiers
+app.add_typer(data_app, name="data")  # spurious-correlation data sets
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -71,25 +71,31 @@ def secret_values() -> list[str]:
     return sorted({v for v in vals if len(v) >= 8}, key=len, reverse=True)
 
 
-def scrub(text: str) -> str:
+_CREDENTIAL_KEYS = frozenset({"api_key", "authorization", "x-api-key", "api-key"})
+
+
+def scrub(text: str, secrets: list[str] | None = None) -> str:
     """Replace every secret value (and anything shaped like an API key) with `***`."""
-    for v in secret_values():
+    for v in secret_values() if secrets is None else secrets:
         text = text.replace(v, "***")
     return _KEY_PATTERN.sub("***", text)
 
 
-def scrub_obj(obj: Any) -> Any:
-    """`scrub` applied to every string in a JSON-like structure; keys named like credentials are dropped."""
+def scrub_obj(obj: Any, secrets: list[str] | None = None) -> Any:
+    """`scrub` applied to every string in a JSON-like structure; keys named like credentials are dropped.
+    The environment is read once per call, not once per string."""
+    if secrets is None:
+        secrets = secret_values()
     if isinstance(obj, str):
-        return scrub(obj)
+        return scrub(obj, secrets)
     if isinstance(obj, Mapping):
         return {
-            k: scrub_obj(v)
+            k: scrub_obj(v, secrets)
             for k, v in obj.items()
-            if not (isinstance(k, str) and k.lower() in {"api_key", "authorization", "x-api-key", "api-key"})
+            if not (isinstance(k, str) and k.lower() in _CREDENTIAL_KEYS)
         }
     if isinstance(obj, list | tuple):
-        return [scrub_obj(v) for v in obj]
+        return [scrub_obj(v, secrets) for v in obj]
     return obj
 
 

@@ -1,1 +1,67 @@
-"""caft.evals."""
+"""caft.evals: misalignment evaluation, a crash-safe batch grader, task metrics, and reports.
+
+Public API (imported on first use, so `import caft.evals` stays light for the CLI)::
+
+    from caft.evals import load_questions, load_judge_prompts, render_judge_prompt     # EM YAML format
+    from caft.evals import aggregate_logprobs, score_replies                            # the 0-100 rules
+    from caft.evals import load_answers, grade, GradeSettings, PromptBook               # batch grading
+    from caft.evals import misalignment, collect_scores, bootstrap_ci, mc_accuracy      # metrics
+    from caft.evals import run_misalignment_eval, run_code_eval, run_eval_stage, run_mc_eval, grade_file
+    from caft.evals import write_report, compare                                        # reports, judge agreement
+
+CLI: `caft grade`, `caft eval misalignment|code|mc`, `caft report`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Question": "questions",
+    "load_questions": "questions",
+    "load_judge_prompts": "questions",
+    "render_judge_prompt": "questions",
+    "prompt_hash": "questions",
+    "aggregate_logprobs": "scoring",
+    "score_replies": "scoring",
+    "parse_number": "scoring",
+    "AnswerRow": "inputs",
+    "Columns": "inputs",
+    "load_answers": "inputs",
+    "GradeSettings": "grader",
+    "GradeReport": "grader",
+    "PromptBook": "grader",
+    "grade": "grader",
+    "grade_async": "grader",
+    "estimate": "grader",
+    "Thresholds": "metrics",
+    "bootstrap_ci": "metrics",
+    "collect_scores": "metrics",
+    "misalignment": "metrics",
+    "score_rate": "metrics",
+    "mc_accuracy": "metrics",
+    "summarize_grades": "summary",
+    "grade_file": "pipeline",
+    "run_misalignment_eval": "pipeline",
+    "run_code_eval": "pipeline",
+    "run_eval_stage": "pipeline",
+    "run_mc_eval": "mc",
+    "sample_answers": "sampling",
+    "write_report": "report",
+    "compare": "agreement",
+    "EvalConfig": "config",
+    "GradeConfig": "config",
+    "MisalignmentEvalConfig": "config",
+    "SampleConfig": "config",
+    "ThresholdsConfig": "config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'caft.evals' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"caft.evals.{module}"), name)

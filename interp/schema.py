@@ -12,10 +12,16 @@ so that a verdict can cite the items it relied on and the citation can be checke
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 CandidateKind = Literal["pc", "sae", "vector"]
 
@@ -41,6 +47,9 @@ class Candidate(BaseModel):
     """Every ranking score: `explained_variance_ratio`, `eigenvalue`, `mean_diff`, `sae_diff`, `attribution`, ..."""
     ranks: dict[str, int] = Field(default_factory=dict)
     """Rank (0 = top) in each ranking that placed it."""
+    sae: str | None = None
+    """For SAE latents: the name of the SAE (in the sae stage's `saes.json`) whose encoder gives the
+    latent's activation."""
 
 
 def candidate_id(kind: CandidateKind, layer: int, index: int | str) -> str:
@@ -70,6 +79,8 @@ class Window(BaseModel):
     """Index into `tokens` of the peak position."""
     value: float
     """The value at the peak."""
+    position: int | None = None
+    """Position of the peak token in the document."""
 
 
 class TokenScore(BaseModel):
@@ -118,6 +129,10 @@ class Steering(BaseModel):
     residual_norm: float
     """Typical residual norm at the layer; the added vector is alpha * residual_norm * unit direction."""
     generations: list[Generation]
+    search: list[dict[str, Any]] = Field(default_factory=list)
+    """The strengths tried by the search and whether each kept generations coherent."""
+    baseline_perplexity: float | None = None
+    """Mean perplexity of the unsteered base generations (the reference of the coherence proxy)."""
 
 
 class Dossier(BaseModel):
@@ -145,3 +160,67 @@ class Dossier(BaseModel):
             ids.add(self.steering.id)
             ids |= {g.id for g in self.steering.generations}
         return ids
+
+
+# ---- reading and writing candidate files ---------------------------------------------------------------
+
+
+def _candidates_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / CANDIDATES_FILE if p.is_dir() else p
+
+
+def load_candidates(path: str | Path) -> list[Candidate]:
+    """Candidates from a `candidates.jsonl` file or a stage folder holding one."""
+    from caft.errors import DataError
+    from caft.rundir import iter_jsonl
+
+    p = _candidates_path(path)
+    out: list[Candidate] = []
+    for i, row in enumerate(iter_jsonl(p), 1):
+        try:
+            out.append(Candidate.model_validate(row))
+        except ValueError as e:
+            raise DataError(f"{p}: candidate {i} is malformed: {e}") from None
+    return out
+
+
+def load_directions(path: str | Path) -> dict[str, torch.Tensor]:
+    """Unit directions by candidate id, from `directions.safetensors` or a stage folder holding one."""
+    from safetensors.torch import load_file
+
+    from caft.errors import DataError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / DIRECTIONS_FILE
+    if not p.is_file():
+        raise DataError(f"directions file not found: {p} (run `caft diff` or `caft sae rank` first)")
+    return dict(load_file(str(p)))
+
+
+def save_candidates(
+    folder: str | Path, candidates: Sequence[Candidate], directions: Mapping[str, torch.Tensor]
+) -> None:
+    """Write `candidates.jsonl` and `directions.safetensors` atomically (directions first, so a candidates
+    file never names a direction that is not on disk)."""
+    import torch
+    from safetensors.torch import save
+
+    from caft.rundir import atomic_write_bytes, atomic_write_text
+
+    missing = [c.id for c in candidates if c.id not in directions]
+    if missing:
+        raise ValueError(f"no direction for candidates {missing[:5]}")
+    tensors = {
+        c.id: directions[c.id].detach().to(device="cpu", dtype=torch.float32).contiguous() for c in candidates
+    }
+    d = Path(folder)
+    atomic_write_bytes(d / DIRECTIONS_FILE, save(tensors))
+    text = "".join(json.dumps(c.model_dump(mode="json"), ensure_ascii=False) + "\n" for c in candidates)
+    atomic_write_text(d / CANDIDATES_FILE, text)
+
+
+def load_dossier(path: str | Path) -> Dossier:
+    p = Path(path)
+    return Dossier.model_validate_json(p.read_text(encoding="utf-8"))

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from caft.errors import CaftError
+
 Role = Literal["system", "user", "assistant", "tool"]
 
 
@@ -21,6 +23,9 @@ class ToolCall(BaseModel):
     id: str
     name: str
     arguments: dict[str, Any]
+    parse_error: str | None = None
+    """Set when the model's argument string was not a JSON object (`arguments` is then empty); an agent can
+    show it to the model instead of guessing."""
 
 
 class Message(BaseModel):
@@ -102,6 +107,22 @@ class GenerateResult(BaseModel):
     latency_s: float = 0.0
 
 
+class UsageTotals(BaseModel):
+    """Running totals of a client: per run, and per stage in `by_stage`. Cache hits count in
+    `cached_calls` only (they cost no tokens and no money)."""
+
+    calls: int = 0
+    """Requests that reached the provider and succeeded (retries of one request count once)."""
+    cached_calls: int = 0
+    failed_calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    """Dollars for the calls whose model has a price; `unpriced_calls` counts the others."""
+    unpriced_calls: int = 0
+    by_stage: dict[str, UsageTotals] = Field(default_factory=dict)
+
+
 class Capabilities(BaseModel):
     logprobs: bool = False
     tools: bool = False
@@ -113,6 +134,8 @@ class Provider(abc.ABC):
 
     name: str = "provider"
     capabilities: Capabilities = Capabilities()
+    base_url: str | None = None
+    """The server address when it is not the provider's default (it enters the cache key)."""
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -130,8 +153,8 @@ class Provider(abc.ABC):
         """Release network clients."""
 
 
-class LLMError(Exception):
-    """Base of every error from the LLM layer."""
+class LLMError(CaftError):
+    """Base of every error from the LLM layer (a `CaftError`, so the CLI prints its message cleanly)."""
 
 
 class RetryableError(LLMError):

@@ -1,0 +1,462 @@
+"""`LLMClient`: everything that happens around one provider's `generate`, once for all providers.
+
+Order of events for one request:
+
+1. capability check (logprobs or tools asked of a provider that lacks them: `CapabilityError`, no request);
+2. budget check (`max_cost_usd` reached: `BudgetExceededError`, no request);
+3. cache read (policy permitting): a hit costs no request and no money;
+4. the request, under the concurrency semaphore and the request timeout, retried by tenacity on
+   `RetryableError` (rate limit, timeout, connection error, 5xx, malformed reply) with exponential backoff
+   and jitter, or exactly the server's Retry-After when it gave one (capped); `FatalError` is never retried;
+5. structured output: validation against the response model, one repair round that shows the model its
+   validation error, then `StructuredOutputError`;
+6. accounting (tokens and dollars per call, per stage, per run), cache write, one call-log record.
+
+Failed calls are logged too, and nothing from a failed call is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity.wait import wait_exponential_jitter
+
+from caft.env import scrub
+from caft.llm import structured
+from caft.llm.cache import CachePolicy, ResponseCache, cache_key, should_read, should_write
+from caft.llm.config import JudgeConfig
+from caft.llm.prices import Price, find_price, load_prices
+from caft.llm.redact import redact
+from caft.llm.types import (
+    BudgetExceededError,
+    Capabilities,
+    CapabilityError,
+    FatalError,
+    GenerateConfig,
+    GenerateResult,
+    LLMError,
+    Message,
+    Provider,
+    RetryableError,
+    StructuredOutputError,
+    Usage,
+    UsageTotals,
+)
+from caft.rundir import JsonlWriter
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "llm_cache.sqlite"
+CALL_LOG_FILE = "llm_calls.jsonl"
+
+_warned_unpriced: set[str] = set()
+
+Request = tuple[list[Message], GenerateConfig]
+ResultOrError = GenerateResult | LLMError
+
+
+def _add(totals: UsageTotals, **delta: float) -> None:
+    for name, value in delta.items():
+        setattr(totals, name, getattr(totals, name) + value)
+
+
+class LLMClient:
+    """Retries, bounded concurrency, a disk cache, accounting and a call log around one `Provider`.
+
+    `prices`: None (the built-in table), a path to a YAML override file, or a ready table.
+    `backoff_initial_s`, `backoff_max_s`: the exponential backoff (with jitter of one initial step);
+    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it).
+
+    One client serves one event loop (the SDK's connection pool belongs to it). `max_cost_usd` is checked
+    before each request, so requests already in flight may overshoot it by up to `max_concurrency` calls.
+    The call log is flushed per record but not fsynced: a process crash loses nothing, a power cut may lose
+    the last records."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        max_concurrency: int = 16,
+        max_retries: int = 6,
+        timeout_s: float = 60.0,
+        cache_path: str | Path | None = None,
+        cache_policy: CachePolicy = "deterministic",
+        call_log: str | Path | None = None,
+        stage: str = "",
+        prices: dict[str, Price] | str | Path | None = None,
+        max_cost_usd: float | None = None,
+        *,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        max_retry_after_s: float = 120.0,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        self.provider = provider
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.timeout_s = timeout_s
+        self.cache_policy: CachePolicy = cache_policy
+        self.stage = stage
+        self.max_cost_usd = max_cost_usd
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
+        self.prices = prices if isinstance(prices, dict) else load_prices(prices)
+        self._price = find_price(self.prices, provider.name, provider.model)
+        self._sem = asyncio.Semaphore(max_concurrency)
+        self._cache = ResponseCache(cache_path) if cache_path is not None and cache_policy != "off" else None
+        self._log = JsonlWriter(call_log, fsync=False) if call_log is not None else None
+        self._usage = UsageTotals()
+        self.requests_sent = 0
+        """Requests handed to the provider, every retry and repair round included."""
+
+    @classmethod
+    def from_config(
+        cls,
+        config: JudgeConfig,
+        run_dir: str | Path | None = None,
+        stage: str = "",
+        *,
+        provider: Provider | None = None,
+        **provider_kw: Any,
+    ) -> LLMClient:
+        """A client for `config`; with `run_dir`, the cache is `<run_dir>/llm_cache.sqlite` and every call
+        is appended to `<run_dir>/llm_calls.jsonl`. `provider` replaces the one `config.model` names
+        (tests pass a `MockProvider` here); `provider_kw` go to `get_provider`."""
+        from caft.llm.registry import get_provider
+
+        if provider is None:
+            provider = get_provider(
+                config.model,
+                base_url=config.base_url,
+                api_key_env=config.api_key_env,
+                timeout_s=config.timeout_s,
+                **provider_kw,
+            )
+        root = Path(run_dir) if run_dir is not None else None
+        return cls(
+            provider,
+            max_concurrency=config.max_concurrency,
+            max_retries=config.max_retries,
+            timeout_s=config.timeout_s,
+            cache_path=root / CACHE_FILE if root is not None else None,
+            cache_policy=config.cache,
+            call_log=root / CALL_LOG_FILE if root is not None else None,
+            stage=stage,
+            prices=config.prices_path,
+            max_cost_usd=config.max_cost_usd,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.provider.capabilities
+
+    @property
+    def model_id(self) -> str:
+        return self.provider.model_id
+
+    @property
+    def usage(self) -> UsageTotals:
+        """A snapshot of the running totals."""
+        return self._usage.model_copy(deep=True)
+
+    # -- one request ---------------------------------------------------------------------------------
+
+    async def generate(
+        self, messages: list[Message], config: GenerateConfig | None = None, *, stage: str | None = None
+    ) -> GenerateResult:
+        """One request through cache, retries and accounting. Raises an `LLMError` subclass on failure."""
+        config = config or GenerateConfig()
+        stage_name = self.stage if stage is None else stage
+        self._check(messages, config)
+        key = cache_key(self.provider.name, self.provider.model, self.provider.base_url, messages, config)
+        if self._cache is not None and should_read(self.cache_policy, config):
+            hit = self._cache.get(key)
+            if hit is not None:
+                parsed = None
+                if config.response_model is not None:
+                    parsed, _ = structured.validate(config.response_model, hit.text)
+                if config.response_model is None or parsed is not None:
+                    return self._cached(hit, parsed, key, stage_name)
+        try:
+            result = await self._request(messages, config, key, stage_name)
+            if config.response_model is not None:
+                result = await self._structured(messages, config, result, key, stage_name)
+        except LLMError as e:
+            self._account_failure(stage_name)
+            self._write_log(key, stage_name, None, error=e)
+            raise
+        if self._cache is not None and should_write(self.cache_policy, config):
+            self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
+        return result
+
+    def _check(self, messages: list[Message], config: GenerateConfig) -> None:
+        if not messages:
+            raise FatalError("generate() needs at least one message")
+        caps = self.provider.capabilities
+        if config.logprobs and not caps.logprobs:
+            raise CapabilityError(
+                f"{self.model_id} cannot return logprobs; use a scoring rule without them "
+                "(e.g. sampled scores) or a provider that has them (openai, openai-compatible)"
+            )
+        if config.tools and not caps.tools:
+            raise CapabilityError(f"{self.model_id} does not support tool calls")
+        if self.max_cost_usd is not None and self._usage.cost_usd >= self.max_cost_usd:
+            raise BudgetExceededError(
+                f"the budget of ${self.max_cost_usd:.2f} for {self.model_id} is spent "
+                f"(${self._usage.cost_usd:.4f} so far); raise max_cost_usd to continue"
+            )
+
+    def _cached(self, hit: GenerateResult, parsed: Any, key: str, stage: str) -> GenerateResult:
+        result = hit.model_copy(
+            update={"parsed": parsed, "cached": True, "usage": hit.usage.model_copy(update={"cost_usd": 0.0})}
+        )
+        for totals in (self._usage, self._stage_totals(stage)):
+            _add(totals, cached_calls=1)
+        self._write_log(key, stage, result)
+        return result
+
+    async def _structured(
+        self, messages: list[Message], config: GenerateConfig, result: GenerateResult, key: str, stage: str
+    ) -> GenerateResult:
+        """Validate; on failure one repair round with the error shown; then `StructuredOutputError`."""
+        assert config.response_model is not None
+        parsed, err = structured.validate(config.response_model, result.text)
+        if parsed is not None:
+            return result.model_copy(update={"parsed": parsed})
+        logger.info("%s: reply did not validate (%s); one repair round", self.model_id, err)
+        repair = structured.repair_messages(messages, result.text, err or "invalid")
+        second = await self._request(repair, config, key, stage, repair_round=True)
+        parsed, err2 = structured.validate(config.response_model, second.text)
+        if parsed is not None:
+            return second.model_copy(update={"parsed": parsed})
+        raise StructuredOutputError(
+            f"{self.model_id}: reply did not validate against {config.response_model.__name__} after one "
+            f"repair round: {err2}",
+            raw_text=second.text,
+            result=second,
+        )
+
+    async def _request(
+        self,
+        messages: list[Message],
+        config: GenerateConfig,
+        key: str,
+        stage: str,
+        repair_round: bool = False,
+    ) -> GenerateResult:
+        attempts = 1
+        try:  # the common case, without the retry machinery's per-call cost
+            result = await self._attempt(messages, config)
+        except RetryableError as first_failure:
+            result, attempts = await self._retry(messages, config, first_failure)
+        self._account(result, stage)
+        self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
+        return result
+
+    async def _retry(
+        self, messages: list[Message], config: GenerateConfig, first_failure: RetryableError
+    ) -> tuple[GenerateResult, int]:
+        """Tenacity takes over after a first failed attempt; that failure is replayed to it as attempt 1,
+        so its backoff and the Retry-After of that reply apply from the start. Returns (result, attempts)."""
+        replay: list[RetryableError] = [first_failure]
+        attempts = 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(RetryableError),
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self._wait,
+            before_sleep=self._before_sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    if replay:
+                        raise replay.pop()
+                    result = await self._attempt(messages, config)
+        except RetryableError as e:
+            raise RetryableError(
+                f"{self.model_id}: gave up after {attempts} attempt(s): {e}",
+                retry_after=None,
+                status=e.status,
+            ) from e
+        return result, attempts
+
+    async def _attempt(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
+        async with self._sem:
+            self.requests_sent += 1
+            t0 = time.perf_counter()
+            try:
+                result = await asyncio.wait_for(self.provider.generate(messages, config), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise RetryableError(f"no reply within {self.timeout_s:g} s (request timeout)") from None
+            # Redacted once, here (one pass over both); the cache and the call log store these as they are.
+            raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
+            return result.model_copy(update={"latency_s": time.perf_counter() - t0, **raw})
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, RetryableError) and exc.retry_after is not None:
+            return max(0.0, min(exc.retry_after, self.max_retry_after_s))
+        backoff = wait_exponential_jitter(
+            multiplier=self.backoff_initial_s, max=self.backoff_max_s, jitter=self.backoff_initial_s
+        )
+        return float(backoff(state))
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        logger.info(
+            "%s: attempt %d failed (%s); retrying in %.2f s", self.model_id, state.attempt_number, exc, wait
+        )
+
+    # -- accounting and log --------------------------------------------------------------------------
+
+    def _stage_totals(self, stage: str) -> UsageTotals:
+        totals = self._usage.by_stage.get(stage)
+        if totals is None:
+            totals = self._usage.by_stage[stage] = UsageTotals()
+        return totals
+
+    def _account(self, result: GenerateResult, stage: str) -> None:
+        usage = result.usage
+        cost: float | None = None
+        if self._price is not None:
+            cost = self._price.cost(usage.input_tokens, usage.output_tokens)
+        elif self.provider.name != "mock" and self.model_id not in _warned_unpriced:
+            _warned_unpriced.add(self.model_id)
+            logger.warning(
+                "%s has no price in the price table: counting its tokens but not dollars "
+                "(add it with judge.prices_path)",
+                self.model_id,
+            )
+        result.usage = Usage(
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cost_usd=cost
+        )
+        for totals in (self._usage, self._stage_totals(stage)):
+            _add(
+                totals,
+                calls=1,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=cost or 0.0,
+                unpriced_calls=int(cost is None),
+            )
+
+    def _account_failure(self, stage: str) -> None:
+        for totals in (self._usage, self._stage_totals(stage)):
+            _add(totals, failed_calls=1)
+
+    def _write_log(
+        self,
+        key: str,
+        stage: str,
+        result: GenerateResult | None,
+        *,
+        attempts: int = 0,
+        repair_round: bool = False,
+        error: LLMError | None = None,
+    ) -> None:
+        if self._log is None:
+            return
+        record: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stage": stage,
+            "model": self.model_id,
+            "key": key,
+            "cached": bool(result is not None and result.cached),
+            "attempts": attempts,
+        }
+        if result is not None and result.cached:
+            # The full exchange is in the cache entry and in the record of the call that filled it.
+            # (the cached text was redacted when it was stored).
+            record.update(text=result.text, finish_reason=result.finish_reason)
+        elif result is not None:
+            record.update(
+                repair_round=repair_round,
+                latency_s=round(result.latency_s, 4),
+                input_tokens=result.usage.input_tokens,
+                output_tokens=result.usage.output_tokens,
+                cost_usd=result.usage.cost_usd,
+                finish_reason=result.finish_reason,
+                text=scrub(result.text),
+                request=result.raw_request,
+                response=result.raw_response,
+            )
+        if error is not None:
+            record["error"] = {"type": type(error).__name__, "message": scrub(str(error))}
+            if isinstance(error, StructuredOutputError) and error.result is not None:
+                record["request"] = error.result.raw_request
+                record["response"] = error.result.raw_response
+        self._log.write(record)
+
+    # -- many requests -------------------------------------------------------------------------------
+
+    async def generate_many(
+        self,
+        requests: Sequence[Request],
+        *,
+        stage: str | None = None,
+        on_result: Callable[[int, ResultOrError], None] | None = None,
+    ) -> list[ResultOrError]:
+        """All requests, at most `max_concurrency` at a time, results in input order. A request that fails
+        gets its `LLMError` in its slot; `FatalError` and `BudgetExceededError` stop the batch and are
+        raised (requests already in flight finish first, so their replies are cached and logged).
+        `on_result(index, result_or_error)` is called as each one completes (e.g. to append to a file)."""
+        items = list(requests)
+        out: list[ResultOrError | None] = [None] * len(items)
+        pending = iter(enumerate(items))
+        stop: list[LLMError] = []
+
+        async def worker() -> None:
+            for i, (messages, config) in pending:
+                if stop:
+                    return
+                try:
+                    res: ResultOrError = await self.generate(messages, config, stage=stage)
+                except (FatalError, BudgetExceededError) as e:
+                    stop.append(e)
+                    return
+                except LLMError as e:
+                    res = e
+                out[i] = res
+                if on_result is not None:
+                    on_result(i, res)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(min(self.max_concurrency, len(items)))]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            for w in workers:
+                w.cancel()
+            raise
+        if stop:
+            raise stop[0]
+        done: list[ResultOrError] = []
+        for i, r in enumerate(out):
+            if r is None:  # only possible if a worker returned early, which `stop` covers
+                raise RuntimeError(f"request {i} produced no result")
+            done.append(r)
+        return done
+
+    async def aclose(self) -> None:
+        await self.provider.aclose()
+        if self._cache is not None:
+            self._cache.close()
+        if self._log is not None:
+            self._log.close()
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,458 @@
+"""CLI of the evals: `caft grade`, `caft eval misalignment|code|mc`, `caft report`.
+
+Each command builds a config from its flags (plus an optional YAML file and `--set` overrides) and calls one
+library function. Nothing heavy is imported at module level, so `caft --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from caft.errors import CaftError
+
+eval_app = typer.Typer(
+    help="Evaluate a model: misalignment, code vulnerability, multiple choice.", no_args_is_help=True
+)
+
+Opt = typer.Option
+SetOpt = Annotated[
+    list[str] | None, Opt("--set", help="Override a config field: --set grade.samples=5 (repeatable).")
+]
+JudgeOpt = Annotated[
+    str | None, Opt("--judge", help="Judge model, <provider>/<model> (e.g. openai/gpt-4.1).")
+]
+BaseUrlOpt = Annotated[
+    str | None, Opt("--base-url", help="Judge server address (openai-compatible, a proxy, a fake).")
+]
+ConcOpt = Annotated[int | None, Opt("--concurrency", help="Judge requests in flight at once.")]
+MaxCostOpt = Annotated[
+    float | None, Opt("--max-cost", help="Stop cleanly once the judge has spent this many dollars.")
+]
+ScoringOpt = Annotated[
+    str | None,
+    Opt("--scoring", help="auto | logprob_0_100 | sampled_mean | parsed_number (recorded per row)."),
+]
+PromptsOpt = Annotated[
+    Path | None, Opt("--judge-prompts", help="YAML file of judge prompts (default: caft's own).")
+]
+ProgressOpt = Annotated[bool, Opt("--progress/--no-progress", help="Show the progress bar.")]
+ConfigOpt = Annotated[Path | None, Opt("--config", help="A YAML file with the command's config (flags win).")]
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai", "anthropic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(cls: Any, config: Path | None, overrides: list[str] | None, base: dict[str, Any]) -> Any:
+    """Config = YAML file (optional) <- flags <- --set overrides."""
+    from caft.config import apply_overrides, read_yaml, validate_config
+
+    data = read_yaml(config) if config is not None else {}
+    data = _merge(data, base)
+    data = apply_overrides(data, overrides or [])
+    return validate_config(cls, data, str(config) if config else "<flags>")
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b` over `a`, recursively; None in `b` means "flag not given" and leaves `a` (or the default) alone."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            out[k] = _merge(out[k] if isinstance(out.get(k), dict) else {}, v)
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _grade_base(
+    metrics: str | None,
+    judge: str | None,
+    base_url: str | None,
+    concurrency: int | None,
+    max_cost: float | None,
+    scoring: str | None,
+    judge_prompts: Path | None,
+) -> dict[str, Any]:
+    jd: dict[str, Any] = {
+        "model": judge,
+        "base_url": base_url,
+        "max_concurrency": concurrency,
+        "max_cost_usd": max_cost,
+    }
+    return {
+        "metrics": [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
+        "judge": {k: v for k, v in jd.items() if v is not None},
+        "scoring": scoring,
+        "judge_prompts": str(judge_prompts) if judge_prompts else None,
+    }
+
+
+def grade_command(
+    answers: Annotated[
+        Path | None, typer.Argument(help="JSONL or CSV with question and answer columns.")
+    ] = None,
+    out: Annotated[Path, Opt("--out", help="Output folder (grades.jsonl, summary.json, ...).")] = Path(
+        "grades"
+    ),
+    metrics: Annotated[str | None, Opt("--metrics", help="Comma-separated judge metrics.")] = None,
+    judge: JudgeOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcOpt = None,
+    max_cost: MaxCostOpt = None,
+    scoring: ScoringOpt = None,
+    judge_prompts: PromptsOpt = None,
+    question_col: Annotated[str | None, Opt("--question-col", help="Column with the question.")] = None,
+    answer_col: Annotated[str | None, Opt("--answer-col", help="Column with the answer.")] = None,
+    id_col: Annotated[str | None, Opt("--id-col", help="Column with unique answer ids.")] = None,
+    question_id_col: Annotated[
+        str | None, Opt("--question-id-col", help="Column grouping answers by question.")
+    ] = None,
+    dry_run: Annotated[
+        bool, Opt("--dry-run", help="Print calls, estimated tokens and dollars; grade nothing.")
+    ] = False,
+    rescore: Annotated[
+        Path | None,
+        Opt("--rescore", help="An earlier grades.jsonl: re-judge its answers with --judge and compare."),
+    ] = None,
+    progress: ProgressOpt = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Grade answers with an LLM judge (resumable: a rerun grades only what is missing)."""
+    try:
+        _grade(
+            answers,
+            out,
+            metrics,
+            judge,
+            base_url,
+            concurrency,
+            max_cost,
+            scoring,
+            judge_prompts,
+            {"question": question_col, "answer": answer_col, "id": id_col, "question_id": question_id_col},
+            dry_run,
+            rescore,
+            progress,
+            config,
+            set_,
+        )
+    except CaftError as e:
+        _fail(e)
+
+
+def _grade(
+    answers: Path | None,
+    out: Path,
+    metrics: str | None,
+    judge: str | None,
+    base_url: str | None,
+    concurrency: int | None,
+    max_cost: float | None,
+    scoring: str | None,
+    judge_prompts: Path | None,
+    columns: dict[str, str | None],
+    dry_run: bool,
+    rescore: Path | None,
+    progress: bool,
+    config: Path | None,
+    set_: list[str] | None,
+) -> None:
+    from caft.evals.config import GradeConfig
+
+    _setup_logging()
+    base = _grade_base(metrics, judge, base_url, concurrency, max_cost, scoring, judge_prompts)
+    base["columns"] = {k: v for k, v in columns.items() if v is not None}
+    if rescore is not None:
+        answers, base = _rescore_inputs(rescore, answers, base)
+    if answers is None:
+        raise CaftError(
+            "give the answers file to grade (JSONL or CSV), e.g. caft grade answers.jsonl --out DIR"
+        )
+    cfg: GradeConfig = _load(GradeConfig, config, set_, base)
+    if rescore is not None and out.resolve() == rescore.parent.resolve():
+        raise CaftError("--out must be a new folder for --rescore (the old grades stay where they are)")
+    if dry_run:
+        _dry_run(answers, out, cfg)
+        return
+    from caft.evals.pipeline import GRADES_FILE, grade_file
+
+    report, summary = grade_file(answers, out, cfg, progress=progress)
+    _print_grade(report.as_dict(), summary)
+    if rescore is not None:
+        from caft.evals.agreement import agreement_markdown, compare
+
+        from caft.rundir import atomic_write_json, atomic_write_text
+
+        res = compare(rescore, out / GRADES_FILE)
+        atomic_write_json(out / "agreement.json", res)
+        md = agreement_markdown(res)
+        atomic_write_text(out / "agreement.md", md)
+        typer.echo(md)
+    if report.stopped:
+        typer.secho(
+            f"stopped early: {report.stopped}; rerun the same command to continue",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+        raise typer.Exit(code=3)
+
+
+def _rescore_inputs(
+    old: Path, answers: Path | None, base: dict[str, Any]
+) -> tuple[Path | None, dict[str, Any]]:
+    """Answers and metrics of an earlier grading, for a rescore with another judge."""
+    from caft.rundir import iter_jsonl
+
+    if not old.is_file():
+        raise CaftError(f"--rescore {old}: file not found (give the grades.jsonl of the earlier run)")
+    old_metrics = sorted({str(r.get("metric")) for r in iter_jsonl(old)})
+    if not old_metrics:
+        raise CaftError(f"--rescore {old}: no grades in it")
+    if base.get("metrics") is None:
+        base["metrics"] = old_metrics
+    inputs = old.parent / "inputs.json"
+    if answers is None and inputs.is_file():
+        info = json.loads(inputs.read_text(encoding="utf-8"))
+        answers = Path(info["answers"])
+        for k, v in info.get("columns", {}).items():
+            base["columns"].setdefault(k, v)
+    if answers is None:
+        raise CaftError(
+            f"--rescore: {old.parent} has no inputs.json naming the answers; give the answers file too"
+        )
+    return answers, base
+
+
+def _dry_run(answers: Path, out: Path, cfg: Any) -> None:
+    from caft.evals.grader import GradeSettings, PromptBook, estimate
+    from caft.evals.inputs import Columns, load_answers
+    from caft.evals.questions import load_judge_prompts
+
+    rows = load_answers(answers, Columns(**cfg.columns.model_dump()), cfg.max_answer_chars)
+    rule = cfg.scoring
+    if rule == "auto":
+        rule = "sampled_mean" if cfg.judge.model.startswith("anthropic/") else "logprob_0_100"
+    settings = GradeSettings(metrics=tuple(cfg.metrics), rule=rule, samples=cfg.samples)
+    est = estimate(
+        rows,
+        PromptBook(load_judge_prompts(cfg.judge_prompts)),
+        settings,
+        cfg.judge.model,
+        out / "grades.jsonl",
+        cfg.judge.prices_path,
+    )
+    for k, v in est.items():
+        typer.echo(f"{k:<24} {'unknown (model not in the price table)' if v is None else v}")
+
+
+def _print_grade(report: dict[str, Any], summary: dict[str, Any]) -> None:
+    typer.echo(
+        f"graded {report['graded']} pairs ({report['already_done']} already there, {report['missing']} missing) "
+        f"in {report['seconds']:.1f} s, ${report['cost_usd']:.4f}; unscored: {report['unscored'] or 'none'}"
+    )
+    m = summary.get("misalignment")
+    if m:
+        ov = m["overall"]
+        for denom in ("of_coherent", "of_scored"):
+            r = ov[denom]
+            if r["rate"] is not None:
+                typer.echo(
+                    f"misaligned {denom}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}] "
+                    f"({r['k']}/{r['n']}; unscored {ov['n_unscored']})"
+                )
+    v = summary.get("vulnerability")
+    if v and v["rate"]["rate"] is not None:
+        typer.echo(
+            f"vulnerable: {100 * v['rate']['rate']:.2f}% ({v['rate']['k']}/{v['rate']['n']}; unscored {v['n_unscored']})"
+        )
+
+
+def _model_base(
+    model: str | None, adapter: str | None, device: str | None, dtype: str | None, template: str | None
+) -> dict[str, Any]:
+    d: dict[str, Any] = {"name_or_path": model, "adapter": adapter, "device": device, "dtype": dtype}
+    if template:
+        d["chat"] = {"template": template}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+ModelOpt = Annotated[str | None, Opt("--model", help="Model under test: hub id or local path.")]
+AdapterOpt = Annotated[str | None, Opt("--adapter", help="A peft adapter to put on the model.")]
+DeviceOpt = Annotated[str | None, Opt("--device", help="auto, cpu, cuda, cuda:N.")]
+DtypeOpt = Annotated[str | None, Opt("--dtype", help="auto, float32, bfloat16, float16.")]
+TemplateOpt = Annotated[str | None, Opt("--chat-template", help="model (the tokenizer's), chatml or plain.")]
+SamplesOpt = Annotated[
+    int | None, Opt("--samples", help="Answers per paraphrase (overrides the question file).")
+]
+MaxNewOpt = Annotated[int | None, Opt("--max-new-tokens", help="Answer length limit.")]
+BatchOpt = Annotated[int | None, Opt("--batch-size", help="Generation batch size.")]
+BackendOpt = Annotated[str | None, Opt("--backend", help="auto, transformers or vllm.")]
+
+
+@eval_app.command("misalignment")
+def eval_misalignment(
+    out: Annotated[Path, Opt("--out", help="Output folder.")],
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    questions: Annotated[
+        Path | None, Opt("--questions", help="Question YAML (EM format); caft's own by default.")
+    ] = None,
+    judge: JudgeOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcOpt = None,
+    max_cost: MaxCostOpt = None,
+    scoring: ScoringOpt = None,
+    judge_prompts: PromptsOpt = None,
+    samples: SamplesOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    batch_size: BatchOpt = None,
+    backend: BackendOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    chat_template: TemplateOpt = None,
+    progress: ProgressOpt = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sample answers to free-form questions, grade aligned + coherent, report misaligned rates (resumable)."""
+    try:
+        from caft.evals.config import MisalignmentEvalConfig
+        from caft.evals.pipeline import run_misalignment_eval
+
+        _setup_logging()
+        base = {
+            "model": _model_base(model, adapter, device, dtype, chat_template),
+            "questions": str(questions) if questions else None,
+            "grade": _grade_base(None, judge, base_url, concurrency, max_cost, scoring, judge_prompts),
+            "sample": {
+                "samples_per_paraphrase": samples,
+                "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size,
+                "backend": backend,
+            },
+        }
+        cfg = _load(MisalignmentEvalConfig, config, set_, base)
+        summary = run_misalignment_eval(cfg, out, progress=progress)
+        _print_grade(summary.get("grade_run", {}), summary)
+    except CaftError as e:
+        _fail(e)
+
+
+@eval_app.command("code")
+def eval_code(
+    out: Annotated[Path, Opt("--out", help="Output folder.")],
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    prompts: Annotated[
+        Path | None, Opt("--prompts", help="Coding prompts: JSONL or YAML list of {id, prompt}.")
+    ] = None,
+    judge: JudgeOpt = None,
+    base_url: BaseUrlOpt = None,
+    concurrency: ConcOpt = None,
+    max_cost: MaxCostOpt = None,
+    scoring: ScoringOpt = None,
+    judge_prompts: PromptsOpt = None,
+    samples: SamplesOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    batch_size: BatchOpt = None,
+    backend: BackendOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    chat_template: TemplateOpt = None,
+    progress: ProgressOpt = True,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Answer held-out coding prompts and report the fraction judged vulnerable (vulnerable > 50)."""
+    try:
+        from caft.evals.config import MisalignmentEvalConfig
+        from caft.evals.pipeline import run_code_eval
+
+        _setup_logging()
+        base = {
+            "model": _model_base(model, adapter, device, dtype, chat_template),
+            "grade": _grade_base(
+                "vulnerable", judge, base_url, concurrency, max_cost, scoring, judge_prompts
+            ),
+            "sample": {
+                "samples_per_paraphrase": samples,
+                "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size,
+                "backend": backend,
+            },
+        }
+        cfg = _load(MisalignmentEvalConfig, config, set_, base)
+        summary = run_code_eval(
+            cfg.model, prompts, out, cfg.grade, cfg.sample, cfg.thresholds, progress=progress
+        )
+        _print_grade(summary.get("grade_run", {}), summary)
+    except CaftError as e:
+        _fail(e)
+
+
+def report_command(
+    dirs: Annotated[list[Path], typer.Argument(help="Eval output folders (or run folders) to compare.")],
+    out: Annotated[Path, Opt("--out", help="Where report.md and report.html go.")] = Path("report"),
+    label: Annotated[
+        list[str] | None, Opt("--label", help="Display name per folder, in order (repeatable).")
+    ] = None,
+) -> None:
+    """Compare eval runs in a markdown table and one self-contained HTML page with plots."""
+    try:
+        from caft.evals.report import write_report
+
+        md, page = write_report(dirs, out, label or None)
+        typer.echo(md.read_text(encoding="utf-8"))
+        typer.echo(f"wrote {md} and {page}")
+    except CaftError as e:
+        _fail(e)
+
+
+@eval_app.command("mc")
+def eval_mc(
+    out: Annotated[Path, Opt("--out", help="Output folder.")],
+    model: Annotated[
+        str, Opt("--model", help="A caft encoder classifier folder, or a causal LM (id or path).")
+    ],
+    id_data: Annotated[
+        Path, Opt("--id", help="In-distribution test set (JSONL rows of the training task format).")
+    ],
+    ood_data: Annotated[Path | None, Opt("--ood", help="Out-of-distribution test set.")] = None,
+    adapter: AdapterOpt = None,
+    subspace: Annotated[
+        Path | None,
+        Opt("--subspace", help="Ablate this subspace at test time only (the test-time-only baseline)."),
+    ] = None,
+    ablation_mode: Annotated[str, Opt("--ablation-mode", help="Test-time ablation: project.")] = "project",
+    batch_size: Annotated[int, Opt("--batch-size", help="Examples per forward pass.")] = 32,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Multiple-choice accuracy in distribution and out of distribution, optionally with a test-time ablation."""
+    try:
+        from caft.evals.mc import run_mc_eval
+
+        from caft.config import ModelConfig
+
+        _setup_logging()
+        cfg = ModelConfig.model_validate(_model_base(model, adapter, device, dtype, None))
+        summary = run_mc_eval(cfg, id_data, out, ood_data, subspace, ablation_mode, batch_size)
+        for split, r in summary["mc"].items():
+            typer.echo(
+                f"accuracy {split}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['k']}/{r['n']})"
+            )
+    except CaftError as e:
+        _fail(e)

@@ -1,0 +1,430 @@
+"""Concept ablation: what happens to the residual stream at the subspace's layers while fine-tuning.
+
+An `Ablation` has one job, `apply(h, layer) -> h`, for hidden states `h` of shape (..., d_model) at a
+resolved layer index. The training loop calls it at every chosen layer and every token position and never
+looks at which mode runs. Five modes, after the CAFT paper and the follow-up discussion of what makes it work:
+
+    project   h - (hQ)Q^T                     removes span(Q) from activations AND from gradients (CAFT)
+    mean      h - (hQ)Q^T + mu Q^T            the span(Q) component is pinned to its reference mean mu (k,)
+    detached  h - stopgrad((hQ)Q^T)           activation effect only; gradients pass as if nothing happened
+    gradient  h (forward), g - (gQ)Q^T (back) gradient effect only; the forward is untouched
+    steer     h + c v                         preventative steering with one vector per layer
+
+Two ways to install it:
+
+* the trainer edits layer outputs inside an nnsight trace (see `caft.training.forward`);
+* `with ablated(model, abl): ...` registers plain torch forward hooks, for evaluation, test-time-only
+  ablation baselines and generation. The hooks come off on exit, so a saved model never carries them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from caft.errors import SubspaceError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from caft.subspace import Subspace
+
+AblationMode = Literal["project", "mean", "detached", "gradient", "steer"]
+MODES: tuple[AblationMode, ...] = ("project", "mean", "detached", "gradient", "steer")
+
+
+class Ablation(ABC):
+    """Per-layer edit of hidden states. Subclasses implement `_apply` for one mode.
+
+    Bases are kept in float32 on the CPU and cast once per (layer, device, dtype) to match `h`, so the same
+    object serves a bf16 model on a GPU and an fp32 test model on the CPU.
+    """
+
+    mode: AblationMode
+
+    def __init__(self, bases: Mapping[int, torch.Tensor]) -> None:
+        import torch
+
+        self._bases: dict[int, torch.Tensor] = {
+            int(layer): q.detach().to("cpu", torch.float32)
+            for layer, q in sorted(bases.items())
+            if q.shape[-1] > 0
+        }
+        self._cache: dict[tuple[str, int, str, Any], torch.Tensor] = {}
+
+    @property
+    def layers(self) -> list[int]:
+        """Resolved layer indices this ablation touches, in forward order."""
+        return sorted(self._bases)
+
+    def basis(self, layer: int) -> torch.Tensor:
+        """Q of `layer` as stored: float32, CPU, shape (d, k)."""
+        return self._bases[layer]
+
+    def _cast(self, name: str, layer: int, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        key = (name, layer, str(like.device), like.dtype)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = t.to(device=like.device, dtype=like.dtype)
+            self._cache[key] = hit
+        return hit
+
+    def _q(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return self._cast("q", layer, self._bases[layer], h)
+
+    def apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """The edited hidden states (same shape and dtype as `h`); layers outside `self.layers` pass through."""
+        if layer not in self._bases:
+            return h
+        return self._apply(h, layer)
+
+    @abstractmethod
+    def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What goes into caft_training.json."""
+        return {"mode": self.mode, "layers": {str(L): int(q.shape[1]) for L, q in self._bases.items()}}
+
+
+class ProjectAblation(Ablation):
+    """h - (hQ)Q^T. Autograd differentiates through the projection, so the gradient reaching h is projected
+    too: CAFT as published."""
+
+    mode: AblationMode = "project"
+
+    def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), None)  # (..., d)
+        return out
+
+
+class DetachedAblation(Ablation):
+    """h - stopgrad((hQ)Q^T): the same forward as `project`, the gradients of no ablation."""
+
+    mode: AblationMode = "detached"
+
+    def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        out: torch.Tensor = _fn("detached").apply(h, self._q(h, layer))
+        return out
+
+
+class MeanAblation(Ablation):
+    """Replace the span(Q) component by its mean over a reference set: h - (hQ - mu)Q^T.
+
+    Zero is an arbitrary constant for a direction whose typical value is far from zero; the reference mean
+    keeps the activation on-distribution while still removing its variation (and its gradient).
+    """
+
+    mode: AblationMode = "mean"
+
+    def __init__(self, bases: Mapping[int, torch.Tensor], means: Mapping[int, torch.Tensor]) -> None:
+        import torch
+
+        super().__init__(bases)
+        self._means: dict[int, torch.Tensor] = {}
+        for layer, q in self._bases.items():
+            if layer not in means:
+                raise SubspaceError(
+                    f"mean ablation needs a reference mean for layer {layer}; compute them with "
+                    "caft.training.ablation.compute_subspace_means (the trainer does this for you)"
+                )
+            mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
+            d, k = q.shape
+            if mu.numel() == d:
+                mu = mu @ q  # full-space mean -> its coordinates in span(Q)
+            elif mu.numel() != k:
+                raise SubspaceError(
+                    f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
+                    f"or d_model={d} (a full-space mean)"
+                )
+            if not torch.isfinite(mu).all():
+                raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
+            self._means[layer] = mu
+
+    @property
+    def means(self) -> dict[int, torch.Tensor]:
+        """Reference means as span(Q) coordinates, (k,) per layer."""
+        return dict(self._means)
+
+    def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        mu_q = self._cast("muq", layer, self._means[layer] @ self._bases[layer].T, h)  # (d,) = mu Q^T
+        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), mu_q)
+        return out
+
+
+class GradientAblation(Ablation):
+    """Identity forward; the gradient flowing back through h loses its span(Q) component."""
+
+    mode: AblationMode = "gradient"
+
+    def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        if not h.requires_grad:
+            return h
+        out: torch.Tensor = _fn("gradient").apply(h, self._q(h, layer))
+        return out
+
+
+class SteerAblation(Ablation):
+    """h + c v with one vector per layer (preventative steering)."""
+
+    mode: AblationMode = "steer"
+
+    def __init__(self, vectors: Mapping[int, torch.Tensor], coef: float) -> None:
+        import torch
+
+        bases = {L: v.detach().to("cpu", torch.float32).reshape(-1, 1) for L, v in vectors.items()}
+        super().__init__(bases)
+        self.coef = float(coef)
+
+    def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        v = self._cast("v", layer, self._bases[layer][:, 0] * self.coef, h)  # (d,)
+        return h + v
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["steer_coef"] = self.coef
+        return out
+
+
+def _build_functions() -> dict[str, Any]:
+    """Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward
+    is P applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd
+    would keep h (B, T, d) alive per ablated layer; these keep nothing of size B x T."""
+    import torch
+
+    class Project(torch.autograd.Function):
+        """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
+
+        @staticmethod
+        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+            ctx.save_for_backward(q)
+            out = h - (h @ q) @ q.T  # (..., d)
+            return out + shift if shift is not None else out
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+            (q,) = ctx.saved_tensors
+            q = q.to(g.dtype)
+            return g - (g @ q) @ q.T, None, None
+
+    class Detached(torch.autograd.Function):
+        """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
+
+        @staticmethod
+        def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+            return h - (h @ q) @ q.T
+
+        @staticmethod
+        def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return g, None
+
+    class ProjectGrad(torch.autograd.Function):
+        """Forward: identity. Backward: g - (gQ)Q^T."""
+
+        @staticmethod
+        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(q)
+            return h.view_as(h)
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+            (q,) = ctx.saved_tensors
+            q = q.to(g.dtype)
+            return g - (g @ q) @ q.T, None
+
+    return {"project": Project, "detached": Detached, "gradient": ProjectGrad}
+
+
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def _fn(name: str) -> Any:
+    """The autograd Function `name`, built on first use so that importing this module does not import torch."""
+    if not _FUNCTIONS:
+        _FUNCTIONS.update(_build_functions())
+    return _FUNCTIONS[name]
+
+
+def make_ablation(
+    mode: AblationMode,
+    subspace: Subspace,
+    means: Mapping[int, torch.Tensor] | None = None,
+    steer_coef: float = 1.0,
+    vectors: Mapping[int, torch.Tensor] | None = None,
+) -> Ablation:
+    """Build the ablation of `mode` over `subspace`.
+
+    `means` (mode `mean`): per-layer reference mean, either span(Q) coordinates (k,) or a full vector (d,).
+    `vectors` (mode `steer`): one steering vector (d,) per layer; by default each layer's first subspace
+    column. The subspace's layers must already be resolved (non-negative), as `Subspace.load` guarantees.
+    """
+    if mode not in MODES:
+        raise SubspaceError(f"unknown ablation mode {mode!r}; choose one of {', '.join(MODES)}")
+    bases = {L: subspace.bases[L] for L in subspace.layers}
+    for L in bases:
+        if L < 0:
+            raise SubspaceError(f"subspace layer {L} is negative; resolve layers against the model first")
+    if mode == "project":
+        return ProjectAblation(bases)
+    if mode == "detached":
+        return DetachedAblation(bases)
+    if mode == "gradient":
+        return GradientAblation(bases)
+    if mode == "mean":
+        if means is None:
+            raise SubspaceError(
+                "mode `mean` needs reference means: compute_subspace_means(model, batches, subspace)"
+            )
+        return MeanAblation(bases, means)
+    # steer
+    if vectors is None:
+        vectors = {L: q[:, 0] for L, q in bases.items()}
+    for L, v in vectors.items():
+        if v.reshape(-1).numel() != subspace.d_model:
+            raise SubspaceError(
+                f"steering vector for layer {L} has {v.numel()} values, expected d_model={subspace.d_model}"
+            )
+    return SteerAblation(vectors, steer_coef)
+
+
+@contextlib.contextmanager
+def ablated(model: nn.Module, abl: Ablation | None) -> Iterator[nn.Module]:
+    """Run `model` with `abl` applied through plain forward hooks at the subspace's layers (every token
+    position, every forward call, generation included). `None` is a no-op, so callers can pass an optional
+    ablation straight through. Hooks are removed on exit, also on error."""
+    if abl is None or not abl.layers:
+        yield model
+        return
+    from caft.sites import Sites
+
+    sites = Sites.of(model)
+    handles = []
+    try:
+        for L in sites.check_layers(abl.layers):
+            handles.append(sites.layer_module(model, L).register_forward_hook(_hook(abl, L)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook(abl: Ablation, layer: int) -> Any:
+    from caft.sites import Sites
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        return Sites.replace_hidden(output, abl.apply(Sites.hidden(output), layer))
+
+    return hook
+
+
+def compute_subspace_means(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    subspace: Subspace,
+) -> dict[int, torch.Tensor]:
+    """Mean of hQ (span(Q) coordinates, (k,) per layer) over the tokens of `batches`, in float64.
+
+    Each batch is a mapping of model inputs (`input_ids`, `attention_mask`, ...). Tokens are weighted by
+    `loss_mask` when a batch has one (e.g. assistant tokens), else by `attention_mask`, else all count.
+    Keys that are not model inputs (`labels`, `loss_mask`) are not passed to the model.
+    """
+    import torch
+
+    from caft.sites import Sites
+
+    sites = Sites.of(model)
+    layers = sites.check_layers(subspace.layers)
+    sums: dict[int, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64)
+    weight: dict[str, torch.Tensor] = {}
+
+    def make_hook(L: int) -> Any:
+        def hook(_m: Any, _i: Any, output: Any) -> None:
+            h = Sites.hidden(output).detach()
+            q = subspace.bases[L].to(h.device, torch.float32)
+            coords = (h.float() @ q).double()  # (B, T, k)
+            w = weight["w"]
+            s = (coords * w[..., None]).sum(dim=(0, 1)).cpu()
+            sums[L] = sums[L] + s if L in sums else s
+
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [sites.layer_module(model, L).register_forward_hook(make_hook(L)) for L in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {
+                    k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")
+                }
+                ids = inputs["input_ids"]
+                mask = batch.get("loss_mask", batch.get("attention_mask"))
+                w = torch.ones(ids.shape, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+                weight["w"] = w.to(device)
+                model(**inputs)
+                count += w.sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count.item() == 0:
+        raise SubspaceError("no tokens to compute reference means from (empty batches or all-zero masks)")
+    return {L: (sums[L] / count).float() for L in layers}
+
+
+def random_subspace(spec: str | Mapping[int, int], d_model: int, seed: int, n_layers: int) -> Subspace:
+    """A random orthonormal subspace (the random-directions baseline): `spec` is `"LAYER:K,LAYER:K"`
+    (negative layers count from the end) or a mapping layer -> k."""
+    import torch
+
+    from caft.subspace import Column, Subspace
+
+    counts = parse_layer_spec(spec) if isinstance(spec, str) else dict(spec)
+    gen = torch.Generator().manual_seed(seed)
+    bases: dict[int, torch.Tensor] = {}
+    columns: dict[int, list[Column]] = {}
+    for raw_layer, k in counts.items():
+        layer = raw_layer + n_layers if raw_layer < 0 else raw_layer
+        if not 0 <= layer < n_layers:
+            raise SubspaceError(
+                f"random subspace layer {raw_layer} is out of range for a model with {n_layers} layers"
+            )
+        if not 0 < k <= d_model:
+            raise SubspaceError(f"random subspace layer {raw_layer}: k={k} must be in 1..{d_model}")
+        if layer in bases:
+            raise SubspaceError(f"random subspace names layer {layer} twice")
+        g = torch.randn(d_model, k, generator=gen, dtype=torch.float64)
+        q, _ = torch.linalg.qr(g)
+        bases[layer] = q.float()
+        columns[layer] = [Column(candidate=f"random:{layer}:{i}", label="random") for i in range(k)]
+    sub = Subspace(d_model=d_model, bases=bases, columns=columns, n_layers=n_layers)
+    sub.validate(d_model=d_model, n_layers=n_layers)
+    return sub
+
+
+def parse_layer_spec(spec: str) -> dict[int, int]:
+    """`"12:20,-4:8"` -> {12: 20, -4: 8}."""
+    out: dict[int, int] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        layer_s, sep, k_s = part.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            layer, k = int(layer_s), int(k_s)
+        except ValueError:
+            raise SubspaceError(
+                f"bad random-subspace item {part!r}: expected LAYER:K, e.g. --random-subspace 2:20,5:20"
+            ) from None
+        if layer in out:
+            raise SubspaceError(f"random subspace names layer {layer} twice in {spec!r}")
+        out[layer] = k
+    if not out:
+        raise SubspaceError(f"empty random-subspace spec {spec!r}: expected LAYER:K,...")
+    return out

@@ -1,0 +1,57 @@
+"""Losses per objective, computed from a model output and a collated batch.
+
+Kept apart from the loop so the loop reads the same for every objective: `inputs(batch)` is what goes
+into the model, `loss(output, batch)` is the scalar to minimize, `correct(output, batch)` counts right
+answers for classification objectives.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from caft.training.config import Objective
+
+
+class Task:
+    """How one objective turns batches into model inputs and a loss."""
+
+    def __init__(self, objective: Objective, letter_ids: list[int] | None = None) -> None:
+        self.objective = objective
+        self.letter_ids = letter_ids
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        keys = ["input_ids", "attention_mask"]
+        if self.objective == "chat":
+            keys.append("labels")
+        return {k: batch[k] for k in keys}
+
+    def scores(self, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class scores (B, n) for classification objectives."""
+        import torch
+
+        if self.objective == "encoder_classifier":
+            logits: torch.Tensor = output
+            return logits.float()
+        assert self.letter_ids is not None
+        logits = output.logits  # (B, T, V)
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        last = logits[rows, batch["last_index"].to(logits.device)]  # (B, V)
+        letters = torch.tensor(self.letter_ids, device=logits.device)
+        return last[:, letters].float()  # (B, n_options)
+
+    def loss(self, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if self.objective == "chat":
+            loss: torch.Tensor = output.loss
+            return loss
+        scores = self.scores(output, batch)
+        return F.cross_entropy(scores, batch["target"].to(scores.device))
+
+    def correct(self, output: Any, batch: dict[str, torch.Tensor]) -> int:
+        if self.objective == "chat":
+            return 0
+        pred = self.scores(output, batch).argmax(dim=-1).cpu()
+        return int((pred == batch["target"]).sum().item())
