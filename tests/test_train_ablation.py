@@ -293,3 +293,14 @@ def test_linear_modes_keep_no_activation_for_backward() -> None:
         out.sum().backward()
         assert h.grad is not None
         assert all(n <= D * 3 for n in sizes), (mode, sizes)
+
+
+def test_project_under_bf16_autocast_keeps_the_residual_dtype() -> None:
+    sub = _subspace()
+    abl = make_ablation("project", sub)
+    h = torch.randn(2, 5, D, requires_grad=True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = abl.apply(h, 0)
+    assert out.dtype == torch.float32
+    ref = h - (h @ sub.bases[0]) @ sub.bases[0].T
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -162,3 +162,25 @@ def test_resume_refuses_changed_settings(tmp_path: Path, llama_dir: Path) -> Non
     other = _cfg(llama_dir, data, optim={"max_steps": 4, "lr": 5e-3})
     with pytest.raises(RunDirError, match="different configuration"):
         train(other, tmp_path / "o", resume=True)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_caft_run_reloads(tmp_path: Path, llama_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    cfg = _cfg(
+        llama_dir,
+        data,
+        model={"device": "cuda", "dtype": "bfloat16"},
+        optim={"precision": "bf16"},
+        ablation={"random": "1:4", "mode": "project"},
+    )
+    res = train(cfg, tmp_path / "o")
+    assert res.metrics["loss"] == res.metrics["loss"]  # not NaN
+    fresh = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda(), res.final_path
+    )
+    ids = torch.randint(5, 300, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    assert torch.allclose(_logits(fresh, ids).float(), _logits(res.model, ids).float(), atol=1e-2)

@@ -194,27 +194,33 @@ def _build_functions() -> dict[str, Any]:
     would keep h (B, T, d) alive per ablated layer; these keep nothing of size B x T."""
     import torch
 
+    def remove(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """x - (xQ)Q^T as one fused matmul-and-subtract over the flattened positions, in x's dtype (under
+        autocast too: rounding all of x to bf16 would change more than its span(Q) part)."""
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.addmm(flat, flat @ q.to(x.dtype), q.T.to(x.dtype), alpha=-1).view(x.shape)
+
     class Project(torch.autograd.Function):
         """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
 
         @staticmethod
         def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
             ctx.save_for_backward(q)
-            out = h - (h @ q) @ q.T  # (..., d)
-            return out + shift if shift is not None else out
+            out = remove(h, q)  # (..., d)
+            return out.add_(shift) if shift is not None else out
 
         @staticmethod
         def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
             (q,) = ctx.saved_tensors
-            q = q.to(g.dtype)
-            return g - (g @ q) @ q.T, None, None
+            return remove(g, q.to(g.dtype)), None, None
 
     class Detached(torch.autograd.Function):
         """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
 
         @staticmethod
         def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            return h - (h @ q) @ q.T
+            return remove(h, q)
 
         @staticmethod
         def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -231,8 +237,7 @@ def _build_functions() -> dict[str, Any]:
         @staticmethod
         def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
             (q,) = ctx.saved_tensors
-            q = q.to(g.dtype)
-            return g - (g @ q) @ q.T, None
+            return remove(g, q.to(g.dtype)), None
 
     return {"project": Project, "detached": Detached, "gradient": ProjectGrad}
 

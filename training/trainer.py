@@ -35,7 +35,7 @@ from caft.training.data import Tokenized, batch_order, collate, count_tokens
 from caft.training.objectives import Task
 
 from caft.config import ModelConfig
-from caft.errors import ConfigError, RunDirError
+from caft.errors import CaftError, ConfigError, RunDirError
 from caft.rundir import JsonlWriter, atomic_write_json, read_jsonl
 
 if TYPE_CHECKING:
@@ -54,6 +54,10 @@ FINAL_DIR = "final"
 MEANS_FILE = "ablation_means.safetensors"
 # settings that do not change the numbers, so a resumed run may differ in them
 _RESUME_FREE = {"progress", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "save_every"}
+
+
+class DivergenceError(CaftError):
+    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -161,10 +165,18 @@ def train(
                 return ablated_forward(nn_model, prep.sites, abl, inputs)
             return prep.model(**inputs)
 
+    orders: dict[int, list[list[int]]] = {}
+
     def micro_batch(index: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(index, micro_per_epoch)
-        order = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch)
-        return collate([prep.train[j] for j in order[i]], pad_id)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch)
+        return collate([prep.train[j] for j in orders[epoch][i]], pad_id)
+
+    def checkpoint(step: int) -> None:
+        info = {"fingerprint": fingerprint, "total_steps": total_steps}
+        save_checkpoint(out, step, prep.model, optimizer, scheduler, info, cfg.keep_checkpoints)
 
     writer = JsonlWriter(log_path)
     writer.write(header)
@@ -182,6 +194,12 @@ def train(
                 (loss / ga).backward()
                 loss_sum += loss.item() / ga
                 tokens += count_tokens(batch)
+            done = step + 1
+            if not math.isfinite(loss_sum):
+                raise DivergenceError(
+                    f"the loss became {loss_sum} at step {done}; lower optim.lr or use precision fp32 "
+                    f"(checkpoints up to step {step} are kept)"
+                )
             grad_norm = None
             if cfg.optim.max_grad_norm is not None:
                 params = [p for p in prep.model.parameters() if p.requires_grad]
@@ -191,12 +209,6 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            done = step + 1
-            if not math.isfinite(loss_sum):
-                raise RunDirError(
-                    f"the loss became {loss_sum} at step {done}; lower optim.lr or use precision fp32 "
-                    f"(checkpoints up to step {done - 1} are kept)"
-                )
             metrics.update(step=done, loss=loss_sum, lr=lr)
             if done % cfg.log_every == 0 or done == total_steps:
                 writer.write(
@@ -218,27 +230,12 @@ def train(
                 ev = _evaluate(cfg, prep, task, forward, pad_id)
                 writer.write({"event": "eval", "step": done, **ev})
                 metrics.update(ev)
-            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-                save_checkpoint(
-                    out,
-                    done,
-                    prep.model,
-                    optimizer,
-                    scheduler,
-                    _ckpt_info(fingerprint, total_steps),
-                    cfg.keep_checkpoints,
-                )
+            saved = bool(cfg.save_every) and done % cfg.save_every == 0 and done < total_steps
+            if saved:
+                checkpoint(done)
             if stop_after_steps is not None and done >= stop_after_steps and done < total_steps:
-                if not (cfg.save_every and done % cfg.save_every == 0):
-                    save_checkpoint(
-                        out,
-                        done,
-                        prep.model,
-                        optimizer,
-                        scheduler,
-                        _ckpt_info(fingerprint, total_steps),
-                        cfg.keep_checkpoints,
-                    )
+                if not saved:
+                    checkpoint(done)
                 writer.write({"event": "stopped", "step": done})
                 return TrainResult(out, out / FINAL_DIR, log_path, dict(metrics), model=prep.model)
         if prep.held_out:
@@ -393,10 +390,6 @@ def _fingerprint(cfg: TrainConfig, mcfg: ModelConfig, sub: Subspace | None) -> s
     data["model"] = mcfg.model_dump(mode="json", exclude={"device"})
     data["subspace"] = sub.digest() if sub is not None else None
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _ckpt_info(fingerprint: str, total_steps: int) -> dict[str, Any]:
-    return {"fingerprint": fingerprint, "total_steps": total_steps}
 
 
 def _cut_log(log_path: Path, step: int) -> None:
