@@ -76,6 +76,8 @@ class VerdictRecord(BaseModel):
 
 
 class SelectedColumn(BaseModel):
+    """One chosen candidate: becomes one column of the subspace at `layer`."""
+
     candidate: str
     layer: int
     label: str | None = None
@@ -93,3 +95,11 @@ class Selection(BaseModel):
     considered: int = 0
     """How many candidates had verdicts."""
     notes: str = ""
+    dropped: list[str] = Field(default_factory=list)
+    """Candidates that qualified but were left out by the per-layer or total limits."""
+    unscored: list[str] = Field(default_factory=list)
+    """Candidates with no scored verdict (parse failures, provider errors)."""
+    directions: str | None = None
+    """Path of the directions file the columns come from (used by `caft triage apply`)."""
+    model: str | None = None
+    """The model id the directions belong to (recorded in the subspace)."""

@@ -1,0 +1,300 @@
+"""Single-shot judging: one validated verdict per candidate (and per sample), streamed to verdicts.jsonl.
+
+For each dossier the judge gets the system prompt (task + rules on untrusted data) and the rendered dossier,
+and must return a `JudgeVerdict`. The LLM client validates the reply and runs one repair round for malformed
+JSON; a reply that still fails is recorded as `unscored: parse_failure`, never guessed. Cited evidence ids are
+checked against the dossier; one more repair round names the unknown ids, then the record is
+`unscored: invalid_evidence`. Optionally a second call reads a 0-100 relevance score from logprobs.
+
+Each record is appended (flushed, fsynced) as soon as it is ready, with the raw exchange in exchanges.jsonl,
+so a rerun skips what is done. Provider errors are retried on a rerun; parse failures are kept (the same
+prompt would fail the same way from the cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from caft.agent.config import TriageConfig
+from caft.agent.render import render_dossier, render_prompt, render_system_single, safe_id
+from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
+from caft.interp.schema import Dossier
+
+from caft.env import scrub
+from caft.llm import (
+    BudgetExceededError,
+    FatalError,
+    GenerateConfig,
+    GenerateResult,
+    LLMClient,
+    LLMError,
+    Message,
+    StructuredOutputError,
+)
+from caft.rundir import JsonlWriter
+
+log = logging.getLogger(__name__)
+
+EXCHANGES_FILE = "exchanges.jsonl"
+T = TypeVar("T")
+
+
+@dataclass
+class JudgeOutcome:
+    """What a judging pass did (also written to the stage's summary)."""
+
+    candidates: int = 0
+    resumed: int = 0
+    judged: int = 0
+    unscored: Counter[str] = field(default_factory=Counter)
+    stopped: str | None = None
+    relevance_skipped: str | None = None
+    seconds: float = 0.0
+    """Wall time of the judging requests (loading and selection excluded)."""
+    records: list[VerdictRecord] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "candidates": self.candidates,
+            "resumed": self.resumed,
+            "judged": self.judged,
+            "unscored": dict(self.unscored),
+            "unscored_total": sum(self.unscored.values()),
+            "stopped": self.stopped,
+            "relevance_skipped": self.relevance_skipped,
+            "judge_seconds": round(self.seconds, 3),
+        }
+
+
+def build_messages(
+    dossier: Dossier, task: TaskDescription, cfg: TriageConfig, system: str | None = None
+) -> list[Message]:
+    """The exact messages a single-shot judge receives for one dossier."""
+    sys_text = system if system is not None else render_system_single(task, cfg.prompts_dir)
+    user = render_prompt("user_single", cfg.prompts_dir, dossier=render_dossier(dossier, cfg.render))
+    return [Message(role="system", content=sys_text), Message(role="user", content=user)]
+
+
+def check_evidence(verdict: JudgeVerdict, dossier: Dossier) -> tuple[JudgeVerdict, list[str]]:
+    """Map cited ids onto the dossier's ids (the prompt shows sanitized ids); return the unknown ones."""
+    valid = dossier.evidence_ids()
+    alias = {safe_id(i): i for i in valid} | {i: i for i in valid}
+    cited = [alias.get(e.strip(), e) for e in verdict.evidence]
+    bad = [e for e in cited if e not in valid]
+    if not cited:
+        bad = ["(none cited)"]
+    return verdict.model_copy(update={"evidence": cited}), bad
+
+
+def relevance_from_logprobs(result: GenerateResult) -> tuple[float | None, float]:
+    """Expected value over the integer tokens 0-100 at the first position; None when they hold < 25% mass."""
+    if not result.logprobs:
+        return None, 0.0
+    first = result.logprobs[0]
+    table = first.top or []
+    weights: dict[int, float] = {}
+    for t in table:
+        s = t.token.strip()
+        if s.isdigit() and 0 <= int(s) <= 100:
+            weights[int(s)] = weights.get(int(s), 0.0) + math.exp(t.logprob)
+    mass = sum(weights.values())
+    if mass < 0.25:
+        return None, mass
+    return sum(k * p for k, p in weights.items()) / mass, mass
+
+
+async def bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], workers: int) -> None:
+    """Run `fn` over items with a fixed pool of workers; a fatal or budget error stops new work and is raised
+    after the items in flight finish."""
+    it = iter(items)
+    stop: list[LLMError] = []
+
+    async def worker() -> None:
+        for x in it:
+            if stop:
+                return
+            try:
+                await fn(x)
+            except (FatalError, BudgetExceededError) as e:
+                stop.append(e)
+                return
+
+    await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(items))))))
+    if stop:
+        raise stop[0]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SingleJudge:
+    """Judges dossiers one request each (plus repair and relevance rounds), appending records as they finish."""
+
+    def __init__(
+        self, client: LLMClient, task: TaskDescription, cfg: TriageConfig, out_dir: str | Path
+    ) -> None:
+        self.client = client
+        self.task = task
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.system = render_system_single(task, cfg.prompts_dir)
+        self._use_relevance = cfg.relevance and client.capabilities.logprobs
+
+    def _gen_config(self, sample: int) -> GenerateConfig:
+        return GenerateConfig(
+            temperature=self.cfg.temperature,
+            max_tokens=self.cfg.max_output_tokens,
+            seed=self.cfg.seed + sample,
+            response_model=JudgeVerdict,
+        )
+
+    async def judge_one(self, dossier: Dossier, sample: int) -> tuple[VerdictRecord, dict[str, Any]]:
+        """One candidate, one sample: the record and the raw exchange."""
+        cid = dossier.candidate.id
+        ref = f"{EXCHANGES_FILE}#{cid}/{sample}"
+        messages = build_messages(dossier, self.task, self.cfg, self.system)
+        gcfg = self._gen_config(sample)
+        exchange: dict[str, Any] = {
+            "ref": ref,
+            "candidate": cid,
+            "sample": sample,
+            "judge": self.client.model_id,
+            "messages": [m.model_dump(mode="json", exclude_defaults=True) for m in messages],
+            "replies": [],
+        }
+        rec = VerdictRecord(
+            candidate=cid, judge=self.client.model_id, method="single", sample=sample, exchange=ref
+        )
+        try:
+            res = await self.client.generate(messages, gcfg)
+        except StructuredOutputError as e:
+            exchange["replies"].append(scrub(e.raw_text))
+            rec.unscored = f"parse_failure: {scrub(str(e))[:300]}"
+            return rec, exchange
+        except (FatalError, BudgetExceededError):
+            raise
+        except LLMError as e:
+            rec.unscored = f"provider_error: {type(e).__name__}: {scrub(str(e))[:300]}"
+            return rec, exchange
+        exchange["replies"].append(scrub(res.text))
+        first, bad = check_evidence(res.parsed, dossier)
+        verdict: JudgeVerdict | None = first
+        if bad:
+            verdict, bad, res = await self._repair_evidence(messages, res, dossier, bad, gcfg, exchange)
+        if bad or verdict is None:
+            rec.unscored = f"invalid_evidence: cited {bad} which the dossier does not hold"
+            return rec, exchange
+        rec.verdict = verdict
+        if self._use_relevance:
+            await self._relevance(rec, verdict, exchange)
+        return rec, exchange
+
+    async def _repair_evidence(
+        self,
+        messages: list[Message],
+        res: GenerateResult,
+        dossier: Dossier,
+        bad: list[str],
+        gcfg: GenerateConfig,
+        exchange: dict[str, Any],
+    ) -> tuple[JudgeVerdict | None, list[str], GenerateResult]:
+        valid = ", ".join(sorted(safe_id(i) for i in dossier.evidence_ids()))
+        fix = render_prompt("evidence_repair", self.cfg.prompts_dir, invalid=", ".join(bad), valid=valid)
+        follow = [*messages, Message(role="assistant", content=res.text), Message(role="user", content=fix)]
+        exchange["messages"].extend(m.model_dump(mode="json", exclude_defaults=True) for m in follow[-2:])
+        try:
+            res2 = await self.client.generate(follow, gcfg)
+        except StructuredOutputError as e:
+            exchange["replies"].append(scrub(e.raw_text))
+            return None, bad, res
+        exchange["replies"].append(scrub(res2.text))
+        verdict, bad2 = check_evidence(res2.parsed, dossier)
+        return verdict, bad2, res2
+
+    async def _relevance(self, rec: VerdictRecord, verdict: JudgeVerdict, exchange: dict[str, Any]) -> None:
+        undesired = "; ".join(self.task.undesired) or "anything the intended task does not need"
+        text = render_prompt(
+            "relevance",
+            self.cfg.prompts_dir,
+            label=verdict.label,
+            description=verdict.description,
+            intended=self.task.intended.strip(),
+            undesired=undesired,
+        )
+        cfg = GenerateConfig(temperature=0.0, max_tokens=3, logprobs=True, top_logprobs=20, seed=0)
+        try:
+            res = await self.client.generate([Message(role="user", content=text)], cfg)
+        except (FatalError, BudgetExceededError):
+            raise
+        except LLMError as e:
+            rec.scores["relevance_error"] = 1.0
+            exchange["relevance_error"] = f"{type(e).__name__}: {scrub(str(e))[:200]}"
+            return
+        score, mass = relevance_from_logprobs(res)
+        rec.relevance = None if score is None else round(score, 3)
+        rec.scores["relevance_mass"] = round(mass, 4)
+        exchange["relevance_reply"] = scrub(res.text)
+
+    async def run(self, dossiers: Sequence[Dossier], samples: int = 1) -> JudgeOutcome:
+        from caft.agent.selection import load_verdicts
+
+        outcome = JudgeOutcome(candidates=len(dossiers))
+        if self.cfg.relevance and not self._use_relevance:
+            outcome.relevance_skipped = f"{self.client.model_id} gives no logprobs"
+            log.warning("relevance scores skipped: %s", outcome.relevance_skipped)
+        vpath = self.out / VERDICTS_FILE
+        done: set[tuple[str, int]] = set()
+        wanted = {d.candidate.id for d in dossiers}
+        if vpath.is_file():
+            for r in load_verdicts(vpath):
+                if r.judge != self.client.model_id or r.method != "single" or r.candidate not in wanted:
+                    continue
+                if r.sample >= samples:
+                    continue
+                if r.unscored is not None and r.unscored.startswith("provider_error"):
+                    continue  # transient: try again
+                done.add((r.candidate, r.sample))
+                outcome.records.append(r)
+                if r.unscored is not None:
+                    outcome.unscored[r.unscored.split(":", 1)[0]] += 1
+        todo = [(d, s) for d in dossiers for s in range(samples) if (d.candidate.id, s) not in done]
+        outcome.resumed = len(dossiers) * samples - len(todo)
+        if outcome.resumed:
+            log.info("resuming: %d verdicts already on disk, %d to go", outcome.resumed, len(todo))
+        # flushed per record (a crashed process loses nothing); one fsync at the end instead of one per record,
+        # which would block the event loop for milliseconds per verdict
+        with JsonlWriter(vpath, fsync=False) as vw, JsonlWriter(self.out / EXCHANGES_FILE, fsync=False) as xw:
+
+            async def one(item: tuple[Dossier, int]) -> None:
+                rec, exchange = await self.judge_one(*item)
+                xw.write(exchange)
+                vw.write(rec.model_dump(mode="json"))
+                outcome.records.append(rec)
+                if rec.unscored is None:
+                    outcome.judged += 1
+                else:
+                    outcome.unscored[rec.unscored.split(":", 1)[0]] += 1
+
+            t0 = time.perf_counter()
+            try:
+                await bounded(todo, one, self.client.max_concurrency)
+            except BudgetExceededError as e:
+                outcome.stopped = f"budget: {e}"
+                log.warning("judging stopped at the budget; %d verdicts kept: %s", len(outcome.records), e)
+            outcome.seconds = time.perf_counter() - t0
+        _fsync_file(vpath)
+        return outcome
