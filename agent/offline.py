@@ -260,6 +260,8 @@ def task_terms(task: TaskDescription) -> tuple[list[str], list[str]]:
 
 
 _PIECE_PREFIXES = ("##",)
+# [CLS], [SEP], <s>, </s>, <|endoftext|>, <pad>: structural tokens say nothing about a concept
+_SPECIAL = re.compile(r"^(\[[A-Za-z_]+\]|<\|?/?[A-Za-z_]+\|?>)$")
 _WORD_START = ("Ġ", "▁")
 
 
@@ -366,7 +368,7 @@ class OfflineJudge:
 
     def _end(self, windows: Sequence[Window]) -> EndScore:
         words = [peak_word(w) for w in windows]
-        keep = [i for i, w in enumerate(words) if w]
+        keep = [i for i, w in enumerate(words) if w and not _SPECIAL.match(w)]
         words = [words[i] for i in keep]
         ids = [windows[i].id for i in keep]
         margins = self.word_margins(words)

@@ -14,6 +14,7 @@ import typer
 from caft import __version__
 from caft.agent.cli import triage_app
 from caft.data_cli import data_app
+from caft.demo_cli import demo_command
 from caft.errors import CaftError
 from caft.evals.cli import eval_app, grade_command, report_command
 from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
@@ -115,6 +116,7 @@ app.command("diff")(diff_cmd)  # interp: collection + streaming PCA
 app.add_typer(sae_app, name="sae")  # interp: SAE latent rankings
 app.command("evidence")(evidence_cmd)  # interp: evidence dossiers
 app.add_typer(data_app, name="data")  # spurious-correlation data sets
+app.command("demo")(demo_command)  # the offline MiniLM spurious-correlation demo
 app.add_typer(triage_app, name="triage")  # agent: judge candidates, review, apply a selection
 
 
