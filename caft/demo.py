@@ -204,15 +204,16 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
     def timed(name: str, fn: Callable[[], Any]) -> Any:
         t = time.perf_counter()
         r = fn()
+        atomic_write_json(out / RESULTS_FILE, results)  # partial results survive an interruption
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
         log.info("seed %d: %s done in %.1f s", seed, name, time.perf_counter() - t)
         return r
 
+    results: dict[str, Any] = {}
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if not (data / "meta.json").is_file():
         timed("data", lambda: write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes))
-    results: dict[str, Any] = {}
     plain = timed("train:plain", lambda: _train(cfg, data, out / "plain", seed))
     results["plain"] = timed("eval", lambda: _accuracy(plain, data))
 
