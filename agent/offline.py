@@ -6,12 +6,13 @@ concept; so each peak word is embedded with all-MiniLM-L6-v2 (mean pooling) and 
 *terms* of the task (each description and its content words): margin(word) = best similarity to an undesired
 term minus best similarity to an intended term.
 
-Per end (max / min) the margins are averaged. A candidate reads as undesired when one end is clearly about
-the undesired concept and neither end is about the intended one: the shortcut directions of a spurious task
+Per end (max / min) the margins are averaged. A candidate reads as undesired when one end (better: both
+ends, as in a food-versus-sports axis) is about the undesired concept and neither end is about the intended one: the shortcut directions of a spurious task
 mix both concepts (one end "sports", the other "positive"), and ablating those removes the intended signal
 too. So
 
-    raw = max(end_max, end_min) + veto * min(0, min(end_max, end_min))
+    hi, lo = max(end_max, end_min), min(end_max, end_min)
+    raw = hi + (both_ends * lo if lo > 0 else veto * lo)
 
 Raw scores are not comparable across tasks and layers (a corpus full of topic words gives every direction
 some topic peaks), so they are calibrated against the same score computed for random directions at the same
@@ -194,6 +195,8 @@ class OfflineJudgeConfig(CaftConfig):
     """Calibrated score at or below which a candidate is `intended` (its evidence reads as the intended concept)."""
     veto: float = 2.0
     """Weight of an end that reads as the intended concept (negative margin) against the candidate."""
+    both_ends: float = 1.0
+    """Weight of the second end when it also reads as undesired (0: only the stronger end counts)."""
     calibration: Literal["auto", "random", "candidates"] = "auto"
     """`random`: z against random directions' dossiers (needs null dossiers); `candidates`: robust z over the
     candidates of the same layer; `auto`: random when null dossiers are given, else candidates."""
@@ -381,7 +384,10 @@ class OfflineJudge:
         if not ends:
             raw = 0.0
         else:
-            raw = max(ends) + self.config.veto * min(0.0, min(ends))
+            hi, lo = max(ends), min(ends)
+            # a second end about the undesired concept adds (a contrast axis: food vs sports); an end
+            # about the intended concept vetoes (a shortcut direction mixing both concepts)
+            raw = hi + (self.config.both_ends * lo if lo > 0 else self.config.veto * lo)
         return CandidateScore(dossier.candidate.id, dossier.candidate.layer, raw, hi, lo)
 
     def score_all(
