@@ -379,8 +379,8 @@ class OfflineJudge:
         return EndScore(score, words, margins, ids)
 
     def score(self, dossier: Dossier) -> CandidateScore:
-        hi, lo = self._end(dossier.max_examples), self._end(dossier.min_examples)
-        ends = [e.score for e in (hi, lo) if e.words]
+        top, bottom = self._end(dossier.max_examples), self._end(dossier.min_examples)
+        ends = [e.score for e in (top, bottom) if e.words]
         if not ends:
             raw = 0.0
         else:
@@ -388,7 +388,7 @@ class OfflineJudge:
             # a second end about the undesired concept adds (a contrast axis: food vs sports); an end
             # about the intended concept vetoes (a shortcut direction mixing both concepts)
             raw = hi + (self.config.both_ends * lo if lo > 0 else self.config.veto * lo)
-        return CandidateScore(dossier.candidate.id, dossier.candidate.layer, raw, hi, lo)
+        return CandidateScore(dossier.candidate.id, dossier.candidate.layer, raw, top, bottom)
 
     def score_all(
         self, dossiers: Sequence[Dossier], null_dossiers: Sequence[Dossier] = ()
