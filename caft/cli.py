@@ -13,6 +13,8 @@ import typer
 
 from caft import __version__
 from caft.agent.cli import triage_app
+from caft.data_cli import data_app
+from caft.demo_cli import demo_command
 from caft.errors import CaftError
 from caft.evals.cli import eval_app, grade_command, report_command
 from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
@@ -139,14 +141,17 @@ def config_show() -> None:
                 print(f"    {line.strip()}")
 
 
-app.command("train")(train_command)
-app.command("grade")(grade_command)
-app.add_typer(eval_app, name="eval")
-app.command("report")(report_command)
+# Pipeline stages, in the order a run executes them; each module keeps heavy imports inside its commands.
+app.command("demo")(demo_command)  # the offline MiniLM spurious-correlation demo
+app.add_typer(data_app, name="data")  # spurious-correlation data sets
+app.command("train")(train_command)  # fine-tuning, plain or with concept ablation
 app.command("diff")(diff_cmd)  # interp: collection + streaming PCA
 app.add_typer(sae_app, name="sae")  # interp: SAE latent rankings
 app.command("evidence")(evidence_cmd)  # interp: evidence dossiers
 app.add_typer(triage_app, name="triage")  # agent: judge candidates, review, apply a selection
+app.add_typer(eval_app, name="eval")  # evals: misalignment, code, multiple choice
+app.command("grade")(grade_command)  # batch grading of any answers file
+app.command("report")(report_command)  # compare evaluated runs
 
 
 def main(argv: list[str] | None = None) -> Any:

