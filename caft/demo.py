@@ -31,7 +31,7 @@ from pydantic import Field
 from caft.agent.offline import OfflineJudgeConfig
 from caft.config import CaftConfig, ModelConfig
 from caft.errors import ModelError
-from caft.rundir import atomic_write_json
+from caft.rundir import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from caft.subspace import Subspace
@@ -326,6 +326,7 @@ def run_demo(
         "wall_s": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(root / RESULTS_FILE, report)
+    write_demo_report(report, root)
     return report
 
 
@@ -344,18 +345,86 @@ def summarize(per_seed: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+CONDITION_NAMES = {
+    "plain": "plain fine-tuning",
+    "caft": "CAFT (offline judge)",
+    "random": "random subspace",
+    "topk": "top PCs by variance",
+    "test_time": "test-time ablation only",
+    "oracle": "oracle topic probe (ref.)",
+}
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: condition, ID (val) accuracy, OOD accuracy, per-seed OOD."""
-    names = {
-        "plain": "plain fine-tuning",
-        "caft": "CAFT (offline judge)",
-        "random": "random subspace",
-        "topk": "top PCs by variance",
-        "test_time": "test-time ablation only",
-        "oracle": "oracle topic probe (ref.)",
-    }
+    names = CONDITION_NAMES
     lines = [f"{'condition':<28}{'ID acc':>8}{'OOD acc':>9}   OOD per seed"]
     for cond, m in report["summary"].items():
         per = [f"{r[cond]['ood']:.0%}" for r in report["per_seed"].values() if isinstance(r.get(cond), dict)]
         lines.append(f"{names.get(cond, cond):<28}{m['val']:>8.1%}{m['ood']:>9.1%}   {' / '.join(per)}")
     return "\n".join(lines)
+
+
+def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
+    """One self-contained HTML page (no scripts, no network): ID / OOD accuracy per condition as a chart and
+    a table with per-seed values, the directions the judge selected with their labels, and stage timings.
+    All text is escaped."""
+    from caft.evals.svg import Bar, bar_chart_h, esc
+
+    summary: dict[str, dict[str, float]] = report["summary"]
+    per_seed: dict[str, dict[str, Any]] = report["per_seed"]
+    groups = [CONDITION_NAMES.get(c, c) for c in summary]
+    bars: list[Bar] = []
+    for cond, name in zip(summary, groups, strict=True):
+        ood = [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)]
+        bars.append(Bar(name, 0, summary[cond]["val"]))
+        bars.append(
+            Bar(name, 1, summary[cond]["ood"], min(ood), max(ood), note=f"(range over {len(ood)} seeds)")
+        )
+    chart = bar_chart_h(
+        groups, ["ID (val)", "OOD (cue inverted)"], bars, "Accuracy per condition", "accuracy"
+    )
+    rows = []
+    for cond, name in zip(summary, groups, strict=True):
+        per = " / ".join(f"{r[cond]['ood']:.0%}" for r in per_seed.values() if isinstance(r.get(cond), dict))
+        m = summary[cond]
+        rows.append(
+            f"<tr><td>{esc(name)}</td><td>{m['val']:.1%}</td><td>{m['ood']:.1%}</td><td>{esc(per)}</td></tr>"
+        )
+    picks = []
+    for seed, r in per_seed.items():
+        items = "".join(
+            f"<li><code>{esc(p['candidate'])}</code> {esc(p.get('label') or '')}"
+            f" (confidence {float(p.get('confidence') or 0):.2f})</li>"
+            for p in r.get("selected", [])
+        )
+        picks.append(f"<h3>seed {esc(seed)}: {len(r.get('selected', []))} directions</h3><ul>{items}</ul>")
+    timings = "".join(
+        f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in report.get("timings_s", {}).items()
+    )
+    title = f"caft demo: {report['task']}, {report['seeds']} seed(s)"
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{esc(title)}</title>",
+            "<style>body{font-family:sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse}"
+            "th,td{border:1px solid #ccc;padding:4px 8px}th{background:#f3f3f3}</style></head><body>",
+            f"<h1>{esc(title)}</h1>",
+            "<p>Labels were not used to select directions: the offline judge read the task description and "
+            "the max/min windows of each candidate on a generic corpus. The oracle row uses cue labels and is a "
+            "reference only.</p>",
+            chart,
+            "<table><thead><tr><th>condition</th><th>ID acc</th><th>OOD acc (mean)</th><th>OOD per seed</th>"
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
+            "<h2>Directions the judge selected</h2>",
+            *picks,
+            "<h2>Wall time per stage (seconds, summed over seeds)</h2>",
+            f"<table><tbody>{timings}</tbody></table>",
+            f"<p>Total wall time: {esc(report.get('wall_s'))} s.</p>",
+            "</body></html>",
+        ]
+    )
+    path = Path(out) / "report.html"
+    atomic_write_text(path, page)
+    return path

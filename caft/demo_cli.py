@@ -38,4 +38,4 @@ def demo_command(
         picked = ", ".join(f"{c['candidate']} ({c['label']})" for c in r.get("selected", [])) or "nothing"
         typer.echo(f"seed {s}: the offline judge selected {r.get('k', 0)}: {picked}")
     typer.echo("stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()))
-    typer.echo(f"results: {out / 'results.json'}")
+    typer.echo(f"results: {out / 'results.json'}; report: {out / 'report.html'}")
