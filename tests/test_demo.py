@@ -30,7 +30,9 @@ def test_html_report_escapes_labels_and_shows_every_condition(tmp_path: Path) ->
             "plain": {"val": 1.0, "ood": 0.05},
             "caft": {"val": 1.0, "ood": 0.9},
             "k": 1,
-            "selected": [{"candidate": "pc:L1:0", "label": "<script>alert(1)</script> food", "confidence": 0.8}],
+            "selected": [
+                {"candidate": "pc:L1:0", "label": "<script>alert(1)</script> food", "confidence": 0.8}
+            ],
         },
         "1": {"plain": {"val": 1.0, "ood": 0.15}, "caft": {"val": 0.98, "ood": 0.7}, "k": 0, "selected": []},
     }

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from caft.agent.offline import (
     JUDGE_ID,
     OfflineJudge,
@@ -18,9 +19,8 @@ from caft.agent.offline import (
     rank_candidates,
 )
 from caft.agent.schema import TaskDescription, VerdictRecord
-from caft.interp.schema import Candidate, Dossier, Window
-
 from caft.errors import ConfigError
+from caft.interp.schema import Candidate, Dossier, Window
 from caft.rundir import read_jsonl
 from caft.spurious import FOOD, NEGATIVE, POSITIVE, SPECS, SPORTS
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from caft.agent.schema import TaskDescription
 from typer.testing import CliRunner
 
+from caft.agent.schema import TaskDescription
 from caft.cli import app
 from caft.errors import ConfigError
 from caft.spurious import (
