@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
-from caft.interp.schema import Dossier, Window
 from pydantic import Field
 
+from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.config import CaftConfig
 from caft.errors import ConfigError, ModelError
+from caft.interp.schema import Dossier, Window
 
 if TYPE_CHECKING:
     import torch

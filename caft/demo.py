@@ -117,26 +117,6 @@ def _n_layers(model: ModelConfig) -> int:
     return int(cfg["num_hidden_layers"])
 
 
-def _null_candidates(out: Path, d_model: int, layers: list[int], n: int, seed: int) -> Path:
-    """candidates.jsonl + directions.safetensors of random unit directions (the judge's null)."""
-    import torch
-
-    from caft.interp.schema import Candidate, save_candidates
-
-    if (out / "candidates.jsonl").is_file():
-        return out
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    cands, dirs = [], {}
-    for L in layers:
-        for i in range(n):
-            cid = f"vec:L{L}:null{i}"
-            cands.append(Candidate(id=cid, kind="vector", layer=L, index=i, source="random"))
-            v = torch.randn(d_model, generator=gen)
-            dirs[cid] = v / v.norm()
-    save_candidates(out, cands, dirs)
-    return out
-
-
 def _counts(sub: Subspace) -> dict[int, int]:
     return {L: int(sub.bases[L].shape[1]) for L in sub.layers}
 
@@ -197,7 +177,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
     from caft.agent.selection import select, write_selection
     from caft.interp import DiffConfig, EvidenceConfig, build_dossiers, run_diff
     from caft.interp.config import InputsConfig, SteeringConfig
-    from caft.interp.schema import load_candidates, load_directions
+    from caft.interp.schema import load_candidates, load_directions, write_random_candidates
     from caft.spurious import write_spurious
     from caft.training.ablation import random_subspace
 
@@ -233,7 +213,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
     dirs = load_directions(diff_dir)
     d_model = int(next(iter(dirs.values())).shape[0])
     n_layers = _n_layers(base)
-    nulls_dir = _null_candidates(out / "nulls", d_model, layers, cfg.null_per_layer, seed)
+    nulls_dir = write_random_candidates(out / "nulls", d_model, layers, cfg.null_per_layer, seed)
     ev_cfg = EvidenceConfig(
         candidates=[str(diff_dir), str(nulls_dir)],
         corpus=str(data / "corpus.jsonl"),

@@ -116,11 +116,73 @@ def stage_sae(ctx: RunContext) -> dict[str, Any]:
     return _marker_info(folder)
 
 
+OFFLINE_JUDGE = "offline-embedding"
+CONTROLS_DIR = "controls"
+
+
+def uses_offline_judge(cfg: RunConfig) -> bool:
+    return cfg.triage_judge == OFFLINE_JUDGE
+
+
+def _candidate_dirs(ctx: RunContext) -> list[Path]:
+    return [d for d in (ctx.path / "diff", ctx.path / "sae") if (d / "candidates.jsonl").is_file()]
+
+
 def stage_evidence(ctx: RunContext) -> dict[str, Any]:
     from caft.interp.evidence import build_dossiers
 
-    folder = build_dossiers(ctx.cfg.evidence, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    cfg = ctx.cfg.evidence
+    if uses_offline_judge(ctx.cfg) and not cfg.candidates:
+        # The offline judge calibrates against random directions that get evidence exactly like the candidates.
+        from caft.interp.schema import load_candidates, load_directions, write_random_candidates
+
+        dirs = _candidate_dirs(ctx)
+        cands = [c for d in dirs for c in load_candidates(d)]
+        d_model = int(next(iter(load_directions(dirs[0]).values())).shape[0])
+        controls = write_random_candidates(
+            ctx.path / CONTROLS_DIR,
+            d_model,
+            sorted({c.layer for c in cands}),
+            ctx.cfg.controls_per_layer,
+            ctx.cfg.seed,
+        )
+        cfg = cfg.model_copy(update={"candidates": [*map(str, dirs), str(controls)]})
+    folder = build_dossiers(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
     return _marker_info(folder)
+
+
+def _triage_offline(ctx: RunContext, task_spec: str) -> dict[str, Any]:
+    from caft.agent.offline import judge_offline
+    from caft.agent.selection import select, write_selection
+    from caft.agent.task import load_task
+    from caft.interp import read_dossiers
+    from caft.interp.schema import load_candidates, load_directions
+
+    controls = ctx.path / CONTROLS_DIR
+    if not (controls / "candidates.jsonl").is_file():
+        raise RunDirError(
+            f"{controls} is missing: the offline judge needs the evidence stage's random controls; "
+            "rerun from the evidence stage (caft run --from evidence)"
+        )
+    null_ids = {c.id for c in load_candidates(controls)}
+    dossiers = read_dossiers(ctx.path / "evidence" / "dossiers")
+    cand_d = [d for d in dossiers if d.candidate.id not in null_ids]
+    null_d = [d for d in dossiers if d.candidate.id in null_ids]
+    out = ctx.path / "triage"
+    records = judge_offline(cand_d, load_task(task_spec), out, null_d, config=ctx.cfg.offline_judge)
+    selection = select(records, [d.candidate for d in cand_d], ctx.cfg.triage.selection)
+    directions: dict[str, Any] = {}
+    for folder in _candidate_dirs(ctx):
+        directions.update(load_directions(folder))
+    d_model = int(next(iter(directions.values())).shape[0])
+    sub = write_selection(out, selection, directions, d_model=d_model, model=ctx.cfg.model.name_or_path)
+    return {
+        "selected": [c.candidate for c in selection.selected],
+        "labels": {c.candidate: c.label for c in selection.selected},
+        "subspace_dims": sub.total_dims,
+        "judged": len(records),
+        "judge": OFFLINE_JUDGE,
+    }
 
 
 def stage_triage(ctx: RunContext) -> dict[str, Any]:
@@ -133,6 +195,9 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
                 "the judge needs a task description: set `task` (or triage.task) in the run config"
             )
         cfg = cfg.model_copy(update={"task": ctx.cfg.task})
+    if uses_offline_judge(ctx.cfg):
+        assert cfg.task is not None
+        return _triage_offline(ctx, cfg.task)
     res = run_triage(cfg, ctx.path / "evidence", ctx.path / "triage", provider=ctx.judge_provider)
     if not res.complete:
         raise RunDirError(
@@ -289,7 +354,10 @@ def run_pipeline(
             "base": cfg.model.name_or_path,
             **({"finetuned": cfg.finetuned.name_or_path} if cfg.finetuned else {}),
         },
-        judges={"triage": cfg.triage.judge.model, "eval": cfg.eval.grade.judge.model},
+        judges={
+            "triage": OFFLINE_JUDGE if uses_offline_judge(cfg) else cfg.triage.judge.model,
+            "eval": cfg.eval.grade.judge.model,
+        },
         extra={"config_source": config_source} if config_source else None,
     )
     ctx = RunContext(cfg, run, judge_provider=judge_provider, grade_client_factory=grade_client_factory)

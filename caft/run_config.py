@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from caft.agent.config import TriageConfig
+from caft.agent.offline import OfflineJudgeConfig
 from caft.config import CaftConfig, ModelConfig
 from caft.evals.config import EvalConfig
 from caft.interp.config import DiffConfig, EvidenceConfig, SAEConfig
@@ -63,7 +64,14 @@ class RunConfig(CaftConfig):
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
     """Evidence dossiers for every candidate."""
     triage: TriageConfig = Field(default_factory=TriageConfig)
-    """The judge: verdicts and the selected subspace."""
+    """The judge: verdicts and the selected subspace (its selection policy applies to either judge)."""
+    triage_judge: Literal["llm", "offline-embedding"] = "llm"
+    """`llm`: the LLM judge of `triage.judge`; `offline-embedding`: the offline embedding judge (no API, no key),
+    calibrated against random directions that the evidence stage gives evidence like the candidates."""
+    offline_judge: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
+    """Settings of the offline embedding judge (`triage_judge: offline-embedding`)."""
+    controls_per_layer: int = Field(default=20, ge=2)
+    """Random directions per layer given evidence like the candidates, for the offline judge's calibration."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Misalignment (and code) evaluation, for `task_kind: chat`."""
     eval_models: list[ModelRole] = Field(default_factory=lambda: list(_DEFAULT_EVAL_MODELS))

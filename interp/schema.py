@@ -224,3 +224,24 @@ def save_candidates(
 def load_dossier(path: str | Path) -> Dossier:
     p = Path(path)
     return Dossier.model_validate_json(p.read_text(encoding="utf-8"))
+
+
+def write_random_candidates(out: str | Path, d_model: int, layers: list[int], n: int, seed: int) -> Path:
+    """`candidates.jsonl` + `directions.safetensors` of `n` random unit directions per layer (ids
+    `vec:L<layer>:null<i>`, source `random`): the null set an offline judge calibrates against. Kept if the
+    folder already holds them."""
+    import torch
+
+    folder = Path(out)
+    if (folder / CANDIDATES_FILE).is_file():
+        return folder
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    cands, dirs = [], {}
+    for layer in layers:
+        for i in range(n):
+            cid = f"vec:L{layer}:null{i}"
+            cands.append(Candidate(id=cid, kind="vector", layer=layer, index=i, source="random"))
+            v = torch.randn(d_model, generator=gen)
+            dirs[cid] = v / v.norm()
+    save_candidates(folder, cands, dirs)
+    return folder

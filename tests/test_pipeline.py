@@ -146,3 +146,36 @@ def test_run_needs_a_task_description(tmp_path: Path) -> None:
     cfg = RunConfig.model_validate({"model": {"name_or_path": "m"}, "out_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="needs a task description"):
         stage_triage(RunContext(cfg, RunDir(tmp_path)))
+
+
+def test_chat_run_with_the_offline_judge_sends_no_triage_request(tmp_path: Path) -> None:
+    runner = CliRunner()
+    with FakeLLM() as fake:
+        fake.on_request(router("none"))
+        cfg_path = write_config(tmp_path, fake.openai_base_url)
+        res = runner.invoke(
+            app,
+            [
+                "run",
+                str(cfg_path),
+                "--set",
+                "triage_judge=offline-embedding",
+                "--set",
+                "controls_per_layer=4",
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        # only the eval's one-token grading calls reached the server: the triage needed no API
+        assert fake.requests and all(r.body.get("logprobs") for r in fake.requests)
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "triage" / "verdicts.jsonl").read_text().splitlines()]
+    judged = {r["candidate"] for r in rows}
+    assert judged == {"pc:L1:0", "pc:L1:1", "pc:L1:2", "vec:L1:mean"}  # candidates only, not the controls
+    assert all(r["judge"] == "offline-embedding" and "z" in r["scores"] for r in rows)
+    controls = (run / "controls" / "candidates.jsonl").read_text().splitlines()
+    assert len(controls) == 4 and all('"source": "random"' in c for c in controls)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] and summary["stages"]["triage"]["judge"] == "offline-embedding"
+    assert (
+        Subspace.load(run / "triage" / "subspace").total_dims == summary["stages"]["triage"]["subspace_dims"]
+    )
