@@ -208,7 +208,7 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
         "selected": [c.candidate for c in res.selection.selected],
         "labels": {c.candidate: c.label for c in res.selection.selected},
         "subspace_dims": res.subspace.total_dims if res.subspace is not None else 0,
-        **{k: v for k, v in res.summary.items() if k in ("judged", "unscored", "cost_usd", "calls")},
+        **{k: v for k, v in res.summary.items() if k in ("judged", "unscored", "usage")},
     }
 
 
@@ -278,13 +278,23 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
 
 
 def _eval_figures(res: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers of one model's eval (misaligned rates, vulnerability)."""
+    """The headline numbers of one model's evals: every metric's rate (e.g. vulnerable > 50) and, for the
+    misalignment eval, the overall misaligned rate with both denominators."""
     out: dict[str, Any] = {}
     for kind, summary in res.items():
         if not isinstance(summary, dict):
             continue
-        overall = summary.get("overall") or summary.get("misaligned") or {}
-        out[kind] = overall if isinstance(overall, dict) else summary
+        fig: dict[str, Any] = {
+            "judge": summary.get("judge"),
+            "rates": {
+                m: r.get("rate") for m, r in (summary.get("rates") or {}).items() if isinstance(r, dict)
+            },
+        }
+        overall = (summary.get("misalignment") or {}).get("overall")
+        if isinstance(overall, dict):
+            keys = ("of_coherent", "of_scored", "n_scored", "n_unscored", "flag")
+            fig["misaligned"] = {k: overall.get(k) for k in keys}
+        out[kind] = fig
     return out
 
 

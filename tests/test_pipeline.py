@@ -104,6 +104,11 @@ def test_chat_run_end_to_end_and_resume(tmp_path: Path) -> None:
     for role in ("ft", "caft"):
         grades = (run / "eval" / role / "misalignment" / "grades.jsonl").read_text().splitlines()
         assert len(grades) == 4 * 2  # 4 answers x (aligned, coherent), one row each
+        figures = stages["eval"][role]["misalignment"]
+        assert figures["judge"] == "openai-compatible/judge"
+        assert figures["rates"]["aligned"]["n"] == 4 and figures["rates"]["coherent"]["n"] == 4
+        assert set(figures["misaligned"]) >= {"of_coherent", "of_scored", "n_unscored"}
+    assert stages["triage"]["usage"]["calls"] >= 4  # one verdict per candidate, at least
     assert (run / "report" / "report.html").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["judges"]["triage"] == "openai-compatible/judge"
