@@ -308,7 +308,7 @@ class TextEmbedder:
     """Mean-pooled, L2-normalized sentence embeddings from a local encoder folder, cached per text."""
 
     def __init__(self, model_path: str | Path | None = None, batch_size: int = 128) -> None:
-        from caft.testing import minilm_path
+        from caft.assets import minilm_path
 
         path = Path(model_path) if model_path is not None else minilm_path()
         if path is None or not Path(path).is_dir():

@@ -11,8 +11,8 @@
    Done twice: with SIGTERM (the grader finishes the calls in flight, so nothing is lost) and with SIGKILL
    (the calls in flight at the kill are lost and sent again: at most `concurrency` of them).
 
-The grader runs as a real subprocess (`python -m caft.cli grade ...`) through the real OpenAI SDK; the fake
-server (tests/fakellm.py) runs in this process on its own threads.
+The grader runs as a real subprocess (`python -m caft.app.cli grade ...`) through the real OpenAI SDK; the fake
+server (caft.testing.fakellm) runs in this process on its own threads.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from caft.testing.fakellm import FakeLLM
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from evals_helpers import fake_judge  # noqa: E402
-from fakellm import FakeLLM  # noqa: E402
 
 ENV = {**os.environ, "OPENAI_API_KEY": "sk-fake-benchmark-key-0000000000"}
 
@@ -57,7 +58,7 @@ def command(answers: Path, out: Path, base_url: str, concurrency: int) -> list[s
     return [
         sys.executable,
         "-m",
-        "caft.cli",
+        "caft.app.cli",
         "grade",
         str(answers),
         "--out",

@@ -33,12 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-FAKE_SERVER = Path(__file__).resolve().parent.parent / "tests" / "fakellm.py"
-sys.path.insert(0, str(FAKE_SERVER.parent))
-
-from fakellm import FakeLLM, Reply  # noqa: E402
-
-from caft.llm import GenerateConfig, GenerateResult, LLMClient, Message, get_provider  # noqa: E402
+from caft.llm import GenerateConfig, GenerateResult, LLMClient, Message, get_provider
+from caft.testing.fakellm import FakeLLM, Reply
 
 KEY_ENV = "CAFT_BENCH_FAKE_KEY"
 MODELS = {"openai": "openai/gpt-4.1", "anthropic": "anthropic/claude-sonnet-4-6"}
@@ -71,7 +67,17 @@ def serve(latency: float, in_process: bool) -> Iterator[Server]:
             yield Server(fake.url, {})
         return
     proc = subprocess.Popen(
-        [sys.executable, str(FAKE_SERVER), "--latency", str(latency), "--text", "7", "--top-logprobs", "21"],
+        [
+            sys.executable,
+            "-m",
+            "caft.testing.fakellm",
+            "--latency",
+            str(latency),
+            "--text",
+            "7",
+            "--top-logprobs",
+            "21",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/triage_cost.py [--n 500] [--latency 0.2] [--concurrency 32]
 
 1. N full-size dossiers (20 max + 20 min windows of 16 tokens, 12 generations of ~800 characters) are judged
-   single-shot through the real OpenAI-compatible provider against the fake wire server (tests/fakellm.py)
+   single-shot through the real OpenAI-compatible provider against the fake wire server (caft.testing.fakellm)
    with a fixed latency. Wall time is compared with the ideal N * latency / concurrency (target ratio >= 0.8).
 2. Prompt and completion tokens per candidate, counted with a real WordPiece tokenizer (all-MiniLM-L6-v2, the
    one offline) on the exact messages sent, next to the server's word counts (target: prompt < 3k tokens).
@@ -27,7 +27,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
-from fakellm import FakeLLM, RecordedRequest, Reply
 
 from caft.agent.config import SelectionPolicy, TriageConfig
 from caft.agent.schema import VerdictRecord
@@ -37,6 +36,7 @@ from caft.agent.triage import run_triage_async
 from caft.interp.schema import Dossier
 from caft.llm import GenerateConfig, GenerateResult, JudgeConfig, Message, Provider
 from caft.llm.types import Capabilities, Usage
+from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 WORDS = [
     "the",
@@ -152,7 +152,7 @@ def reply(req: RecordedRequest) -> Reply:
 def token_counts(dossiers: list[Dossier], cfg: TriageConfig) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from caft.testing import minilm_path
+    from caft.assets import minilm_path
 
     path = minilm_path()
     task = load_task(cfg.task)

@@ -4,7 +4,7 @@ Every field carries a docstring (kept by `use_attribute_docstrings`, shown by `c
 Validators only validate. Secrets never live in a config: API keys come from the environment.
 
 Loading: `load_config(path, RunConfig, overrides=["train.optim.lr=1e-5"])` (RunConfig, the composition of
-every stage's section, is in `caft.run_config`). A validation error names the file,
+every stage's section, is in `caft.app.run_config`). A validation error names the file,
 the dotted field path, what was expected and what was given.
 """
 

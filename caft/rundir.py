@@ -29,6 +29,19 @@ from caft.errors import DataError, RunDirError
 
 MANIFEST = "manifest.json"
 DONE_MARKER = "DONE.json"
+SUMMARY_FILE = "summary.json"
+
+# Files that one stage writes and a later stage (or a person) reads. The module that owns each artifact's
+# schema (interp.schema, agent.schema, evals.schema, caft.subspace) reads and writes it under these names.
+CANDIDATES_FILE = "candidates.jsonl"
+DIRECTIONS_FILE = "directions.safetensors"
+DOSSIER_DIR = "dossiers"
+VERDICTS_FILE = "verdicts.jsonl"
+SELECTION_FILE = "selection.json"
+SUBSPACE_DIR = "subspace"
+FINAL_DIR = "final"
+ANSWERS_FILE = "answers.jsonl"
+GRADES_FILE = "grades.jsonl"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -214,6 +227,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.layout = RunLayout(self.path)
 
     @classmethod
     def create(
@@ -251,6 +265,56 @@ class RunDir:
         if not name or "/" in name or name.startswith("."):
             raise RunDirError(f"invalid stage name {name!r}")
         return Stage(self, name)
+
+
+class RunLayout:
+    """Every stage folder and cross-stage file of a `caft run` directory, named in one place.
+
+    Stage folders are `RUN/<stage>/` (`train`, `diff`, `sae`, `evidence`, `triage`, `caft`, `eval`, `report`,
+    plus any a pipeline adds); the artifacts a later stage reads are at the properties below."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def stage(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise RunDirError(f"invalid stage name {name!r}")
+        return self.root / name
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    def marker(self, stage: str) -> Path:
+        return self.stage(stage) / DONE_MARKER
+
+    def final(self, stage: str) -> Path:
+        """The model a training stage (`train`, `caft`, a baseline) wrote."""
+        return self.stage(stage) / FINAL_DIR
+
+    def candidate_dirs(self) -> list[Path]:
+        """The candidate folders (diff PCs, SAE latents) that exist, in stage order."""
+        return [d for d in (self.stage("diff"), self.stage("sae")) if (d / CANDIDATES_FILE).is_file()]
+
+    @property
+    def dossiers(self) -> Path:
+        return self.stage("evidence") / DOSSIER_DIR
+
+    @property
+    def verdicts(self) -> Path:
+        return self.stage("triage") / VERDICTS_FILE
+
+    @property
+    def selection(self) -> Path:
+        return self.stage("triage") / SELECTION_FILE
+
+    @property
+    def subspace(self) -> Path:
+        return self.stage("triage") / SUBSPACE_DIR
 
 
 def _now_iso() -> str:

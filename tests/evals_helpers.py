@@ -57,7 +57,7 @@ def write_answers(path: Path, answers: list[tuple[str, str, str]]) -> Path:
 
 def fake_judge(req: Any) -> Any:
     """The same scripted judge as `judge_reply`, for the fake wire-compatible server (tests/fakellm.py)."""
-    from fakellm import Reply
+    from caft.testing.fakellm import Reply
 
     body = req.body
     prompt = req.prompt

@@ -7,9 +7,9 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from fakellm import FakeLLM
 
 from caft.llm import LLMClient, Message, get_provider
+from caft.testing.fakellm import FakeLLM
 
 T = TypeVar("T")
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from agent_helpers import concept_of_text, concept_set, verdict_for, write_evidence
-from fakellm import FakeLLM, RecordedRequest, Reply
 from typer.testing import CliRunner
 
-from caft.agent.cli import parse_budget
-from caft.cli import app
+from caft.app.cli import app
+from caft.app.commands.agent import parse_budget
 from caft.errors import ConfigError
 from caft.subspace import Subspace
+from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 runner = CliRunner()
 
@@ -222,7 +222,10 @@ def test_fatal_judge_error_is_a_clean_message_and_keeps_verdicts(tmp_path: Path)
         first = pairs[2][
             0
         ].candidate.id  # sorted by layer: L1:0, L1:1, L2:0, L2:1 -> the third is judged third
-        fake.add_rule(f"Candidate {first} ", lambda req: __import__("fakellm").Fault("401"))
+        fake.add_rule(
+            f"Candidate {first} ",
+            lambda req: __import__("caft.testing.fakellm", fromlist=["Fault"]).Fault("401"),
+        )
         res = runner.invoke(app, [*args, "--base-url", fake.openai_base_url])
         assert res.exit_code == 2 and "refused the request" in res.output and "are kept" in res.output
         assert not (tmp_path / "triage" / "DONE.json").exists()

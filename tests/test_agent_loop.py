@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from agent_helpers import concept_set, injected_set, verdict_for
-from fakellm import FakeLLM, Reply
 
 from caft.agent.config import AgentBudget, TriageConfig
 from caft.agent.loop import AGENT_RESULT_FILE, TRANSCRIPT_FILE, AgentSession, parse_text_tool_calls
 from caft.agent.selection import load_verdicts
 from caft.agent.task import load_task
 from caft.llm import GenerateConfig, LLMClient, Message, MockProvider, get_provider
+from caft.testing.fakellm import FakeLLM, Reply
 
 TASK = load_task("emergent-misalignment")
 PAIRS = concept_set(1)  # evil pc:L1:0, code pc:L2:0, weather pc:L1:1, gender pc:L2:1

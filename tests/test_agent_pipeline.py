@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 from agent_helpers import verdict_for
-from fakellm import FakeLLM, RecordedRequest, Reply
 from interp_helpers import chat_rows, make_pair, write_jsonl
 from typer.testing import CliRunner
 
 from caft.agent.render import DATA_CLOSE
 from caft.agent.selection import load_dossiers
-from caft.cli import app
+from caft.app.cli import app
 from caft.interp.schema import load_directions
 from caft.subspace import Subspace
+from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 
 def test_interp_evidence_to_subspace(tmp_path: Path) -> None:

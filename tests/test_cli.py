@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from caft.cli import app
+from caft.app.cli import app
 
 HEAVY = ("torch", "transformers", "nnsight", "sae_lens", "peft", "openai", "anthropic")
 
@@ -21,9 +21,9 @@ def run_py(code: str, tmp_path: Path, env: dict[str, str] | None = None) -> subp
 
 def test_cli_import_does_not_import_heavy_packages(tmp_path: Path) -> None:
     code = (
-        "import sys, caft.cli\n"
+        "import sys, caft.app.cli\n"
         "from typer.main import get_command\n"
-        "get_command(caft.cli.app)\n"
+        "get_command(caft.app.cli.app)\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     res = run_py(code, tmp_path)
@@ -61,7 +61,7 @@ def test_doctor_reports_key_presence_never_values(tmp_path: Path) -> None:
     env = {**os.environ, "OPENAI_API_KEY": secret, "HF_HUB_OFFLINE": "1"}
     env.pop("ANTHROPIC_API_KEY", None)
     res = subprocess.run(
-        [sys.executable, "-m", "caft.cli", "doctor"],
+        [sys.executable, "-m", "caft.app.cli", "doctor"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

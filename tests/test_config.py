@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from caft.app.run_config import RunConfig
 from caft.config import ModelConfig, apply_overrides, describe_fields, load_config
 from caft.errors import ConfigError
-from caft.run_config import RunConfig
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from caft.demo import DemoConfig, format_table, run_demo, summarize, write_demo_report
+from caft.app.demo import DemoConfig, format_table, run_demo, summarize, write_demo_report
 
 
 def test_summary_and_table_average_over_seeds() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from evals_helpers import fake_judge, write_answers
-from fakellm import FakeLLM
 from typer.testing import CliRunner
 
-from caft.cli import app
+from caft.app.cli import app
 from caft.rundir import read_jsonl
+from caft.testing.fakellm import FakeLLM
 
 runner = CliRunner()
 
@@ -163,7 +163,7 @@ def test_csv_columns_budget_stop_resume_rescore_and_report(tmp_path: Path) -> No
 
 def test_cli_module_imports_nothing_heavy() -> None:
     code = (
-        "import sys, caft.cli\n"
+        "import sys, caft.app.cli\n"
         "heavy = [m for m in ('torch', 'transformers', 'nnsight', 'sae_lens', 'peft', 'openai', 'anthropic') if m in sys.modules]\n"
         "print(','.join(heavy))"
     )

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from evals_helpers import fake_judge, write_answers
-from fakellm import FakeLLM
 
-from caft.cli import main
+from caft.app.cli import main
 from caft.rundir import read_jsonl
+from caft.testing.fakellm import FakeLLM
 
 ENV = {"OPENAI_API_KEY": "sk-fake-key-for-the-fake-server-000"}
 
@@ -92,7 +92,7 @@ def test_sigkill_mid_run_then_resume_gives_one_row_per_pair(tmp_path: Path) -> N
         cmd = [
             sys.executable,
             "-m",
-            "caft.cli",
+            "caft.app.cli",
             "grade",
             str(src),
             "--out",
@@ -147,7 +147,7 @@ def test_sigterm_drains_calls_in_flight(tmp_path: Path) -> None:
         cmd = [
             sys.executable,
             "-m",
-            "caft.cli",
+            "caft.app.cli",
             "grade",
             str(src),
             "--out",

@@ -10,7 +10,7 @@ import yaml
 from interp_helpers import chat_rows, make_pair, write_jsonl
 from typer.testing import CliRunner
 
-from caft.cli import app, main
+from caft.app.cli import app, main
 from caft.interp.schema import load_candidates
 
 

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakellm import FakeLLM, Reply
 from llm_helpers import ANTHROPIC_KEY, COMPAT_KEY, OPENAI_KEY, PROVIDERS, base_url, run, set_keys, user
 from pydantic import BaseModel
 
@@ -25,6 +24,7 @@ from caft.llm import (
     cache_key,
 )
 from caft.rundir import atomic_write_json, read_jsonl
+from caft.testing.fakellm import FakeLLM, Reply
 
 
 class Verdict(BaseModel):

@@ -8,10 +8,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from fakellm import FakeLLM
 from llm_helpers import make_client, run, set_keys, user
 
 from caft.llm import GenerateConfig, GenerateResult
+from caft.testing.fakellm import FakeLLM
 
 N, L, C = 40, 0.05, 8
 

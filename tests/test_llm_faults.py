@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fakellm import FakeLLM, FaultKind
 from llm_helpers import make_client, run, set_keys, user
 
 from caft.llm import FatalError, GenerateConfig, GenerateResult, ResponseCache, RetryableError
 from caft.rundir import read_jsonl
+from caft.testing.fakellm import FakeLLM, FaultKind
 
 MODELS = ["openai/gpt-4.1", "anthropic/claude-sonnet-4-6"]
 TRANSIENT: list[FaultKind] = ["429", "500", "503", "hang", "malformed", "truncated"]

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from fakellm import FakeLLM, Reply
 from llm_helpers import PROVIDERS, make_client, run, set_keys, user
 from pydantic import BaseModel
 
@@ -24,6 +23,7 @@ from caft.llm import (
     ToolSpec,
     get_provider,
 )
+from caft.testing.fakellm import FakeLLM, Reply
 
 
 class Verdict(BaseModel):

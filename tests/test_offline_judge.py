@@ -19,10 +19,10 @@ from caft.agent.offline import (
     rank_candidates,
 )
 from caft.agent.schema import TaskDescription, VerdictRecord
+from caft.app.spurious import FOOD, NEGATIVE, POSITIVE, SPECS, SPORTS
 from caft.errors import ConfigError
 from caft.interp.schema import Candidate, Dossier, Window
 from caft.rundir import read_jsonl
-from caft.spurious import FOOD, NEGATIVE, POSITIVE, SPECS, SPORTS
 
 TASK = SPECS["sentiment-topic"].task
 FILLER = [

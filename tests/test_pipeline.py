@@ -14,16 +14,16 @@ import pytest
 import yaml
 from agent_helpers import verdict_for
 from evals_helpers import fake_judge
-from fakellm import FakeLLM, RecordedRequest, Reply
 from interp_helpers import chat_rows, write_jsonl
 from typer.testing import CliRunner
 
-from caft.cli import app
+from caft.app.cli import app
+from caft.app.pipeline import enabled_stages
+from caft.app.run_config import RunConfig
 from caft.errors import ConfigError
-from caft.pipeline import enabled_stages
-from caft.run_config import RunConfig
 from caft.subspace import Subspace
 from caft.testing import save_tiny
+from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 QUESTIONS = """
 - id: wish
@@ -145,7 +145,7 @@ def test_run_config_checks() -> None:
 
 
 def test_run_needs_a_task_description(tmp_path: Path) -> None:
-    from caft.pipeline import RunContext, stage_triage
+    from caft.app.stages import RunContext, stage_triage
     from caft.rundir import RunDir
 
     cfg = RunConfig.model_validate({"model": {"name_or_path": "m"}, "out_dir": str(tmp_path)})

@@ -10,9 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from caft.agent.schema import TaskDescription
-from caft.cli import app
-from caft.errors import ConfigError
-from caft.spurious import (
+from caft.app.cli import app
+from caft.app.spurious import (
     FOOD,
     KINDS,
     NEGATIVE,
@@ -23,6 +22,7 @@ from caft.spurious import (
     read_rows,
     write_spurious,
 )
+from caft.errors import ConfigError
 
 SMALL = {"train": 200, "val": 40, "ood": 40, "corpus": 120}
 

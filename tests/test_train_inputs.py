@@ -69,7 +69,7 @@ def test_skip_invalid_trains_on_good_rows(tmp_path: Path, llama_dir: Path) -> No
 def test_cli_train(tmp_path: Path, llama_dir: Path) -> None:
     from typer.testing import CliRunner
 
-    from caft.cli import app
+    from caft.app.cli import app
 
     data = _jsonl(tmp_path / "d.jsonl", CHAT)
     common = ["train", "--base-model", str(llama_dir), "--data", str(data), "--max-steps", "2"]

@@ -19,7 +19,7 @@ def demo_command(
     PCA on differences, evidence, offline judge, CAFT, and the baselines; prints ID / OOD accuracy."""
     import logging
 
-    from caft.demo import DemoConfig, format_table, run_demo
+    from caft.app.demo import DemoConfig, format_table, run_demo
     from caft.errors import CaftError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

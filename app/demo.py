@@ -2,7 +2,7 @@
 
 Per seed, in `OUT/seed<N>/` (each step skipped when its output exists, so a rerun resumes):
 
-    data/       caft.spurious task (train: cue 100% correlated; val; OOD: cue inverted; generic corpus)
+    data/       caft.app.spurious task (train: cue 100% correlated; val; OOD: cue inverted; generic corpus)
     plain/      plain fine-tune (mean-pooled encoder + linear head, embeddings frozen)   caft.training
     run/diff/   PCs of (ft - base) on the training inputs, 20 per layer                   caft.interp
     nulls/      random unit directions per layer: the judge's calibration reference
@@ -46,7 +46,7 @@ class DemoConfig(CaftConfig):
     """The MiniLM spurious-correlation demo."""
 
     task: Literal["sentiment-topic", "topic-sentiment", "gender-pronoun"] = "sentiment-topic"
-    """Which spurious-correlation task (caft.spurious)."""
+    """Which spurious-correlation task (caft.app.spurious)."""
     seeds: int = Field(default=1, gt=0)
     """Seeds 0..N-1; each seed draws its own data and initialization."""
     conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
@@ -70,7 +70,7 @@ class DemoConfig(CaftConfig):
 
 
 def _base_model(cfg: DemoConfig) -> ModelConfig:
-    from caft.testing import minilm_path
+    from caft.assets import minilm_path
 
     path = cfg.model_path or minilm_path()
     if path is None:
@@ -144,7 +144,7 @@ def _oracle_subspace(cfg: DemoConfig, seed: int, d_model: int, n_layers: int) ->
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from caft.spurious import build_spurious
+    from caft.app.spurious import build_spurious
     from caft.subspace import Subspace
 
     probe = build_spurious(cfg.task, seed=100_000 + seed, sizes=cfg.sizes)
@@ -175,10 +175,10 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
     from caft.agent.offline import OfflineJudge, judge_offline
     from caft.agent.schema import TaskDescription
     from caft.agent.selection import select, write_selection
+    from caft.app.spurious import write_spurious
     from caft.interp import DiffConfig, EvidenceConfig, build_dossiers, run_diff
     from caft.interp.config import InputsConfig, SteeringConfig
     from caft.interp.schema import load_candidates, load_directions, write_random_candidates
-    from caft.spurious import write_spurious
     from caft.training.ablation import random_subspace
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:

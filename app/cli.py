@@ -12,13 +12,13 @@ from typing import Annotated, Any
 import typer
 
 from caft import __version__
-from caft.agent.cli import triage_app
-from caft.data_cli import data_app
-from caft.demo_cli import demo_command
+from caft.app.commands.agent import triage_app
+from caft.app.commands.data import data_app
+from caft.app.commands.demo import demo_command
+from caft.app.commands.evals import eval_app, grade_command, report_command
+from caft.app.commands.interp import diff_cmd, evidence_cmd, sae_app
+from caft.app.commands.training import train_command
 from caft.errors import CaftError
-from caft.evals.cli import eval_app, grade_command, report_command
-from caft.interp.cli import diff_cmd, evidence_cmd, sae_app
-from caft.training.cli import train_command
 
 app = typer.Typer(
     name="caft",
@@ -94,9 +94,9 @@ def run_command(
     import json
     import logging
 
+    from caft.app.pipeline import SUMMARY_FILE, run_pipeline
+    from caft.app.run_config import RunConfig
     from caft.config import load_config
-    from caft.pipeline import SUMMARY_FILE, run_pipeline
-    from caft.run_config import RunConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -116,8 +116,8 @@ def config_validate(
     set_: SetOpt = None,
 ) -> None:
     """Validate a run config and print it resolved (defaults filled in, overrides applied)."""
+    from caft.app.run_config import RunConfig
     from caft.config import config_to_yaml, load_config
-    from caft.run_config import RunConfig
 
     try:
         cfg = load_config(file, RunConfig, set_ or [])
@@ -131,8 +131,8 @@ def config_validate(
 @config_app.command("show")
 def config_show() -> None:
     """List every field of the run config with its type and documentation."""
+    from caft.app.run_config import RunConfig
     from caft.config import describe_fields
-    from caft.run_config import RunConfig
 
     for path, typ, doc in describe_fields(RunConfig):
         print(f"{path}  ({typ})")
