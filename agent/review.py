@@ -257,7 +257,8 @@ def write_review(
     run: str | Path, evidence_dir: str | Path | None = None, out: str | Path | None = None
 ) -> Path:
     """Write `review.html` for a triage folder and return its path."""
-    from caft.agent.selection import load_dossiers, load_verdicts, read_selection, select
+    from caft.agent.selection import load_verdicts, read_selection, select
+    from caft.interp.schema import load_dossiers
 
     tdir = resolve_triage_dir(run)
     info: dict[str, Any] = {}

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Relation = Literal["intended", "undesired", "unrelated", "unclear"]
+from caft.rundir import SELECTION_FILE as SELECTION_FILE
+from caft.rundir import VERDICTS_FILE as VERDICTS_FILE
 
-VERDICTS_FILE = "verdicts.jsonl"
-SELECTION_FILE = "selection.json"
+Relation = Literal["intended", "undesired", "unrelated", "unclear"]
 
 
 class TaskDescription(BaseModel):

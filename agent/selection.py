@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import SELECTION_FILE, SelectedColumn, Selection, VerdictRecord
 from caft.errors import DataError, SubspaceError
-from caft.interp.schema import DIRECTIONS_FILE, DOSSIER_DIR, Candidate, Dossier
+from caft.interp.schema import DIRECTIONS_FILE, Candidate
 from caft.rundir import atomic_write_json, iter_jsonl
 from caft.subspace import Column, Subspace
 
@@ -32,31 +32,6 @@ SUBSPACE_DIR = "subspace"
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------
-def load_dossiers(evidence_dir: str | Path) -> list[Dossier]:
-    """Every `<evidence>/dossiers/*.json`, sorted by layer then candidate id."""
-    d = Path(evidence_dir)
-    folder = d / DOSSIER_DIR if (d / DOSSIER_DIR).is_dir() else d
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        raise DataError(
-            f"no dossiers in {folder}: expected <evidence>/{DOSSIER_DIR}/*.json from the evidence stage "
-            "(run `caft evidence` first, or point --evidence at its output folder)"
-        )
-    out: list[Dossier] = []
-    for f in files:
-        try:
-            out.append(Dossier.model_validate_json(f.read_text(encoding="utf-8")))
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"])
-            raise DataError(f"{f} is not a valid dossier ({loc}: {first['msg']})") from None
-    ids = Counter(x.candidate.id for x in out)
-    dup = [k for k, n in ids.items() if n > 1]
-    if dup:
-        raise DataError(f"{folder}: several dossiers for candidate(s) {dup[:5]}; remove the stale files")
-    return sorted(out, key=lambda x: (x.candidate.layer, x.candidate.id))
-
-
 def find_directions(evidence_dir: str | Path) -> Path | None:
     """The candidates' directions: `<evidence>/directions.safetensors` or a sibling stage's (`diff/`, `sae/`)."""
     d = Path(evidence_dir)
@@ -64,24 +39,6 @@ def find_directions(evidence_dir: str | Path) -> Path | None:
         if p.is_file():
             return p.resolve()
     return None
-
-
-def load_directions(paths: Path | Sequence[Path]) -> dict[str, torch.Tensor]:
-    """Candidate id -> float32 [d_model] direction, merged over one or more safetensors files."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for p in [paths] if isinstance(paths, Path) else paths:
-        try:
-            tensors = load_file(str(p))
-        except (SafetensorError, OSError) as e:
-            raise DataError(f"{p} cannot be read as safetensors: {e}") from None
-        for k, v in tensors.items():
-            if v.ndim != 1:
-                raise DataError(f"{p}: direction {k!r} has shape {tuple(v.shape)}, expected [d_model]")
-            out[k] = v.float()
-    return out
 
 
 def load_verdicts(path: str | Path) -> list[VerdictRecord]:

@@ -27,8 +27,6 @@ from caft.agent.review import INFO_FILE
 from caft.agent.schema import VERDICTS_FILE, Selection
 from caft.agent.selection import (
     find_directions,
-    load_directions,
-    load_dossiers,
     load_verdicts,
     prefilter_rank,
     read_selection,
@@ -37,6 +35,7 @@ from caft.agent.selection import (
 )
 from caft.agent.task import load_task
 from caft.errors import CaftError, ConfigError, DataError
+from caft.interp.schema import load_directions, load_dossiers
 from caft.rundir import RunDir, atomic_write_json
 
 if TYPE_CHECKING:

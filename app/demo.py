@@ -224,9 +224,9 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
         batch_size=64,
     )
     ev_dir = timed("evidence", lambda: build_dossiers(ev_cfg, run, model=base, finetuned=ft))
-    from caft.interp import read_dossiers
+    from caft.interp.schema import load_dossiers
 
-    dossiers = read_dossiers(Path(ev_dir) / "dossiers")
+    dossiers = load_dossiers(Path(ev_dir) / "dossiers")
     null_ids = {c.id for c in load_candidates(nulls_dir)}
     cand_d = [d for d in dossiers if d.candidate.id not in null_ids]
     null_d = [d for d in dossiers if d.candidate.id in null_ids]

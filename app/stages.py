@@ -139,8 +139,7 @@ def _triage_offline(ctx: RunContext, task_spec: str) -> dict[str, Any]:
     from caft.agent.offline import judge_offline
     from caft.agent.selection import select, write_selection
     from caft.agent.task import load_task
-    from caft.interp import read_dossiers
-    from caft.interp.schema import load_candidates, load_directions
+    from caft.interp.schema import load_candidates, load_directions, load_dossiers
 
     controls = ctx.path / CONTROLS_DIR
     if not (controls / "candidates.jsonl").is_file():
@@ -149,7 +148,7 @@ def _triage_offline(ctx: RunContext, task_spec: str) -> dict[str, Any]:
             "rerun from the evidence stage (caft run --from evidence)"
         )
     null_ids = {c.id for c in load_candidates(controls)}
-    dossiers = read_dossiers(ctx.path / "evidence" / "dossiers")
+    dossiers = load_dossiers(ctx.path / "evidence" / "dossiers")
     cand_d = [d for d in dossiers if d.candidate.id not in null_ids]
     null_d = [d for d in dossiers if d.candidate.id in null_ids]
     out = ctx.path / "triage"

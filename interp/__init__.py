@@ -9,10 +9,10 @@ Heavy packages (torch, transformers, sae_lens) are imported inside the functions
 
 from caft.interp.collect import ActivationSource, collect_diffs
 from caft.interp.config import DiffConfig, EvidenceConfig, SAEConfig
-from caft.interp.evidence import build_dossiers, read_dossiers
+from caft.interp.evidence import build_dossiers
 from caft.interp.pca import StreamingDiffPCA, run_diff
 from caft.interp.sae import LoadedSAE, run_sae_rank
-from caft.interp.schema import Candidate, Dossier, load_candidates, load_directions
+from caft.interp.schema import Candidate, Dossier, load_candidates, load_directions, load_dossiers
 
 __all__ = [
     "ActivationSource",
@@ -27,7 +27,7 @@ __all__ = [
     "collect_diffs",
     "load_candidates",
     "load_directions",
-    "read_dossiers",
+    "load_dossiers",
     "run_diff",
     "run_sae_rank",
 ]

@@ -40,8 +40,8 @@ from caft.interp.schema import (
     TokenScore,
     Window,
     dossier_filename,
-    load_candidates,
-    load_directions,
+    load_candidate_set,
+    write_dossier,
 )
 
 if TYPE_CHECKING:
@@ -74,27 +74,6 @@ class LayerGroup:
     @property
     def n(self) -> int:
         return len(self.candidates)
-
-
-def load_candidate_set(paths: Sequence[str | Path]) -> tuple[list[Candidate], dict[str, torch.Tensor]]:
-    """Candidates and directions from several candidate files (or stage folders); ids must be unique."""
-    cands: list[Candidate] = []
-    dirs: dict[str, torch.Tensor] = {}
-    for p in paths:
-        path = Path(p)
-        folder = path if path.is_dir() else path.parent
-        these = load_candidates(path)
-        d = load_directions(folder)
-        for c in these:
-            if c.id in dirs:
-                raise DataError(f"candidate id {c.id!r} appears twice (second time in {path})")
-            if c.id not in d:
-                raise DataError(
-                    f"{folder}: no direction for candidate {c.id!r}; re-run the stage that wrote it"
-                )
-            dirs[c.id] = d[c.id]
-            cands.append(c)
-    return cands, dirs
 
 
 def direction_digest(v: torch.Tensor) -> str:
@@ -499,7 +478,7 @@ def build_dossiers(
     from caft.interp.collect import INPUTS_FILE, load_examples, make_batches
     from caft.interp.collect import ActivationSource as Source
     from caft.interp.pca import _model_label, _resolve_models
-    from caft.rundir import RunDir, atomic_write_text
+    from caft.rundir import RunDir
 
     started = time.time()
     run = RunDir(run_dir)
@@ -597,7 +576,7 @@ def build_dossiers(
             if steerer is None:  # unsteered generations are made once, and only when a dossier needs them
                 steerer = _Steerer(cfg, source, coherence)
             dossier.steering = steerer.run(g.layer, direction, cres.residual_norm(g.layer))
-        atomic_write_text(path, dossier.model_dump_json(indent=1) + "\n")
+        write_dossier(path, dossier)
         written += 1
     stage.mark_done(
         {
@@ -723,12 +702,3 @@ class _Steerer:
         return Steering(
             alpha=alpha, residual_norm=rn, generations=gens, search=trace, baseline_perplexity=self.baseline
         )
-
-
-def read_dossiers(folder: str | Path) -> list[Dossier]:
-    """All dossiers of an evidence stage folder (or its `dossiers/` subfolder), sorted by candidate id."""
-    p = Path(folder)
-    if (p / DOSSIER_DIR).is_dir():
-        p = p / DOSSIER_DIR
-    out = [Dossier.model_validate_json(f.read_text(encoding="utf-8")) for f in sorted(p.glob("*.json"))]
-    return sorted(out, key=lambda d: d.candidate.id)

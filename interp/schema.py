@@ -14,20 +14,27 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from caft.errors import DataError
+from caft.rundir import (
+    CANDIDATES_FILE,
+    DIRECTIONS_FILE,
+    DOSSIER_DIR,
+    atomic_write_bytes,
+    atomic_write_text,
+    iter_jsonl,
+)
 
 if TYPE_CHECKING:
     import torch
 
 CandidateKind = Literal["pc", "sae", "vector"]
-
-CANDIDATES_FILE = "candidates.jsonl"
-DIRECTIONS_FILE = "directions.safetensors"
-DOSSIER_DIR = "dossiers"
 
 
 class Candidate(BaseModel):
@@ -172,9 +179,6 @@ def _candidates_path(path: str | Path) -> Path:
 
 def load_candidates(path: str | Path) -> list[Candidate]:
     """Candidates from a `candidates.jsonl` file or a stage folder holding one."""
-    from caft.errors import DataError
-    from caft.rundir import iter_jsonl
-
     p = _candidates_path(path)
     out: list[Candidate] = []
     for i, row in enumerate(iter_jsonl(p), 1):
@@ -185,18 +189,56 @@ def load_candidates(path: str | Path) -> list[Candidate]:
     return out
 
 
-def load_directions(path: str | Path) -> dict[str, torch.Tensor]:
-    """Unit directions by candidate id, from `directions.safetensors` or a stage folder holding one."""
+def load_directions(paths: str | Path | Sequence[str | Path]) -> dict[str, torch.Tensor]:
+    """Candidate id -> float32 [d_model] unit direction, from one or more `directions.safetensors` files (or
+    stage folders holding one). Every tensor must be 1-D and finite; an id found in two files is an error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from caft.errors import DataError
+    out: dict[str, torch.Tensor] = {}
+    for item in [paths] if isinstance(paths, str | Path) else paths:
+        p = Path(item)
+        if p.is_dir():
+            p = p / DIRECTIONS_FILE
+        if not p.is_file():
+            raise DataError(f"directions file not found: {p} (run `caft diff` or `caft sae rank` first)")
+        try:
+            tensors = load_file(str(p))
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"{p} cannot be read as safetensors: {e}") from None
+        for k, v in tensors.items():
+            if v.ndim != 1:
+                raise DataError(f"{p}: direction {k!r} has shape {tuple(v.shape)}, expected [d_model]")
+            if not bool(v.isfinite().all()):
+                raise DataError(
+                    f"{p}: direction {k!r} holds NaN or inf values; re-run the stage that wrote it"
+                )
+            if k in out:
+                raise DataError(f"direction {k!r} appears in two directions files (second time in {p})")
+            out[k] = v.float()
+    return out
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / DIRECTIONS_FILE
-    if not p.is_file():
-        raise DataError(f"directions file not found: {p} (run `caft diff` or `caft sae rank` first)")
-    return dict(load_file(str(p)))
+
+def load_candidate_set(paths: Sequence[str | Path]) -> tuple[list[Candidate], dict[str, torch.Tensor]]:
+    """Candidates and their directions from several candidate files (or stage folders); ids must be unique and
+    every candidate must have a direction."""
+    cands: list[Candidate] = []
+    dirs: dict[str, torch.Tensor] = {}
+    for item in paths:
+        path = Path(item)
+        folder = path if path.is_dir() else path.parent
+        these = load_candidates(path)
+        d = load_directions(folder)
+        for c in these:
+            if c.id in dirs:
+                raise DataError(f"candidate id {c.id!r} appears twice (second time in {path})")
+            if c.id not in d:
+                raise DataError(
+                    f"{folder}: no direction for candidate {c.id!r}; re-run the stage that wrote it"
+                )
+            dirs[c.id] = d[c.id]
+            cands.append(c)
+    return cands, dirs
 
 
 def save_candidates(
@@ -206,8 +248,6 @@ def save_candidates(
     file never names a direction that is not on disk)."""
     import torch
     from safetensors.torch import save
-
-    from caft.rundir import atomic_write_bytes, atomic_write_text
 
     missing = [c.id for c in candidates if c.id not in directions]
     if missing:
@@ -221,9 +261,36 @@ def save_candidates(
     atomic_write_text(d / CANDIDATES_FILE, text)
 
 
-def load_dossier(path: str | Path) -> Dossier:
-    p = Path(path)
-    return Dossier.model_validate_json(p.read_text(encoding="utf-8"))
+def load_dossiers(folder: str | Path) -> list[Dossier]:
+    """Every dossier of an evidence stage folder (or its `dossiers/` subfolder), validated, sorted by layer then
+    candidate id. An empty folder, an invalid file or two dossiers for one candidate are errors."""
+    d = Path(folder)
+    where = d / DOSSIER_DIR if (d / DOSSIER_DIR).is_dir() else d
+    files = sorted(where.glob("*.json"))
+    if not files:
+        raise DataError(
+            f"no dossiers in {where}: expected <evidence>/{DOSSIER_DIR}/*.json from the evidence stage "
+            "(run `caft evidence` first, or point at its output folder)"
+        )
+    out: list[Dossier] = []
+    for f in files:
+        try:
+            out.append(Dossier.model_validate_json(f.read_text(encoding="utf-8")))
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise DataError(f"{f} is not a valid dossier ({loc}: {first['msg']})") from None
+    ids = Counter(x.candidate.id for x in out)
+    dup = [k for k, n in ids.items() if n > 1]
+    if dup:
+        raise DataError(f"{where}: several dossiers for candidate(s) {dup[:5]}; remove the stale files")
+    return sorted(out, key=lambda x: (x.candidate.layer, x.candidate.id))
+
+
+def write_dossier(path: str | Path, dossier: Dossier) -> Path:
+    """Write one dossier atomically (the file is `<dossiers>/dossier_filename(id)`)."""
+    atomic_write_text(path, dossier.model_dump_json(indent=1) + "\n")
+    return Path(path)
 
 
 def write_random_candidates(out: str | Path, d_model: int, layers: list[int], n: int, seed: int) -> Path:

@@ -10,9 +10,8 @@ from interp_helpers import chat_rows, make_pair, write_jsonl
 from typer.testing import CliRunner
 
 from caft.agent.render import DATA_CLOSE
-from caft.agent.selection import load_dossiers
 from caft.app.cli import app
-from caft.interp.schema import load_directions
+from caft.interp.schema import load_directions, load_dossiers
 from caft.subspace import Subspace
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 

@@ -14,7 +14,8 @@ from agent_helpers import make_dossier, record, write_evidence
 from caft.agent.config import SelectionPolicy
 from caft.agent.review import build_review_html, write_review
 from caft.agent.schema import Selection
-from caft.agent.selection import load_directions, read_selection, select, write_selection
+from caft.agent.selection import read_selection, select, write_selection
+from caft.interp.schema import load_directions
 from caft.rundir import JsonlWriter, atomic_write_json
 from caft.subspace import Subspace
 

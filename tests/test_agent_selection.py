@@ -13,15 +13,13 @@ from caft.agent.config import SelectionPolicy
 from caft.agent.schema import JudgeVerdict, SelectedColumn, Selection, VerdictRecord
 from caft.agent.selection import (
     build_subspace,
-    load_directions,
-    load_dossiers,
     load_verdicts,
     select,
     write_selection,
 )
 from caft.agent.triage import apply_selection
 from caft.errors import DataError, SubspaceError
-from caft.interp.schema import Candidate
+from caft.interp.schema import Candidate, load_directions, load_dossiers
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
 

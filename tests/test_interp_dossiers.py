@@ -12,9 +12,9 @@ from interp_helpers import chat_rows, make_pair, write_jsonl
 
 from caft.config import ModelConfig
 from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
-from caft.interp.evidence import build_dossiers, read_dossiers
+from caft.interp.evidence import build_dossiers
 from caft.interp.pca import run_diff
-from caft.interp.schema import Dossier
+from caft.interp.schema import Dossier, load_dossiers
 from caft.interp.topk import StreamingTopK
 from caft.models import load_model
 
@@ -38,7 +38,7 @@ def test_build_dossiers_causal_lm(tmp_path: Path) -> None:
         steering=SteeringConfig(prompts=["Hi!"], max_new_tokens=4, search_steps=1),
     )
     out = build_dossiers(cfg, run, model=base, finetuned=ft)
-    dossiers = read_dossiers(out)
+    dossiers = load_dossiers(out)
     assert [d.candidate.id for d in dossiers] == ["pc:L1:0", "pc:L1:1", "vec:L1:mean"]
     d = dossiers[0]
     assert len(d.max_examples) == 4 and len(d.min_examples) == 4
@@ -105,7 +105,7 @@ def test_encoder_pipeline_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
     assert info["n_tokens"] == sum(len(tok(t["text"])["input_ids"]) for t in texts)  # every non-pad token
     clf_dir = ModelConfig(name_or_path=str(tmp_path / "ft"), device="cpu")  # the classifier folder works too
     ev = build_dossiers(EvidenceConfig(top_k=3), run, model=base, finetuned=clf_dir)
-    ds = read_dossiers(ev)
+    ds = load_dossiers(ev)
     assert len(ds) == 3
     for d in ds:
         assert d.logit_lens is None and d.steering is None
@@ -123,7 +123,7 @@ def test_corpus_pass_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.M
                          steering=SteeringConfig(enabled=False))  # fmt: skip
     for name in ("a", "b"):
         run_diff(diff, tmp_path / name, model=base, finetuned=ft)
-    whole = read_dossiers(build_dossiers(cfg, tmp_path / "a", model=base))
+    whole = load_dossiers(build_dossiers(cfg, tmp_path / "a", model=base))
 
     real = topk_mod.StreamingTopK.update
     calls = {"n": 0}
@@ -140,7 +140,7 @@ def test_corpus_pass_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.M
     stage = tmp_path / "b" / "evidence"
     assert not (stage / "DONE.json").exists() and not list((stage / "dossiers").glob("*.json"))
     calls["n"] = -100  # no more crashes; count the updates of the resumed run
-    resumed = read_dossiers(build_dossiers(cfg, tmp_path / "b", model=base))
+    resumed = load_dossiers(build_dossiers(cfg, tmp_path / "b", model=base))
     assert calls["n"] == -100 + 2 * 2  # 4 batches, 2 done before the crash, max + min each
     for x, y in zip(whole, resumed, strict=True):
         assert x.max_examples == y.max_examples and x.min_examples == y.min_examples

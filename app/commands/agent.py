@@ -183,9 +183,10 @@ def _run(
 
 
 def _load_steerer(evidence: Path, directions: Path | None, model: str, adapter: str | None) -> Any:
-    from caft.agent.selection import find_directions, load_directions, load_dossiers
+    from caft.agent.selection import find_directions
     from caft.agent.steer import HookSteerer
     from caft.config import ModelConfig
+    from caft.interp.schema import load_directions, load_dossiers
     from caft.models import load_model
 
     dpath = directions or find_directions(evidence)
