@@ -1,4 +1,4 @@
-"""`caft run`: every stage of a CAFT run in order, from one config, resumable.
+"""`caft run`: every stage of a CAFT run in order, from one config, resumable, never stale.
 
     train     baseline fine-tune of the base model (skipped when `finetuned` is given)
     diff      base vs fine-tuned activations on the same tokens -> streaming PCA -> candidates
@@ -9,10 +9,12 @@
     eval      misalignment / code (chat) or ID / OOD accuracy (classification) of the models
     report    markdown + HTML comparison of the evaluated models
 
-A stage whose completion marker (`<stage>/DONE.json`) exists is skipped; one that stopped part way resumes
-from its own files (every stage function resumes). `--from STAGE` clears the markers of that stage and the
-ones after it, so they run again; `--only STAGE` runs one stage. `summary.json` holds per-stage timing and the
-key figures, rewritten after every stage.
+Each stage records what it was computed from (`<stage>/FINGERPRINT.json`, see `caft.app.fingerprint`) before it
+starts. On a rerun a finished stage with the same fingerprint is skipped, and a partial one resumes from its own
+files. A stage whose fingerprint differs is redone from scratch, and so is every later stage: the old folder is
+moved to `RUN/.superseded/<stage>-<time>/`, never deleted. `--from STAGE` redoes that stage and every later one
+the same way; `--only STAGE` runs one stage. `summary.json` holds per-stage timing, fingerprints and the key
+figures, rewritten after every stage.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caft.app.fingerprint import FINGERPRINT_FILE, read_fingerprint, stage_fingerprint, what_changed
 from caft.app.run_config import RunConfig
 from caft.app.stages import OFFLINE_JUDGE, STAGE_FUNCS, STAGES, RunContext, uses_offline_judge
 from caft.errors import ConfigError
-from caft.rundir import RunDir, atomic_write_json
+from caft.rundir import SUMMARY_FILE, RunDir, atomic_write_json
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
+SUPERSEDED_DIR = ".superseded"
 
 
 def enabled_stages(cfg: RunConfig) -> list[str]:
@@ -44,6 +48,23 @@ def enabled_stages(cfg: RunConfig) -> list[str]:
             continue
         out.append(name)
     return out
+
+
+def supersede(stage_dir: Path) -> Path | None:
+    """Move a stage folder aside (to `RUN/.superseded/<stage>-<time>/`) so the stage runs from scratch; nothing
+    is deleted. Returns the new location, or None when there was no folder."""
+    if not stage_dir.exists():
+        return None
+    dest_root = stage_dir.parent / SUPERSEDED_DIR
+    dest_root.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = dest_root / f"{stage_dir.name}-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest_root / f"{stage_dir.name}-{stamp}-{n}"
+    stage_dir.rename(dest)
+    return dest
 
 
 def run_pipeline(
@@ -76,23 +97,42 @@ def run_pipeline(
         extra={"config_source": config_source} if config_source else None,
     )
     ctx = RunContext(cfg, run, judge_provider=judge_provider, grade_client_factory=grade_client_factory)
-    if from_stage is not None:
-        for name in stages[stages.index(from_stage) :]:
-            run.stage(name).invalidate()
     summary = _load_summary(run)
     summary.update({"name": cfg.name, "task_kind": cfg.task_kind, "stages_enabled": stages})
+    redo = set(stages[stages.index(from_stage) :]) if from_stage is not None else set()
     todo = [only] if only is not None else stages
+    redone_upstream: str | None = None
     for name in todo:
         stage = run.stage(name)
-        if stage.done and only is None:
-            log.info("stage %s: done, skipped", name)
+        fp = stage_fingerprint(cfg, run.path, name, stages)
+        old = read_fingerprint(stage.path)
+        why: str | None = None
+        if name in redo:
+            why = f"--from {from_stage}"
+        elif redone_upstream is not None:
+            why = f"the earlier stage {redone_upstream} was redone"
+        elif stage.path.exists() and old is None:
+            why = "its folder has no fingerprint (written by an older caft, or not by `caft run`)"
+        elif old is not None and old.get("hash") != fp["hash"]:
+            why = "its inputs changed: " + ", ".join(what_changed(old, fp)[:8])
+        if why is not None and stage.path.exists():
+            moved = supersede(stage.path)
+            log.warning("stage %s: redoing it (%s); the old folder is kept at %s", name, why, moved)
+        if why is not None and only is None:
+            redone_upstream = redone_upstream or name
+        if stage.done and why is None:
+            log.info("stage %s: done with the same inputs, skipped", name)
+            summary.setdefault("stages", {}).setdefault(name, {})["fingerprint"] = fp["hash"]
             continue
-        log.info("stage %s: running", name)
+        resuming = stage.path.exists()
+        log.info("stage %s: %s", name, "resuming" if resuming else "running")
+        stage.ensure()
+        atomic_write_json(stage.path / FINGERPRINT_FILE, fp)
         started = time.time()
         info = STAGE_FUNCS[name](ctx)
         seconds = round(time.time() - started, 2)
-        stage.mark_done(info, started=started)
-        summary.setdefault("stages", {})[name] = {"seconds": seconds, **info}
+        stage.mark_done({**info, "fingerprint": fp["hash"]}, started=started)
+        summary.setdefault("stages", {})[name] = {"seconds": seconds, "fingerprint": fp["hash"], **info}
         atomic_write_json(run.path / SUMMARY_FILE, summary)
         log.info("stage %s: finished in %.1f s", name, seconds)
     summary["complete"] = all(run.stage(n).done for n in stages)

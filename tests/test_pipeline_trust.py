@@ -1,0 +1,106 @@
+"""`caft run` never presents a stale result as new: stages record what they were computed from, a changed input
+redoes that stage and every later one, and `--from` redoes for real (old folders are kept aside, not deleted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from test_pipeline import router, write_config
+from typer.testing import CliRunner
+
+from caft.app.cli import app
+from caft.subspace import Subspace
+from caft.testing.fakellm import FakeLLM, RecordedRequest
+
+STAGES = ("train", "diff", "evidence", "triage", "caft", "eval", "report")
+
+
+def _finished(run: Path) -> dict[str, str]:
+    """Per stage, something that changes whenever the stage runs again (its marker's time and inode)."""
+    out = {}
+    for s in STAGES:
+        marker = run / s / "DONE.json"
+        out[s] = f"{json.loads(marker.read_text())['finished_at']}:{marker.stat().st_ino}"
+    return out
+
+
+def _verdict_calls(reqs: list[RecordedRequest]) -> int:
+    return sum(1 for r in reqs if not r.body.get("logprobs"))
+
+
+def _grade_calls(reqs: list[RecordedRequest]) -> int:
+    return sum(1 for r in reqs if r.body.get("logprobs"))
+
+
+def _superseded(run: Path) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in (run / ".superseded").iterdir())
+
+
+def test_changed_selection_retrains_caft_and_regrades_and_from_diff_redoes_the_rest(tmp_path: Path) -> None:
+    runner = CliRunner()
+    run = tmp_path / "run"
+    with FakeLLM() as fake:
+        fake.on_request(router("pc:L1:0"))
+        cfg_path = write_config(tmp_path, fake.openai_base_url)
+        assert runner.invoke(app, ["run", str(cfg_path)]).exit_code == 0
+        first = _finished(run)
+        old_digest = Subspace.load(run / "triage" / "subspace").digest()
+        assert Subspace.load(run / "triage" / "subspace").total_dims == 1
+
+        # A changed selection policy (no --from): triage is redone, CAFT retrained on the new subspace, and the
+        # eval regraded; the stages before triage are kept.
+        n_grades = _grade_calls(fake.requests)
+        res = runner.invoke(app, ["run", str(cfg_path), "--set", "triage.selection.threshold=1.0"])
+        assert res.exit_code == 0, res.output
+        second = _finished(run)
+        assert all(second[s] == first[s] for s in ("train", "diff", "evidence"))
+        assert all(second[s] != first[s] for s in ("triage", "caft", "eval", "report"))
+        sub = Subspace.load(run / "triage" / "subspace")
+        assert sub.total_dims == 0 and sub.digest() != old_digest
+        record = json.loads((run / "caft" / "caft_training.json").read_text())
+        assert record["subspace_digest"] == sub.digest()
+        assert _grade_calls(fake.requests) > n_grades  # the new CAFT model's answers were graded
+        assert _superseded(run) == ["caft", "eval", "report", "triage"]
+        old_caft = next((run / ".superseded").glob("caft-*"))
+        assert json.loads((old_caft / "caft_training.json").read_text())["subspace_digest"] == old_digest
+
+        # --from diff keeps train and redoes diff and everything after it.
+        res = runner.invoke(
+            app, ["run", str(cfg_path), "--set", "triage.selection.threshold=1.0", "--from", "diff"]
+        )
+        assert res.exit_code == 0, res.output
+        third = _finished(run)
+        assert third["train"] == second["train"]
+        assert all(third[s] != second[s] for s in STAGES[1:])
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["complete"] and all(summary["stages"][s]["fingerprint"] for s in STAGES)
+
+
+def test_changed_judge_base_url_rejudges(tmp_path: Path) -> None:
+    runner = CliRunner()
+    run = tmp_path / "run"
+    with FakeLLM() as fake:
+        fake.on_request(router("pc:L1:0"))
+        cfg_path = write_config(tmp_path, fake.openai_base_url)
+        assert runner.invoke(app, ["run", str(cfg_path)]).exit_code == 0
+    first = _finished(run)
+    # Same judge name, another server: the verdicts and grades of the old server are not reused.
+    with FakeLLM() as other:
+        other.on_request(router("pc:L1:0"))
+        url = other.openai_base_url
+        sets: list[Any] = [
+            "--set",
+            f"triage.judge.base_url={other.openai_base_url}",
+            "--set",
+            f"eval.grade.judge.base_url={other.openai_base_url}",
+        ]
+        res = runner.invoke(app, ["run", str(cfg_path), *sets])
+        assert res.exit_code == 0, res.output
+        assert _verdict_calls(other.requests) >= 4 and _grade_calls(other.requests) > 0
+    second = _finished(run)
+    assert all(second[s] == first[s] for s in ("train", "diff", "evidence"))
+    assert all(second[s] != first[s] for s in ("triage", "caft", "eval", "report"))
+    fp = json.loads((run / "triage" / "FINGERPRINT.json").read_text())
+    assert fp["config"]["triage"]["judge"]["base_url"] == url
