@@ -1,6 +1,8 @@
 """The `caft` command line. One subcommand per pipeline stage, each building a config and calling one library
-function. Heavy packages (torch, transformers, nnsight, sae_lens, peft) are imported inside the commands
-that need them, so `caft --help` and API-only commands start fast."""
+function (the shared rules are in `caft.app.commands.common`). Heavy packages (torch, transformers, nnsight,
+sae_lens, peft) are imported inside the commands that need them, so `caft --help` and API-only commands start
+fast. Errors a user can act on (`CaftError`) are printed by one handler, without a traceback, with exit code 2
+(or the error's own `exit_code`); logging is set up once, here."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from caft import __version__
 from caft.app.commands.agent import triage_app
+from caft.app.commands.common import SetOpt
 from caft.app.commands.data import data_app
 from caft.app.commands.demo import demo_command
 from caft.app.commands.evals import eval_app, grade_command, report_command
@@ -20,27 +24,59 @@ from caft.app.commands.interp import diff_cmd, evidence_cmd, sae_app
 from caft.app.commands.training import train_command
 from caft.errors import CaftError
 
+NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "anthropic", "urllib3", "filelock", "datasets")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """One logging setup for every command: timestamped lines on stderr; the HTTP clients' per-request INFO
+    lines are silenced."""
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def report_error(err: CaftError) -> int:
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    code = getattr(err, "exit_code", 2)
+    return code if isinstance(code, int) else 2
+
+
+class CaftGroup(TyperGroup):
+    """The top-level command group: every subcommand's `CaftError` ends here as one red line and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CaftError as e:
+            raise typer.Exit(code=report_error(e)) from None
+
+
 app = typer.Typer(
     name="caft",
     help="Concept Ablation Fine-Tuning with an LLM judge agent in the loop.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CaftGroup,
 )
 config_app = typer.Typer(help="Inspect and validate run configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", help="Override a config field: --set train.lr=1e-5 (repeatable; values parsed as YAML)."
-    ),
-]
 
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
+@app.callback()
+def _root(
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="DEBUG, INFO (default), WARNING or ERROR.")
+    ] = "INFO",
+) -> None:
+    setup_logging(log_level)
 
 
 @app.command()
@@ -85,26 +121,22 @@ def run_command(
     set_: SetOpt = None,
     from_stage: Annotated[
         str | None,
-        typer.Option("--from", help="Rerun this stage and every later one (clears their markers)."),
+        typer.Option("--from", help="Redo this stage and every later one (old folders go to .superseded/)."),
     ] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
 ) -> None:
     """Run every stage of a CAFT run from one config: train -> diff (+ sae) -> evidence -> triage -> caft ->
-    eval -> report. Finished stages are skipped, partial ones resume."""
+    eval -> report. Finished stages with unchanged inputs are skipped, partial ones resume, stages whose inputs
+    changed are redone with everything after them."""
     import json
-    import logging
 
-    from caft.app.pipeline import SUMMARY_FILE, run_pipeline
+    from caft.app.pipeline import run_pipeline
     from caft.app.run_config import RunConfig
     from caft.config import load_config
+    from caft.rundir import SUMMARY_FILE
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(config, RunConfig, set_ or [])
-        summary = run_pipeline(cfg, from_stage=from_stage, only=only, config_source=str(config))
-    except CaftError as e:
-        _fail(e)
-        return
+    cfg = load_config(config, RunConfig, set_ or [])
+    summary = run_pipeline(cfg, from_stage=from_stage, only=only, config_source=str(config))
     print(json.dumps(summary.get("stages", {}), indent=2, default=str))
     state = "complete" if summary.get("complete") else "incomplete"
     print(f"run {state}: {Path(cfg.out_dir) / SUMMARY_FILE}")
@@ -119,23 +151,19 @@ def config_validate(
     from caft.app.run_config import RunConfig
     from caft.config import config_to_yaml, load_config
 
-    try:
-        cfg = load_config(file, RunConfig, set_ or [])
-    except CaftError as e:
-        _fail(e)
-        return
+    cfg = load_config(file, RunConfig, set_ or [])
     print(config_to_yaml(cfg), end="")
     typer.secho(f"{file}: valid", err=True, fg=typer.colors.GREEN)
 
 
 @config_app.command("show")
 def config_show() -> None:
-    """List every field of the run config with its type and documentation."""
+    """List every field of the run config with its type, default and documentation."""
     from caft.app.run_config import RunConfig
     from caft.config import describe_fields
 
-    for path, typ, doc in describe_fields(RunConfig):
-        print(f"{path}  ({typ})")
+    for path, typ, doc, default in describe_fields(RunConfig, with_defaults=True):
+        print(f"{path}  ({typ}){f'  default: {default}' if default is not None else ''}")
         if doc:
             for line in doc.splitlines():
                 print(f"    {line.strip()}")
@@ -159,9 +187,8 @@ def main(argv: list[str] | None = None) -> Any:
     os.environ.setdefault("WANDB_MODE", "disabled")
     try:
         return app(args=argv)
-    except CaftError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        raise SystemExit(2) from None
+    except CaftError as e:  # raised before a command runs (e.g. while building one)
+        raise SystemExit(report_error(e)) from None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -106,14 +106,17 @@ def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `field.path: what was expected (got ...)`."""
+def format_validation_error(err: ValidationError, source: str, cls: type[BaseModel] | None = None) -> str:
+    """One line per problem: `field.path: what was expected (got ...)`; an unknown field lists the valid ones."""
     lines = [f"invalid config in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `caft config show` lists the fields)"
+            parent = _model_at(cls, e["loc"][:-1]) if cls is not None else None
+            if parent is not None:
+                msg = f"unknown field; valid fields here: {', '.join(sorted(parent.model_fields))}"
         got = e.get("input")
         got_s = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
         if len(got_s) > 120:
@@ -145,7 +148,7 @@ def validate_config(cls: type[C], data: Mapping[str, Any], source: str = "<confi
     try:
         return cls.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, cls)) from None
 
 
 def load_config(path: str | Path | None, cls: type[C], overrides: Sequence[str] = ()) -> C:
@@ -163,20 +166,48 @@ def config_to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_fields(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted path, type, docstring) for every field, recursing into nested configs."""
-    rows: list[tuple[str, str, str]] = []
+def describe_fields(cls: type[BaseModel], prefix: str = "", with_defaults: bool = False) -> list[Any]:
+    """(dotted path, type, docstring) for every field, recursing into nested configs; with `with_defaults`, a
+    fourth item: the default as YAML text (None for a required field or a nested section)."""
+    rows: list[Any] = []
     for name, field in cls.model_fields.items():
         path = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.append((path, ann.__name__, field.description or ""))
-            rows.extend(describe_fields(ann, path + "."))
+            rows.append((path, ann.__name__, field.description or "", None)[: 4 if with_defaults else 3])
+            rows.extend(describe_fields(ann, path + ".", with_defaults))
         else:
-            rows.append((path, _type_name(ann), field.description or ""))
+            default = None
+            if with_defaults and not field.is_required():
+                value = field.get_default(call_default_factory=True)
+                if isinstance(value, BaseModel):
+                    value = value.model_dump(mode="json")
+                default = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+                default = default.removesuffix("\n...").strip()
+            row = (path, _type_name(ann), field.description or "", default)
+            rows.append(row[: 4 if with_defaults else 3])
     return rows
 
 
 def _type_name(ann: object) -> str:
+    if get_origin(ann) is Literal:
+        return " | ".join(repr(a) for a in get_args(ann))
     text = getattr(ann, "__name__", None) or str(ann)
     return text.replace("typing.", "")
+
+
+def _model_at(cls: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The config class a validation error's location points into (unwrapping Optional and lists)."""
+    node: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        ann = fields[part].annotation
+        candidates = [ann, *get_args(ann)]
+        node = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if node is None:
+            return None
+    return node if isinstance(node, type) and issubclass(node, BaseModel) else None
