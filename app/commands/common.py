@@ -164,3 +164,9 @@ def run_stage_of(loaded: Loaded, stage: str, config_source: Path | None) -> bool
     for k, v in info.items():
         typer.echo(f"  {k}: {v}")
     return True
+
+
+def normalize_overrides(overrides: Sequence[str], section: str, cls: type[BaseModel]) -> list[str]:
+    """`--set` items as paths relative to the stage config `cls` (a `section.` prefix is dropped); a key that
+    names no field of `cls` is an error listing the valid ones."""
+    return [_route(o, section, cls, run_shaped=False) for o in overrides]

@@ -1,18 +1,19 @@
 """CLI of the evals: `caft grade`, `caft eval misalignment|code|mc`, `caft report`.
 
-Each command builds a config from its flags (plus an optional YAML file and `--set` overrides) and calls one
-library function. Nothing heavy is imported at module level, so `caft --help` stays fast.
+Each command reads an optional YAML config (`--config`), applies its flags through one table per command
+(`GRADE_FLAGS`, `EVAL_FLAGS`), then `--set` overrides, and calls one library function. Nothing heavy is imported
+at module level, so `caft --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from caft.app.commands.common import SetOpt, flag_overrides, normalize_overrides
 from caft.errors import CaftError
 
 eval_app = typer.Typer(
@@ -20,9 +21,6 @@ eval_app = typer.Typer(
 )
 
 Opt = typer.Option
-SetOpt = Annotated[
-    list[str] | None, Opt("--set", help="Override a config field: --set grade.samples=5 (repeatable).")
-]
 JudgeOpt = Annotated[
     str | None, Opt("--judge", help="Judge model, <provider>/<model> (e.g. openai/gpt-4.1).")
 ]
@@ -43,60 +41,47 @@ PromptsOpt = Annotated[
 ProgressOpt = Annotated[bool, Opt("--progress/--no-progress", help="Show the progress bar.")]
 ConfigOpt = Annotated[Path | None, Opt("--config", help="A YAML file with the command's config (flags win).")]
 
+# Each flag and the grade-config field it sets.
+GRADE_FLAGS = {
+    "metrics": "metrics",
+    "judge": "judge.model",
+    "base_url": "judge.base_url",
+    "concurrency": "judge.max_concurrency",
+    "max_cost": "judge.max_cost_usd",
+    "scoring": "scoring",
+    "judge_prompts": "judge_prompts",
+    "question_col": "columns.question",
+    "answer_col": "columns.answer",
+    "id_col": "columns.id",
+    "question_id_col": "columns.question_id",
+}
+# Each flag and the eval-config field it sets (`caft eval misalignment|code`).
+EVAL_FLAGS = {
+    "model": "model.name_or_path",
+    "adapter": "model.adapter",
+    "device": "model.device",
+    "dtype": "model.dtype",
+    "chat_template": "model.chat.template",
+    "questions": "questions",
+    "samples": "sample.samples_per_paraphrase",
+    "max_new_tokens": "sample.max_new_tokens",
+    "batch_size": "sample.batch_size",
+    "backend": "sample.backend",
+    **{k: f"grade.{v}" for k, v in GRADE_FLAGS.items() if not k.endswith("_col")},
+}
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
 
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "openai", "anthropic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _load(cls: Any, config: Path | None, overrides: list[str] | None, base: dict[str, Any]) -> Any:
+def _load(cls: Any, section: str, config: Path | None, flags: list[str], sets: list[str] | None) -> Any:
     """Config = YAML file (optional) <- flags <- --set overrides."""
     from caft.config import apply_overrides, read_yaml, validate_config
 
     data = read_yaml(config) if config is not None else {}
-    data = _merge(data, base)
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, [*flags, *normalize_overrides(sets or [], section, cls)])
     return validate_config(cls, data, str(config) if config else "<flags>")
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """`b` over `a`, recursively; None in `b` means "flag not given" and leaves `a` (or the default) alone."""
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict):
-            out[k] = _merge(out[k] if isinstance(out.get(k), dict) else {}, v)
-        elif v is not None:
-            out[k] = v
-    return out
-
-
-def _grade_base(
-    metrics: str | None,
-    judge: str | None,
-    base_url: str | None,
-    concurrency: int | None,
-    max_cost: float | None,
-    scoring: str | None,
-    judge_prompts: Path | None,
-) -> dict[str, Any]:
-    jd: dict[str, Any] = {
-        "model": judge,
-        "base_url": base_url,
-        "max_concurrency": concurrency,
-        "max_cost_usd": max_cost,
-    }
-    return {
-        "metrics": [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None,
-        "judge": {k: v for k, v in jd.items() if v is not None},
-        "scoring": scoring,
-        "judge_prompts": str(judge_prompts) if judge_prompts else None,
-    }
+def _metric_list(metrics: str | None) -> list[str] | None:
+    return [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
 
 
 def grade_command(
@@ -131,63 +116,24 @@ def grade_command(
     set_: SetOpt = None,
 ) -> None:
     """Grade answers with an LLM judge (resumable: a rerun grades only what is missing)."""
-    try:
-        _grade(
-            answers,
-            out,
-            metrics,
-            judge,
-            base_url,
-            concurrency,
-            max_cost,
-            scoring,
-            judge_prompts,
-            {"question": question_col, "answer": answer_col, "id": id_col, "question_id": question_id_col},
-            dry_run,
-            rescore,
-            progress,
-            config,
-            set_,
-        )
-    except CaftError as e:
-        _fail(e)
-
-
-def _grade(
-    answers: Path | None,
-    out: Path,
-    metrics: str | None,
-    judge: str | None,
-    base_url: str | None,
-    concurrency: int | None,
-    max_cost: float | None,
-    scoring: str | None,
-    judge_prompts: Path | None,
-    columns: dict[str, str | None],
-    dry_run: bool,
-    rescore: Path | None,
-    progress: bool,
-    config: Path | None,
-    set_: list[str] | None,
-) -> None:
     from caft.evals.config import GradeConfig
 
-    _setup_logging()
-    base = _grade_base(metrics, judge, base_url, concurrency, max_cost, scoring, judge_prompts)
-    base["columns"] = {k: v for k, v in columns.items() if v is not None}
+    values = {**locals(), "metrics": _metric_list(metrics)}
+    flags = flag_overrides(GRADE_FLAGS, values)
     if rescore is not None:
-        answers, base = _rescore_inputs(rescore, answers, base)
+        answers, flags = _rescore_inputs(rescore, answers, flags)
     if answers is None:
         raise CaftError(
             "give the answers file to grade (JSONL or CSV), e.g. caft grade answers.jsonl --out DIR"
         )
-    cfg: GradeConfig = _load(GradeConfig, config, set_, base)
+    cfg: GradeConfig = _load(GradeConfig, "grade", config, flags, set_)
     if rescore is not None and out.resolve() == rescore.parent.resolve():
         raise CaftError("--out must be a new folder for --rescore (the old grades stay where they are)")
     if dry_run:
         _dry_run(answers, out, cfg)
         return
-    from caft.evals.pipeline import GRADES_FILE, grade_file
+    from caft.evals.pipeline import grade_file
+    from caft.rundir import GRADES_FILE
 
     report, summary = grade_file(answers, out, cfg, progress=progress)
     _print_grade(report.as_dict(), summary)
@@ -209,9 +155,7 @@ def _grade(
         raise typer.Exit(code=3)
 
 
-def _rescore_inputs(
-    old: Path, answers: Path | None, base: dict[str, Any]
-) -> tuple[Path | None, dict[str, Any]]:
+def _rescore_inputs(old: Path, answers: Path | None, flags: list[str]) -> tuple[Path | None, list[str]]:
     """Answers and metrics of an earlier grading, for a rescore with another judge."""
     from caft.rundir import iter_jsonl
 
@@ -220,19 +164,21 @@ def _rescore_inputs(
     old_metrics = sorted({str(r.get("metric")) for r in iter_jsonl(old)})
     if not old_metrics:
         raise CaftError(f"--rescore {old}: no grades in it")
-    if base.get("metrics") is None:
-        base["metrics"] = old_metrics
+    given = {f.split("=", 1)[0] for f in flags}
+    if "metrics" not in given:
+        flags = [*flags, f"metrics={json.dumps(old_metrics)}"]
     inputs = old.parent / "inputs.json"
     if answers is None and inputs.is_file():
         info = json.loads(inputs.read_text(encoding="utf-8"))
         answers = Path(info["answers"])
         for k, v in info.get("columns", {}).items():
-            base["columns"].setdefault(k, v)
+            if f"columns.{k}" not in given:
+                flags = [*flags, f"columns.{k}={json.dumps(v)}"]
     if answers is None:
         raise CaftError(
             f"--rescore: {old.parent} has no inputs.json naming the answers; give the answers file too"
         )
-    return answers, base
+    return answers, flags
 
 
 def _dry_run(answers: Path, out: Path, cfg: Any) -> None:
@@ -279,15 +225,6 @@ def _print_grade(report: dict[str, Any], summary: dict[str, Any]) -> None:
         )
 
 
-def _model_base(
-    model: str | None, adapter: str | None, device: str | None, dtype: str | None, template: str | None
-) -> dict[str, Any]:
-    d: dict[str, Any] = {"name_or_path": model, "adapter": adapter, "device": device, "dtype": dtype}
-    if template:
-        d["chat"] = {"template": template}
-    return {k: v for k, v in d.items() if v is not None}
-
-
 ModelOpt = Annotated[str | None, Opt("--model", help="Model under test: hub id or local path.")]
 AdapterOpt = Annotated[str | None, Opt("--adapter", help="A peft adapter to put on the model.")]
 DeviceOpt = Annotated[str | None, Opt("--device", help="auto, cpu, cuda, cuda:N.")]
@@ -327,27 +264,12 @@ def eval_misalignment(
     set_: SetOpt = None,
 ) -> None:
     """Sample answers to free-form questions, grade aligned + coherent, report misaligned rates (resumable)."""
-    try:
-        from caft.evals.config import MisalignmentEvalConfig
-        from caft.evals.pipeline import run_misalignment_eval
+    from caft.evals.config import MisalignmentEvalConfig
+    from caft.evals.pipeline import run_misalignment_eval
 
-        _setup_logging()
-        base = {
-            "model": _model_base(model, adapter, device, dtype, chat_template),
-            "questions": str(questions) if questions else None,
-            "grade": _grade_base(None, judge, base_url, concurrency, max_cost, scoring, judge_prompts),
-            "sample": {
-                "samples_per_paraphrase": samples,
-                "max_new_tokens": max_new_tokens,
-                "batch_size": batch_size,
-                "backend": backend,
-            },
-        }
-        cfg = _load(MisalignmentEvalConfig, config, set_, base)
-        summary = run_misalignment_eval(cfg, out, progress=progress)
-        _print_grade(summary.get("grade_run", {}), summary)
-    except CaftError as e:
-        _fail(e)
+    cfg = _load(MisalignmentEvalConfig, "eval", config, flag_overrides(EVAL_FLAGS, locals()), set_)
+    summary = run_misalignment_eval(cfg, out, progress=progress)
+    _print_grade(summary.get("grade_run", {}), summary)
 
 
 @eval_app.command("code")
@@ -376,30 +298,13 @@ def eval_code(
     set_: SetOpt = None,
 ) -> None:
     """Answer held-out coding prompts and report the fraction judged vulnerable (vulnerable > 50)."""
-    try:
-        from caft.evals.config import MisalignmentEvalConfig
-        from caft.evals.pipeline import run_code_eval
+    from caft.evals.config import MisalignmentEvalConfig
+    from caft.evals.pipeline import run_code_eval
 
-        _setup_logging()
-        base = {
-            "model": _model_base(model, adapter, device, dtype, chat_template),
-            "grade": _grade_base(
-                "vulnerable", judge, base_url, concurrency, max_cost, scoring, judge_prompts
-            ),
-            "sample": {
-                "samples_per_paraphrase": samples,
-                "max_new_tokens": max_new_tokens,
-                "batch_size": batch_size,
-                "backend": backend,
-            },
-        }
-        cfg = _load(MisalignmentEvalConfig, config, set_, base)
-        summary = run_code_eval(
-            cfg.model, prompts, out, cfg.grade, cfg.sample, cfg.thresholds, progress=progress
-        )
-        _print_grade(summary.get("grade_run", {}), summary)
-    except CaftError as e:
-        _fail(e)
+    flags = [*flag_overrides(EVAL_FLAGS, locals()), 'grade.metrics=["vulnerable"]']
+    cfg = _load(MisalignmentEvalConfig, "eval", config, flags, set_)
+    summary = run_code_eval(cfg.model, prompts, out, cfg.grade, cfg.sample, cfg.thresholds, progress=progress)
+    _print_grade(summary.get("grade_run", {}), summary)
 
 
 def report_command(
@@ -410,14 +315,11 @@ def report_command(
     ] = None,
 ) -> None:
     """Compare eval runs in a markdown table and one self-contained HTML page with plots."""
-    try:
-        from caft.evals.report import write_report
+    from caft.evals.report import write_report
 
-        md, page = write_report(dirs, out, label or None)
-        typer.echo(md.read_text(encoding="utf-8"))
-        typer.echo(f"wrote {md} and {page}")
-    except CaftError as e:
-        _fail(e)
+    md, page = write_report(dirs, out, label or None)
+    typer.echo(md.read_text(encoding="utf-8"))
+    typer.echo(f"wrote {md} and {page}")
 
 
 @eval_app.command("mc")
@@ -441,16 +343,15 @@ def eval_mc(
     dtype: DtypeOpt = None,
 ) -> None:
     """Multiple-choice accuracy in distribution and out of distribution, optionally with a test-time ablation."""
-    try:
-        from caft.config import ModelConfig
-        from caft.evals.mc import run_mc_eval
+    from caft.config import ModelConfig, apply_overrides, validate_config
+    from caft.evals.mc import run_mc_eval
 
-        _setup_logging()
-        cfg = ModelConfig.model_validate(_model_base(model, adapter, device, dtype, None))
-        summary = run_mc_eval(cfg, id_data, out, ood_data, subspace, ablation_mode, batch_size)
-        for split, r in summary["mc"].items():
-            typer.echo(
-                f"accuracy {split}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['k']}/{r['n']})"
-            )
-    except CaftError as e:
-        _fail(e)
+    flags = flag_overrides(
+        {k: v.removeprefix("model.") for k, v in EVAL_FLAGS.items() if v.startswith("model.")}, locals()
+    )
+    cfg = validate_config(ModelConfig, apply_overrides({}, flags), "<flags>")
+    summary = run_mc_eval(cfg, id_data, out, ood_data, subspace, ablation_mode, batch_size)
+    for split, r in summary["mc"].items():
+        typer.echo(
+            f"accuracy {split}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}] ({r['k']}/{r['n']})"
+        )
