@@ -124,6 +124,9 @@ def run_command(
         typer.Option("--from", help="Redo this stage and every later one (old folders go to .superseded/)."),
     ] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run just this stage.")] = None,
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Skip the pre-flight check of judges, data and models.")
+    ] = False,
 ) -> None:
     """Run every stage of a CAFT run from one config: train -> diff (+ sae) -> evidence -> triage -> caft ->
     eval -> report. Finished stages with unchanged inputs are skipped, partial ones resume, stages whose inputs
@@ -136,7 +139,9 @@ def run_command(
     from caft.rundir import SUMMARY_FILE
 
     cfg = load_config(config, RunConfig, set_ or [])
-    summary = run_pipeline(cfg, from_stage=from_stage, only=only, config_source=str(config))
+    summary = run_pipeline(
+        cfg, from_stage=from_stage, only=only, config_source=str(config), check=not no_check
+    )
     print(json.dumps(summary.get("stages", {}), indent=2, default=str))
     state = "complete" if summary.get("complete") else "incomplete"
     print(f"run {state}: {Path(cfg.out_dir) / SUMMARY_FILE}")
@@ -154,6 +159,23 @@ def config_validate(
     cfg = load_config(file, RunConfig, set_ or [])
     print(config_to_yaml(cfg), end="")
     typer.secho(f"{file}: valid", err=True, fg=typer.colors.GREEN)
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="A run config YAML file.")],
+    set_: SetOpt = None,
+) -> None:
+    """Validate a run config and run the pre-flight checks of every stage (judges answer, data parses, model
+    configs and layers fit); nothing is run. Exit 2 with one report when anything is wrong."""
+    from caft.app.pipeline import enabled_stages
+    from caft.app.preflight import preflight, raise_if_problems
+    from caft.app.run_config import RunConfig
+    from caft.config import load_config
+
+    cfg = load_config(file, RunConfig, set_ or [])
+    raise_if_problems(preflight(cfg, enabled_stages(cfg)))
+    typer.secho(f"{file}: valid, pre-flight passed", err=True, fg=typer.colors.GREEN)
 
 
 @config_app.command("show")

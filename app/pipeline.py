@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caft.app.fingerprint import FINGERPRINT_FILE, read_fingerprint, stage_fingerprint, what_changed
+from caft.app.preflight import preflight, raise_if_problems
 from caft.app.run_config import RunConfig
 from caft.app.stages import OFFLINE_JUDGE, STAGE_FUNCS, STAGES, RunContext, uses_offline_judge
 from caft.errors import ConfigError
-from caft.rundir import SUMMARY_FILE, RunDir, atomic_write_json
+from caft.rundir import SUMMARY_FILE, RunDir, RunLayout, atomic_write_json
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
@@ -75,14 +76,30 @@ def run_pipeline(
     judge_provider: Provider | None = None,
     grade_client_factory: Any = None,
     config_source: str | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) every enabled stage; returns the summary (also written to `<out_dir>/summary.json`)."""
+    """Run (or resume) every enabled stage; returns the summary (also written to `<out_dir>/summary.json`).
+
+    First, unless `check` is False, pre-flight (`caft.app.preflight`) checks the judges, data, model configs and
+    layers that the stages about to run need, and raises one `PreflightError` listing every problem."""
     stages = enabled_stages(cfg)
     for name in (from_stage, only):
         if name is not None and name not in stages:
             raise ConfigError(
                 f"unknown or disabled stage {name!r}; this run's stages are: {', '.join(stages)}"
             )
+    redo = set(stages[stages.index(from_stage) :]) if from_stage is not None else set()
+    todo = [only] if only is not None else stages
+    if check:
+        pending = [n for n in todo if n in redo or not RunLayout(cfg.out_dir).marker(n).is_file()]
+        raise_if_problems(
+            preflight(
+                cfg,
+                pending,
+                check_triage_judge=judge_provider is None,
+                check_eval_judge=grade_client_factory is None,
+            )
+        )
     run = RunDir.create(
         cfg.out_dir,
         config=cfg,
@@ -99,8 +116,6 @@ def run_pipeline(
     ctx = RunContext(cfg, run, judge_provider=judge_provider, grade_client_factory=grade_client_factory)
     summary = _load_summary(run)
     summary.update({"name": cfg.name, "task_kind": cfg.task_kind, "stages_enabled": stages})
-    redo = set(stages[stages.index(from_stage) :]) if from_stage is not None else set()
-    todo = [only] if only is not None else stages
     redone_upstream: str | None = None
     for name in todo:
         stage = run.stage(name)
