@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from caft.errors import DataError
+from caft.rundir import CANDIDATES_FILE as CANDIDATES_FILE
+from caft.rundir import DIRECTIONS_FILE as DIRECTIONS_FILE
+from caft.rundir import DOSSIER_DIR as DOSSIER_DIR
 from caft.rundir import (
-    CANDIDATES_FILE,
-    DIRECTIONS_FILE,
-    DOSSIER_DIR,
     atomic_write_bytes,
     atomic_write_text,
     iter_jsonl,
