@@ -202,9 +202,9 @@ def preflight(
             cc = cfg.classification
             if cc.val is None:
                 problems.append("classification.val: the in-distribution test set is required")
-            for name, p in (("classification.val", cc.val), ("classification.ood", cc.ood)):
-                if p is not None:
-                    problems += check_jsonl(p, name, fields)
+            for name, split in (("classification.val", cc.val), ("classification.ood", cc.ood)):
+                if split is not None:
+                    problems += check_jsonl(split, name, fields)
     return problems
 
 
