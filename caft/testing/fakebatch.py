@@ -81,6 +81,11 @@ class FakeBatches:
             self.files.clear()
             self.batches.clear()
 
+    def end_all(self) -> None:
+        with self._lock:
+            for b in self.batches.values():
+                b.delay_s = 0.0
+
     # -- routing (called from the fake's request handler) -----------------------------------------------
 
     def handle(self, h: _Handler, method: str, raw: bytes) -> bool:

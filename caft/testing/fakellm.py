@@ -223,6 +223,10 @@ class FakeLLM:
             self.batch = BatchBehaviour()
         self._batches.reset()
 
+    def end_batches(self) -> None:
+        """Every batch created so far reports itself ended from now on (whatever `batch.delay_s` said)."""
+        self._batches.end_all()
+
     def count(self, match: Matcher = None) -> int:
         """Requests seen so far whose prompt matches."""
         with self._lock:
