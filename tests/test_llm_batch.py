@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from caft.errors import ConfigError
 from caft.llm import GenerateConfig, GenerateResult, LLMClient, LLMError, MockProvider, Price, RetryableError
-from caft.llm.batch import STATE_FILE, BatchPendingError, run_batch
+from caft.llm.batch import STATE_FILE, BatchPendingError, generate_all, run_batch
 from caft.llm.client import Request
 from caft.llm.prices import BATCH_DISCOUNT, load_prices
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
@@ -339,3 +339,25 @@ def test_kill_9_mid_poll_then_resume_submits_each_request_once(fake: FakeLLM, tm
     res = run(resume())
     assert [r.text for r in res if isinstance(r, GenerateResult)] == [f"echo q{i}" for i in range(n)]
     assert len(fake.batch_requests) / n == 1.0 and fake.batches_created == 1 and not fake.requests
+
+
+def test_generate_all_batches_when_it_can(fake: FakeLLM, tmp_path: Path) -> None:
+    reqs = [(user(f"q{i}"), GenerateConfig()) for i in range(3)]
+    seen: list[tuple[int, str]] = []
+
+    def note(i: int, r: LLMError | GenerateResult) -> None:
+        seen.append((i, r.text if isinstance(r, GenerateResult) else repr(r)))
+
+    async def go() -> None:
+        async with make_client(fake, "openai/gpt-4.1") as c:
+            res = await generate_all(c, reqs, batch=True, state_dir=tmp_path / "s", on_result=note, **FAST)
+            assert [r.text for r in res if isinstance(r, GenerateResult)] == ["echo q0", "echo q1", "echo q2"]
+            with pytest.raises(ConfigError, match="state folder"):
+                await generate_all(c, reqs, batch=True)
+        mock = LLMClient(MockProvider("m", lambda messages, config: "mocked"))
+        res = await generate_all(mock, reqs, batch=True, state_dir=tmp_path / "m")  # no batch API: one by one
+        assert [r.text for r in res if isinstance(r, GenerateResult)] == ["mocked"] * 3
+
+    run(go())
+    assert seen == [(0, "echo q0"), (1, "echo q1"), (2, "echo q2")]
+    assert len(fake.batch_requests) == 3 and not fake.requests

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "batch_state.json"
 STATE_VERSION = 1
 
-__all__ = ["STATE_FILE", "BatchPendingError", "BatchProgress", "run_batch", "supports_batch"]
+__all__ = ["STATE_FILE", "BatchPendingError", "BatchProgress", "generate_all", "run_batch", "supports_batch"]
 
 
 class BatchPendingError(LLMError):
@@ -165,13 +165,42 @@ async def run_batch(
     max_batch_requests: int | None = None,
     retry_failed: bool = True,
     on_status: Callable[[BatchProgress], None] | None = None,
+    on_result: Callable[[int, ResultOrError], None] | None = None,
 ) -> list[ResultOrError]:
     """Every request's result in input order (an `LLMError` in the slot of one that failed), through the
-    provider's batch API; see the module docstring. `FatalError` and `BudgetExceededError` are raised."""
+    provider's batch API; see the module docstring. `FatalError` and `BudgetExceededError` are raised
+    (`client.max_cost_usd` is checked once, before submitting: a batch's cost is known only at its end).
+    `on_status` hears each poll round; `on_result(index, result)` is called for every request, in order,
+    once all are known (as `generate_many` calls it, so a caller can append rows the same way)."""
     runner = _Runner(client, list(requests), Path(state_dir), stage, retry_failed)
-    return await runner.run(
+    results = await runner.run(
         poll_initial_s, poll_max_s, poll_factor, max_wait_s, max_batch_requests, on_status
     )
+    if on_result is not None:
+        for i, res in enumerate(results):
+            on_result(i, res)
+    return results
+
+
+async def generate_all(
+    client: LLMClient,
+    requests: Sequence[Request],
+    *,
+    batch: bool,
+    state_dir: str | Path | None = None,
+    stage: str | None = None,
+    on_result: Callable[[int, ResultOrError], None] | None = None,
+    **batch_options: Any,
+) -> list[ResultOrError]:
+    """`run_batch` when `batch` is set and the provider has a batch API, else `client.generate_many`
+    (same result list, same `on_result` calls). `state_dir` is required for batches."""
+    if batch and supports_batch(client.provider):
+        if state_dir is None:
+            raise ConfigError("a provider batch needs a state folder (state_dir) to resume from")
+        return await run_batch(client, requests, state_dir, stage=stage, on_result=on_result, **batch_options)
+    if batch:
+        logger.warning("%s has no batch API; sending the requests one by one", client.model_id)
+    return await client.generate_many(requests, stage=stage, on_result=on_result)
 
 
 class _Runner:
@@ -292,9 +321,13 @@ class _Runner:
             statuses: dict[str, BatchStatus] = {}
             for sub in running:
                 assert sub.batch_id is not None
-                st = statuses[sub.batch_id] = await self.backend.status(sub.batch_id)
-                if st.ended:
-                    items = await self.backend.fetch(sub.batch_id)
+                try:
+                    st = statuses[sub.batch_id] = await self.backend.status(sub.batch_id)
+                    items = await self.backend.fetch(sub.batch_id) if st.ended else None
+                except RetryableError as e:  # a transient error while polling: try again next round
+                    logger.info("%s: polling batch %s failed (%s)", self.client.model_id, sub.batch_id, e)
+                    continue
+                if items is not None:
                     atomic_write_text(
                         self.state.results_path(sub),
                         "".join(json.dumps(it.to_json(), ensure_ascii=False) + "\n" for it in items),

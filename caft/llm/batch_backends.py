@@ -20,12 +20,15 @@ call sends) and result bodies out (parsed later by the provider's `parse_body`).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from caft.errors import ConfigError
 from caft.llm.sdk_errors import map_exception
 from caft.llm.types import GenerateConfig, GenerateResult, Message, Provider
+
+logger = logging.getLogger(__name__)
 
 ItemKind = Literal["succeeded", "errored", "expired", "canceled", "missing"]
 
@@ -191,10 +194,12 @@ class OpenAIBatchBackend:
                 or f"HTTP {response.get('status_code')}"
             )
             items.append(BatchItem(cid, kind, None, f"{code or 'error'}: {message}"))
-        if b.status == "failed" and b.errors is not None and not items:
-            reasons = "; ".join(str(e.message) for e in b.errors.data or [])
-            raise ConfigError(
-                f"{self._provider.model_id}: batch {batch_id} was rejected: {reasons or 'no reason given'}"
+        if b.status == "failed" and not items:
+            # Rejected as a whole (e.g. a malformed line): no result lines, so every request is `missing`
+            # and goes the single-call way, which reports the precise error of a bad request.
+            reasons = "; ".join(str(e.message) for e in ((b.errors.data or []) if b.errors else []))
+            logger.warning(
+                "%s: batch %s failed: %s", self._provider.model_id, batch_id, reasons or "no reason given"
             )
         return items
 
