@@ -256,7 +256,12 @@ class AnthropicBatchBackend:
                         )
                     )
                 else:
-                    items.append(BatchItem(line.custom_id, result.type, None, result.type))
+                    why = (
+                        "the batch expired before it ran"
+                        if result.type == "expired"
+                        else "the batch was canceled"
+                    )
+                    items.append(BatchItem(line.custom_id, result.type, None, why))
         except Exception as e:
             raise self._error(e) from e
         return items
