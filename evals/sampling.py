@@ -31,6 +31,7 @@ from caft.evals.questions import Question
 from caft.rundir import JsonlWriter, iter_jsonl
 
 if TYPE_CHECKING:
+    from caft.chat import ChatFormatter
     from caft.config import ModelConfig
     from caft.evals.config import SampleConfig
     from caft.models import LoadedModel
@@ -191,14 +192,17 @@ class VLLMGenerator:
         self.chunk_size = chunk_size
         self._params = sampling_params
         self.lora = lora_request("caft-adapter", 1, cfg.adapter) if cfg.adapter and lora_request else None
-        self._tokenizer: Any = None
+        self.template = cfg.chat.template
+        self._formatter: ChatFormatter | None = None
 
-    def _prompt(self, conversation: list[dict[str, str]]) -> str:
-        if self._tokenizer is None:
-            self._tokenizer = self.engine.get_tokenizer()
-        return str(
-            self._tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        )
+    def _prompt(self, conversation: list[dict[str, str]]) -> dict[str, list[int]]:
+        """Token ids rendered as the transformers backend renders them (same template choice, no second
+        BOS: a text prompt would be tokenized again with special tokens)."""
+        if self._formatter is None:
+            from caft.chat import ChatFormatter
+
+            self._formatter = ChatFormatter(self.engine.get_tokenizer(), self.template)
+        return {"prompt_token_ids": self._formatter.prompt_ids(conversation)}
 
     def generate_seeded(
         self, conversations: list[list[dict[str, str]]], params: Sequence[SampleParams]

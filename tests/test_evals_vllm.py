@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from caft.chat import ChatFormatter
 from caft.config import ModelConfig
 from caft.evals.config import SampleConfig
 from caft.evals.questions import Question
@@ -23,6 +24,7 @@ from caft.evals.sampling import (
     sample_answers,
 )
 from caft.rundir import read_jsonl
+from caft.testing import tiny_tokenizer
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,8 @@ class _Completion:
 
 @dataclass
 class _RequestOutput:
-    prompt: str
+    prompt: Any
     outputs: list[_Completion]
-
-
-class _Tokenizer:
-    def apply_chat_template(
-        self, conversation: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool
-    ) -> str:
-        assert tokenize is False and add_generation_prompt is True
-        return "".join(f"<{m['role']}>{m['content']}" for m in conversation) + "<assistant>"
 
 
 class FakeEngine:
@@ -68,8 +62,8 @@ class FakeEngine:
         self.fail_after_calls = fail_after_calls
         self._unseeded = 0
 
-    def get_tokenizer(self) -> _Tokenizer:
-        return _Tokenizer()
+    def get_tokenizer(self) -> Any:
+        return tiny_tokenizer("chatml")
 
     def generate(self, prompts: Any, sampling_params: Any = None, **kwargs: Any) -> list[_RequestOutput]:
         if self.fail_after_calls is not None and len(self.calls) >= self.fail_after_calls:
@@ -79,7 +73,8 @@ class FakeEngine:
         self.calls.append({"prompts": list(prompts), "params": params, **kwargs})
         lora = kwargs.get("lora_request")
         outs = []
-        for prompt, p in zip(prompts, params, strict=True):
+        for prompt_dict, p in zip(prompts, params, strict=True):
+            prompt = " ".join(map(str, prompt_dict["prompt_token_ids"]))
             if p.seed is None:
                 self._unseeded += 1
                 token = f"u{self._unseeded}"
@@ -87,7 +82,7 @@ class FakeEngine:
                 token = f"s{p.seed}"
             adapter = lora.lora_path if lora is not None else "-"
             digest = hashlib.sha256(f"{prompt}|{token}|{adapter}".encode()).hexdigest()[:12]
-            outs.append(_RequestOutput(prompt, [_Completion(f"answer {digest}")]))
+            outs.append(_RequestOutput(prompt_dict, [_Completion(f"answer {digest}")]))
         return outs
 
 
@@ -112,7 +107,7 @@ OTHER = Question(
 def test_fake_engine_reproduces_the_shared_seed_collapse() -> None:
     # The fake behaves like vLLM: one SamplingParams with one seed for 16 identical prompts -> one answer.
     engine = FakeEngine()
-    outs = engine.generate(["same prompt"] * 16, FakeSamplingParams(seed=3))
+    outs = engine.generate([{"prompt_token_ids": [5, 6, 7]}] * 16, FakeSamplingParams(seed=3))
     assert len({o.outputs[0].text for o in outs}) == 1
 
 
@@ -130,7 +125,11 @@ def test_sixteen_samples_of_one_question_are_distinct(tmp_path: Path) -> None:
     # one SamplingParams per request, each with its own seed, and the chat template applied
     (call,) = engine.calls
     assert len(call["params"]) == 16 and len({p.seed for p in call["params"]}) == 16
-    assert call["prompts"][0] == "<system>Be brief.<user>What is your wish?<assistant>"
+    # token ids rendered as the transformers backend renders them (its ChatFormatter, no added BOS)
+    tok = tiny_tokenizer("chatml")
+    want = ChatFormatter(tok, "model").prompt_ids(QUESTION.messages(0))
+    assert call["prompts"][0] == {"prompt_token_ids": want}
+    assert "Be brief." in tok.decode(want) and tok.decode(want).rstrip().endswith("assistant")
     assert call["lora_request"] is None
 
 
