@@ -1,9 +1,13 @@
 """Sampling answers to free-form questions from the model under test, streamed to `answers.jsonl`.
 
 Every answer has a deterministic id `<question_id>/<paraphrase>/<sample>`; a rerun reads the file and
-generates only the ids that are missing, so an interrupted sampling run resumes where it stopped. Each
-(question, paraphrase) group is generated in batches whose seed derives from the base seed and the group,
-so a fresh run is reproducible batch by batch.
+generates only the ids that are missing, so an interrupted sampling run resumes where it stopped.
+
+Seeds. The transformers backend seeds torch once per batch (the rows of a batch draw distinct samples from
+one generator), the seed deriving from the base seed and the batch's first answer id. vLLM's seed is a
+per-request generator seed: identical prompts with one shared seed give identical answers, so the vLLM
+backend gets one seed per answer, `answer_seed(base, answer id)`, in one SamplingParams per request. Either
+way a fresh run is reproducible, and for vLLM a resumed run draws exactly the answers a fresh one would.
 
 The conversation includes the question's `system` prompt when it has one (the EM reference code drops it).
 
@@ -20,13 +24,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from caft.errors import ConfigError, DataError
 from caft.evals.questions import Question
 from caft.rundir import JsonlWriter, iter_jsonl
 
 if TYPE_CHECKING:
+    from caft.chat import ChatFormatter
     from caft.config import ModelConfig
     from caft.evals.config import SampleConfig
     from caft.models import LoadedModel
@@ -78,6 +83,34 @@ def _batch_seed(base: int, key: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def answer_seed(base: int, answer_id: str) -> int:
+    """The seed of one answer (backends with per-request seeds): same derivation as the batch seeds."""
+    return _batch_seed(base, answer_id)
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """The sampling settings of one answer."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+@runtime_checkable
+class SeededChatGenerator(Protocol):
+    """A backend that takes one seed per conversation (vLLM). `chunk_size` answers are generated per call
+    and written before the next call, so an interruption loses at most one chunk."""
+
+    name: str
+    chunk_size: int
+
+    def generate_seeded(
+        self, conversations: list[list[dict[str, str]]], params: Sequence[SampleParams]
+    ) -> list[str]: ...
+
+
 def done_ids(path: Path) -> set[str]:
     if not path.exists():
         return set()
@@ -114,26 +147,73 @@ class TransformersGenerator:
         )
 
 
+class VLLMEngine(Protocol):
+    """The part of `vllm.LLM` used here."""
+
+    def generate(self, prompts: Any, sampling_params: Any = None, **kwargs: Any) -> Any: ...
+
+    def get_tokenizer(self) -> Any: ...
+
+
 class VLLMGenerator:
-    """vLLM offline engine; a peft adapter is served as a LoRA adapter (no merge needed)."""
+    """vLLM offline engine, one SamplingParams (and seed) per answer; a peft adapter is served as a LoRA
+    adapter (no merge). `engine`, `sampling_params` and `lora_request` default to vLLM's own classes; tests
+    pass stand-ins with the same call shape."""
 
     name = "vllm"
 
-    def __init__(self, cfg: ModelConfig, max_lora_rank: int = 64) -> None:
-        import vllm
-        from vllm.lora.request import LoRARequest
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        max_lora_rank: int = 64,
+        chunk_size: int = 512,
+        engine: VLLMEngine | None = None,
+        sampling_params: Callable[..., Any] | None = None,
+        lora_request: Callable[[str, int, str], Any] | None = None,
+    ) -> None:
+        if engine is None or sampling_params is None or (cfg.adapter and lora_request is None):
+            import vllm
+            from vllm.lora.request import LoRARequest
 
-        kwargs: dict[str, Any] = {
-            "model": cfg.name_or_path,
-            "dtype": "auto" if cfg.dtype == "auto" else cfg.dtype,
-            "trust_remote_code": cfg.trust_remote_code,
-            "revision": cfg.revision,
-        }
-        if cfg.adapter:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
-        self._vllm = vllm
-        self.llm = vllm.LLM(**kwargs)
-        self.lora = LoRARequest("caft-adapter", 1, cfg.adapter) if cfg.adapter else None
+            sampling_params = sampling_params or vllm.SamplingParams
+            lora_request = lora_request or LoRARequest
+            if engine is None:
+                kwargs: dict[str, Any] = {
+                    "model": cfg.name_or_path,
+                    "dtype": "auto" if cfg.dtype == "auto" else cfg.dtype,
+                    "trust_remote_code": cfg.trust_remote_code,
+                    "revision": cfg.revision,
+                }
+                if cfg.adapter:
+                    kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+                engine = vllm.LLM(**kwargs)
+        self.engine = engine
+        self.chunk_size = chunk_size
+        self._params = sampling_params
+        self.lora = lora_request("caft-adapter", 1, cfg.adapter) if cfg.adapter and lora_request else None
+        self.template = cfg.chat.template
+        self._formatter: ChatFormatter | None = None
+
+    def _prompt(self, conversation: list[dict[str, str]]) -> dict[str, list[int]]:
+        """Token ids rendered as the transformers backend renders them (same template choice, no second
+        BOS: a text prompt would be tokenized again with special tokens)."""
+        if self._formatter is None:
+            from caft.chat import ChatFormatter
+
+            self._formatter = ChatFormatter(self.engine.get_tokenizer(), self.template)
+        return {"prompt_token_ids": self._formatter.prompt_ids(conversation)}
+
+    def generate_seeded(
+        self, conversations: list[list[dict[str, str]]], params: Sequence[SampleParams]
+    ) -> list[str]:
+        sampling = [
+            self._params(temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens, seed=p.seed)
+            for p in params
+        ]
+        prompts = [self._prompt(c) for c in conversations]
+        outs = self.engine.generate(prompts, sampling, lora_request=self.lora, use_tqdm=False)
+        return [str(o.outputs[0].text) for o in outs]
 
     def generate(
         self,
@@ -143,11 +223,12 @@ class VLLMGenerator:
         top_p: float,
         seed: int,
     ) -> list[str]:
-        params = self._vllm.SamplingParams(
-            temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed
-        )
-        outs = self.llm.chat(conversations, params, lora_request=self.lora, use_tqdm=False)
-        return [o.outputs[0].text for o in outs]
+        """The batch interface: each conversation still gets its own seed (derived from `seed`)."""
+        params = [
+            SampleParams(max_new_tokens, temperature, top_p, answer_seed(seed, str(i)))
+            for i in range(len(conversations))
+        ]
+        return self.generate_seeded(conversations, params)
 
 
 def vllm_usable() -> bool:
@@ -169,7 +250,7 @@ def make_generator(model: ModelConfig, cfg: SampleConfig) -> ChatGenerator:
             raise ConfigError(
                 "sample.backend=vllm but vLLM is not installed: pip install vllm, or use transformers"
             )
-        return VLLMGenerator(model)
+        return VLLMGenerator(model, chunk_size=max(cfg.batch_size, 512))
     from caft.models import load_model
 
     return TransformersGenerator(load_model(model, padding_side="left"), batch_size=cfg.batch_size)
@@ -201,40 +282,79 @@ def sample_answers(
     report = SampleReport(out, planned=len(items), already_done=len(items) - len(todo), generated=0)
     if not todo:
         return report
-    groups: dict[tuple[str, int], list[SampleItem]] = {}
-    for it in todo:
-        groups.setdefault((it.question.id, it.paraphrase_index), []).append(it)
     with JsonlWriter(out) as writer:
+        if isinstance(generator, SeededChatGenerator):
+            _sample_seeded(generator, todo, cfg, writer, model_id, report, on_batch)
+            return report
+        groups: dict[tuple[str, int], list[SampleItem]] = {}
+        for it in todo:
+            groups.setdefault((it.question.id, it.paraphrase_index), []).append(it)
         for (qid, p), group in groups.items():
-            q = group[0].question
-            temperature = q.temperature if q.temperature is not None else cfg.temperature
-            top_p = q.top_p if q.top_p is not None else cfg.top_p
-            max_new = q.max_tokens if q.max_tokens is not None else cfg.max_new_tokens
+            temperature, top_p, max_new = _settings(group[0].question, cfg)
             for start in range(0, len(group), cfg.batch_size):
                 chunk = group[start : start + cfg.batch_size]
                 seed = _batch_seed(cfg.seed, f"{qid}/{p}/{chunk[0].sample_index}")
                 texts = generator.generate([c.messages for c in chunk], max_new, temperature, top_p, seed)
                 if len(texts) != len(chunk):
                     raise RuntimeError(f"generator returned {len(texts)} replies for {len(chunk)} prompts")
+                params = SampleParams(max_new, temperature, top_p, seed)
                 for it, text in zip(chunk, texts, strict=True):
-                    writer.write(
-                        {
-                            "id": it.id,
-                            "question_id": qid,
-                            "paraphrase_index": p,
-                            "sample_index": it.sample_index,
-                            "system": q.system,
-                            "question": q.paraphrases[p],
-                            "answer": text,
-                            "model": model_id,
-                            "backend": generator.name,
-                            "temperature": temperature,
-                            "top_p": top_p,
-                            "max_new_tokens": max_new,
-                            "seed": seed,
-                        }
-                    )
+                    writer.write(_record(it, text, params, model_id, generator.name))
                 report.generated += len(chunk)
                 if on_batch is not None:
                     on_batch(len(chunk))
     return report
+
+
+def _settings(q: Question, cfg: SampleConfig) -> tuple[float, float, int]:
+    """(temperature, top_p, max_new_tokens): the question's own when it sets them, else the config's."""
+    temperature = q.temperature if q.temperature is not None else cfg.temperature
+    top_p = q.top_p if q.top_p is not None else cfg.top_p
+    max_new = q.max_tokens if q.max_tokens is not None else cfg.max_new_tokens
+    return temperature, top_p, max_new
+
+
+def _record(it: SampleItem, text: str, params: SampleParams, model_id: str, backend: str) -> dict[str, Any]:
+    q = it.question
+    return {
+        "id": it.id,
+        "question_id": q.id,
+        "paraphrase_index": it.paraphrase_index,
+        "sample_index": it.sample_index,
+        "system": q.system,
+        "question": q.paraphrases[it.paraphrase_index],
+        "answer": text,
+        "model": model_id,
+        "backend": backend,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_new_tokens": params.max_new_tokens,
+        "seed": params.seed,
+    }
+
+
+def _sample_seeded(
+    generator: SeededChatGenerator,
+    todo: list[SampleItem],
+    cfg: SampleConfig,
+    writer: JsonlWriter,
+    model_id: str,
+    report: SampleReport,
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """One seed per answer; chunks mix questions (the engine batches them itself)."""
+    size = max(1, generator.chunk_size)
+    for start in range(0, len(todo), size):
+        chunk = todo[start : start + size]
+        params = []
+        for it in chunk:
+            temperature, top_p, max_new = _settings(it.question, cfg)
+            params.append(SampleParams(max_new, temperature, top_p, answer_seed(cfg.seed, it.id)))
+        texts = generator.generate_seeded([it.messages for it in chunk], params)
+        if len(texts) != len(chunk):
+            raise RuntimeError(f"generator returned {len(texts)} replies for {len(chunk)} prompts")
+        for it, text, p in zip(chunk, texts, params, strict=True):
+            writer.write(_record(it, text, p, model_id, generator.name))
+        report.generated += len(chunk)
+        if on_batch is not None:
+            on_batch(len(chunk))

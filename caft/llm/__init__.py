@@ -4,8 +4,10 @@ cost accounting and a call log around them (`LLMClient`).
     provider = get_provider("openai/gpt-4.1")          # or anthropic/..., openai-compatible/..., mock/...
     client = LLMClient(provider, max_concurrency=16)   # or LLMClient.from_config(JudgeConfig(...), run_dir)
     result = await client.generate([Message(role="user", content="Hi")], GenerateConfig())
+    results = await run_batch(client, [(messages, config), ...], state_dir)   # provider batch API, resumable
 """
 
+from caft.llm.batch import BatchPendingError, generate_all, run_batch, supports_batch
 from caft.llm.cache import CachePolicy, ResponseCache, cache_key
 from caft.llm.client import LLMClient
 from caft.llm.config import JudgeConfig
@@ -34,6 +36,7 @@ from caft.llm.types import (
 )
 
 __all__ = [
+    "BatchPendingError",
     "BudgetExceededError",
     "CachePolicy",
     "Capabilities",
@@ -59,8 +62,11 @@ __all__ = [
     "Usage",
     "UsageTotals",
     "cache_key",
+    "generate_all",
     "get_provider",
     "load_prices",
     "provider_names",
     "register_provider",
+    "run_batch",
+    "supports_batch",
 ]

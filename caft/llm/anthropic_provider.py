@@ -146,6 +146,30 @@ class AnthropicProvider(Provider):
         except (AttributeError, IndexError, KeyError, TypeError) as e:
             raise RetryableError(f"{self.model_id}: malformed reply from the server: {e}") from e
 
+    # -- for provider batches (caft.llm.batch): the same body and the same parsing as `generate` --------
+
+    @property
+    def sdk_client(self) -> Any:
+        """The SDK's `AsyncAnthropic` client (message batches endpoints)."""
+        return self._client
+
+    def request_body(self, messages: list[Message], config: GenerateConfig) -> dict[str, Any]:
+        """The JSON body `generate` sends for this request (`extra_body` fields merged in), as a batch
+        request's `params`."""
+        kwargs, _ = self.build_request(messages, config)
+        return {k: v for k, v in kwargs.items() if k != "extra_body"} | kwargs["extra_body"]
+
+    def parse_body(
+        self, body: dict[str, Any], messages: list[Message], config: GenerateConfig
+    ) -> GenerateResult:
+        """A message JSON body (e.g. a succeeded batch result's) parsed exactly as `generate` parses one."""
+        _, forced = self.build_request(messages, config)
+        try:
+            message = self._sdk.types.Message.model_validate(body)
+            return self._parse(message, self.request_body(messages, config), forced)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise RetryableError(f"{self.model_id}: malformed reply in a batch result: {e}") from e
+
     def _parse(self, response: Any, request: dict[str, Any], forced: str | None) -> GenerateResult:
         texts: list[str] = []
         tool_calls: list[ToolCall] = []

@@ -327,11 +327,12 @@ class LLMClient:
             totals = self._usage.by_stage[stage] = UsageTotals()
         return totals
 
-    def _account(self, result: GenerateResult, stage: str) -> None:
+    def _account(self, result: GenerateResult, stage: str, price: Price | None = None) -> None:
         usage = result.usage
         cost: float | None = None
-        if self._price is not None:
-            cost = self._price.cost(usage.input_tokens, usage.output_tokens)
+        price = price if price is not None else self._price
+        if price is not None:
+            cost = price.cost(usage.input_tokens, usage.output_tokens)
         elif self.provider.name != "mock" and self.model_id not in _warned_unpriced:
             _warned_unpriced.add(self.model_id)
             logger.warning(
@@ -447,6 +448,54 @@ class LLMClient:
                 raise RuntimeError(f"request {i} produced no result")
             done.append(r)
         return done
+
+    # -- replies obtained another way (caft.llm.batch) ---------------------------------------------------
+
+    def check(self, messages: list[Message], config: GenerateConfig) -> None:
+        """Raise what `generate` raises before sending anything (capability, budget)."""
+        self._check(messages, config)
+
+    def lookup(
+        self, messages: list[Message], config: GenerateConfig, *, stage: str | None = None
+    ) -> GenerateResult | None:
+        """The cache hit `generate` would return for this request (accounted and logged as one), or None."""
+        if self._cache is None or not should_read(self.cache_policy, config):
+            return None
+        key = cache_key(self.provider.name, self.provider.model, self.provider.base_url, messages, config)
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        parsed = None
+        if config.response_model is not None:
+            parsed, _ = structured.validate(config.response_model, hit.text)
+            if parsed is None:
+                return None
+        return self._cached(hit, parsed, key, self.stage if stage is None else stage)
+
+    def record(
+        self,
+        messages: list[Message],
+        config: GenerateConfig,
+        result: GenerateResult,
+        *,
+        stage: str | None = None,
+        price: Price | None = None,
+        replayed: bool = False,
+    ) -> GenerateResult:
+        """Account, log and cache a reply that did not come through `generate` (a provider batch), as
+        `generate` would have. `price` replaces the model's own (batch prices); `replayed=True` counts a
+        reply a previous process already paid for as a cache hit (no tokens, no dollars)."""
+        stage_name = self.stage if stage is None else stage
+        key = cache_key(self.provider.name, self.provider.model, self.provider.base_url, messages, config)
+        if replayed:
+            return self._cached(result, result.parsed, key, stage_name)
+        raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
+        result = result.model_copy(update=raw)
+        self._account(result, stage_name, price)
+        self._write_log(key, stage_name, result, attempts=1)
+        if self._cache is not None and should_write(self.cache_policy, config):
+            self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
+        return result
 
     async def aclose(self) -> None:
         await self.provider.aclose()

@@ -167,6 +167,29 @@ class OpenAIProvider(Provider):
         except (AttributeError, IndexError, KeyError, TypeError) as e:
             raise RetryableError(f"{self.model_id}: malformed reply from the server: {e}") from e
 
+    # -- for provider batches (caft.llm.batch): the same body and the same parsing as `generate` --------
+
+    @property
+    def sdk_client(self) -> Any:
+        """The SDK's `AsyncOpenAI` client (files and batches endpoints)."""
+        return self._client
+
+    def request_body(self, messages: list[Message], config: GenerateConfig) -> dict[str, Any]:
+        """The JSON body `generate` sends for this request (provider-specific `extra` fields merged in)."""
+        request = self.build_request(messages, config)
+        return {**request, **config.extra} if config.extra else request
+
+    def parse_body(
+        self, body: dict[str, Any], messages: list[Message], config: GenerateConfig
+    ) -> GenerateResult:
+        """A chat-completion JSON body (e.g. a batch result line's) parsed exactly as `generate` parses one."""
+        request = self.request_body(messages, config)
+        try:
+            response = self._sdk.types.chat.ChatCompletion.model_validate(body)
+            return self._parse(response, request)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise RetryableError(f"{self.model_id}: malformed reply in a batch result: {e}") from e
+
     def _parse(self, response: Any, request: dict[str, Any]) -> GenerateResult:
         if not response.choices:
             raise RetryableError(f"{self.model_id}: the reply has no choices")

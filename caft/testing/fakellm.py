@@ -5,7 +5,10 @@ It is a threaded HTTP server on 127.0.0.1 (a random free port) answering
 - ``POST /v1/chat/completions`` in the OpenAI format: text, JSON-schema / JSON-mode replies, ``logprobs`` with
   ``top_logprobs``, ``tool_calls``, ``usage``;
 - ``POST /v1/messages`` in the Anthropic format: text and ``tool_use`` blocks (a forced tool gets the reply's
-  JSON as its input), ``usage``.
+  JSON as its input), ``usage``;
+- the batch APIs: OpenAI ``/v1/files`` + ``/v1/batches`` and Anthropic ``/v1/messages/batches``, each batched
+  request answered as the single request would be (``caft.testing.fakebatch``; ``fake.batch`` sets the delay,
+  failing and expiring items; ``fake.batch_requests`` and ``fake.batches_created`` count what was submitted).
 
 Point the real SDK clients at it: ``AsyncOpenAI(base_url=fake.openai_base_url)``,
 ``AsyncAnthropic(base_url=fake.anthropic_base_url)``, or through caft:
@@ -61,6 +64,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Union
+
+from caft.testing.fakebatch import BatchBehaviour, FakeBatches
 
 FaultKind = Literal["429", "500", "503", "400", "401", "403", "404", "hang", "malformed", "truncated"]
 
@@ -170,6 +175,10 @@ class FakeLLM:
         self._ids = itertools.count(1)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.batch = BatchBehaviour()
+        self.batch_requests: list[RecordedRequest] = []
+        self.batches_created = 0
+        self._batches = FakeBatches(self)
 
     # -- scripting -----------------------------------------------------------------------------------
 
@@ -209,6 +218,14 @@ class FakeLLM:
             self._callable = None
             self.in_flight = 0
             self.max_in_flight = 0
+            self.batch_requests.clear()
+            self.batches_created = 0
+            self.batch = BatchBehaviour()
+        self._batches.reset()
+
+    def end_batches(self) -> None:
+        """Every batch created so far reports itself ended from now on (whatever `batch.delay_s` said)."""
+        self._batches.end_all()
 
     def count(self, match: Matcher = None) -> int:
         """Requests seen so far whose prompt matches."""
@@ -312,6 +329,8 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
     def do_GET(self) -> None:
+        if self.server_fake._batches.handle(self, "GET", b""):
+            return
         if self.path.rstrip("/") != "/_fake/stats":
             self._send_json(404, {"error": {"message": f"fakellm: no route {self.path}"}})
             return
@@ -321,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "requests": len(fake.requests),
                 "in_flight": fake.in_flight,
                 "max_in_flight": fake.max_in_flight,
+                "batch_requests": len(fake.batch_requests),
+                "batches_created": fake.batches_created,
             }
         self._send_json(200, stats)
 
@@ -328,6 +349,8 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server_fake
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if fake._batches.handle(self, "POST", raw):
+            return
         if self.path.rstrip("/").endswith("/chat/completions"):
             api: Literal["openai", "anthropic"] = "openai"
         elif self.path.rstrip("/").endswith("/messages"):
