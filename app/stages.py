@@ -332,7 +332,7 @@ def _baselines_run(ctx: RunContext) -> list[str]:
 
 def _eval_models(ctx: RunContext) -> list[tuple[str, ModelConfig]]:
     """(row name, model) for every model the eval stage measures: the configured roles, then the baselines."""
-    rows = [(role, _role_model(ctx, role)) for role in ctx.cfg.eval_models]
+    rows: list[tuple[str, ModelConfig]] = [(role, _role_model(ctx, role)) for role in ctx.cfg.eval_models]
     rows += [(n, ctx.trained_model(f"{BASELINES_DIR}/{n}")) for n in _baselines_run(ctx)]
     return rows
 
