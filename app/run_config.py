@@ -37,8 +37,24 @@ class ClassificationEvalConfig(CaftConfig):
     """Examples per forward pass."""
 
 
+class BaselinesConfig(CaftConfig):
+    """Control fine-tunes that ablate another subspace with the same number of directions per layer as the
+    triage selection (same training config, ablation mode and seed as the `caft` stage); the eval stage adds
+    each as a row. The test-time-only baseline is `classification.test_time_baseline`."""
+
+    random: bool = False
+    """A random orthonormal subspace, seeded with the run seed."""
+    topk: bool = False
+    """The top principal components of the diff stage by explained variance."""
+
+    @property
+    def enabled(self) -> list[str]:
+        return [name for name in ("random", "topk") if getattr(self, name)]
+
+
 class RunConfig(CaftConfig):
-    """A whole caft run: baseline fine-tune -> diff (+ SAE) -> evidence -> triage -> CAFT -> eval -> report."""
+    """A whole caft run: baseline fine-tune -> diff (+ SAE) -> evidence -> triage -> CAFT (+ baselines) -> eval ->
+    report."""
 
     name: str = "caft-run"
     """Run name (used in reports)."""
@@ -72,6 +88,8 @@ class RunConfig(CaftConfig):
     """Settings of the offline embedding judge (`triage_judge: offline-embedding`)."""
     controls_per_layer: int = Field(default=20, ge=2)
     """Random directions per layer given evidence like the candidates, for the offline judge's calibration."""
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    """Control fine-tunes (random subspace, top PCs) trained after the `caft` stage and evaluated with it."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Misalignment (and code) evaluation, for `task_kind: chat`."""
     eval_models: list[ModelRole] = Field(default_factory=lambda: list(_DEFAULT_EVAL_MODELS))

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any
 from caft.app.run_config import RunConfig
 from caft.config import ModelConfig
 from caft.errors import ConfigError, RunDirError
-from caft.rundir import RunDir
+from caft.rundir import FINAL_DIR, SUBSPACE_DIR, RunDir
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
+    from caft.subspace import Subspace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "diff", "sae", "evidence", "triage", "caft", "eval", "report")
+STAGES = ("train", "diff", "sae", "evidence", "triage", "caft", "baselines", "eval", "report")
 
 
 @dataclass
@@ -211,6 +212,105 @@ def stage_caft(ctx: RunContext) -> dict[str, Any]:
     return {"final": str(res.final_path), "metrics": res.metrics, "subspace_dims": sub.total_dims}
 
 
+BASELINES_DIR = "baselines"
+
+
+def model_n_layers(model: ModelConfig) -> int:
+    """Transformer blocks of `model`, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model.name_or_path)
+    n = getattr(config, "num_hidden_layers", None)
+    if n is None:
+        n = getattr(getattr(config, "text_config", None), "num_hidden_layers", None)
+    if n is None:
+        raise ConfigError(f"{model.name_or_path}: its config names no num_hidden_layers")
+    return int(n)
+
+
+def _topk_subspace(diff_dir: Path, counts: dict[int, int], d_model: int, n_layers: int) -> Subspace:
+    """The top PCs by explained variance at each layer, as many as `counts` gives there (fewer where the
+    diff stage has fewer)."""
+    import torch
+
+    from caft.interp.schema import load_candidates, load_directions
+    from caft.subspace import Column, Subspace
+
+    cands = [c for c in load_candidates(diff_dir) if c.kind == "pc"]
+    dirs = load_directions(diff_dir)
+    vecs: dict[int, torch.Tensor] = {}
+    prov: dict[int, list[Column]] = {}
+    for L, k in counts.items():
+        layer = sorted((c for c in cands if c.layer == L), key=lambda c: c.index)[:k]
+        if layer:
+            vecs[L] = torch.stack([dirs[c.id] for c in layer])
+            prov[L] = [Column(candidate=c.id, label="top PC") for c in layer]
+    return Subspace.from_vectors(vecs, d_model=d_model, provenance=prov, n_layers=n_layers)
+
+
+def baseline_subspace(
+    ctx: RunContext, name: str, counts: dict[int, int], d_model: int, n_layers: int
+) -> Subspace:
+    """The subspace of baseline `name` with the given directions per layer."""
+    if name == "random":
+        from caft.training.ablation import random_subspace
+
+        return random_subspace(counts, d_model, seed=ctx.cfg.seed, n_layers=n_layers)
+    if name == "topk":
+        return _topk_subspace(ctx.path / "diff", counts, d_model, n_layers)
+    raise ConfigError(f"unknown baseline {name!r}; the baselines are random and topk")
+
+
+def _clear_stale(folder: Path, sub: Subspace) -> None:
+    """A training folder left by another subspace (the selection changed since) is removed, so that
+    `train(resume=True)` does not return the old model."""
+    import shutil
+
+    from caft.training.trainer import RECORD_FILE
+
+    record = folder / RECORD_FILE
+    if record.is_file():
+        digest = json.loads(record.read_text(encoding="utf-8")).get("subspace_digest")
+        if digest != sub.digest():
+            log.warning("%s was trained with another subspace: training it again", folder)
+            shutil.rmtree(folder)
+
+
+def stage_baselines(ctx: RunContext) -> dict[str, Any]:
+    """Fine-tune once per enabled baseline, ablating a control subspace with the triage subspace's count per
+    layer; training config, ablation mode and seed are the `caft` stage's."""
+    from caft.subspace import Subspace
+    from caft.training.trainer import train
+
+    names = ctx.cfg.baselines.enabled
+    if not names:
+        return {"ran": [], "note": "no baseline enabled (baselines.random, baselines.topk)"}
+    sub_dir = ctx.subspace_dir()
+    if not sub_dir.is_dir():
+        raise RunDirError(f"{sub_dir} does not exist: run the triage stage first")
+    sub = Subspace.load(sub_dir)
+    if sub.is_empty:
+        note = "the triage selected no directions: no count per layer to match, baselines skipped"
+        log.warning(note)
+        return {"ran": [], "skipped": names, "note": note}
+    counts = {L: int(sub.bases[L].shape[1]) for L in sub.layers}
+    n_layers = sub.n_layers or model_n_layers(ctx.cfg.model)
+    info: dict[str, Any] = {"ran": [], "counts": {str(L): k for L, k in counts.items()}}
+    for name in names:
+        folder = ctx.path / BASELINES_DIR / name
+        base_sub = baseline_subspace(ctx, name, counts, sub.d_model, n_layers)
+        _clear_stale(folder, base_sub)
+        base_sub.save(folder / SUBSPACE_DIR)
+        res = train(_train_cfg(ctx), folder, model=ctx.cfg.model, subspace=base_sub, resume=True)
+        info["ran"].append(name)
+        info[name] = {
+            "final": str(res.final_path),
+            "metrics": res.metrics,
+            "subspace_dims": base_sub.total_dims,
+        }
+    return info
+
+
 def _role_model(ctx: RunContext, role: str) -> ModelConfig:
     if role == "base":
         return ctx.cfg.model
@@ -219,17 +319,33 @@ def _role_model(ctx: RunContext, role: str) -> ModelConfig:
     return ctx.trained_model("caft")
 
 
+def _baselines_run(ctx: RunContext) -> list[str]:
+    """The baselines whose models the baselines stage finished (in this config's order)."""
+    marker = ctx.run.stage(BASELINES_DIR).marker()
+    ran = (marker or {}).get("info", {}).get("ran", [])
+    return [
+        n
+        for n in ctx.cfg.baselines.enabled
+        if n in ran and (ctx.path / BASELINES_DIR / n / FINAL_DIR).is_dir()
+    ]
+
+
+def _eval_models(ctx: RunContext) -> list[tuple[str, ModelConfig]]:
+    """(row name, model) for every model the eval stage measures: the configured roles, then the baselines."""
+    rows: list[tuple[str, ModelConfig]] = [(role, _role_model(ctx, role)) for role in ctx.cfg.eval_models]
+    rows += [(n, ctx.trained_model(f"{BASELINES_DIR}/{n}")) for n in _baselines_run(ctx)]
+    return rows
+
+
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
     out = ctx.path / "eval"
     results: dict[str, Any] = {}
     if ctx.cfg.task_kind == "chat":
         from caft.evals.pipeline import run_eval_stage
 
-        for role in ctx.cfg.eval_models:
-            res = run_eval_stage(
-                _role_model(ctx, role), ctx.cfg.eval, out / role, client_factory=ctx.grade_client_factory
-            )
-            results[role] = _eval_figures(res)
+        for row, model in _eval_models(ctx):
+            res = run_eval_stage(model, ctx.cfg.eval, out / row, client_factory=ctx.grade_client_factory)
+            results[row] = _eval_figures(res)
         return results
 
     from caft.evals.mc import run_mc_eval
@@ -239,14 +355,12 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         raise ConfigError(
             "classification.val (the in-distribution test set) is required for task_kind classification"
         )
-    for role in ctx.cfg.eval_models:
-        if role == "base":
+    for row, model in _eval_models(ctx):
+        if row == "base":
             continue  # an untrained head has no meaningful accuracy
-        res = run_mc_eval(
-            _role_model(ctx, role), cc.val, out / role, ood_path=cc.ood, batch_size=cc.batch_size
-        )
-        results[role] = res["mc"]
-    if cc.test_time_baseline and ctx.subspace_dir().is_dir():
+        res = run_mc_eval(model, cc.val, out / row, ood_path=cc.ood, batch_size=cc.batch_size)
+        results[row] = res["mc"]
+    if cc.test_time_baseline and _nonempty_subspace(ctx):
         res = run_mc_eval(
             ctx.finetuned(),
             cc.val,
@@ -258,6 +372,18 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         )
         results["test_time"] = res["mc"]
     return results
+
+
+def _nonempty_subspace(ctx: RunContext) -> bool:
+    from caft.subspace import Subspace
+
+    sub_dir = ctx.subspace_dir()
+    if not sub_dir.is_dir():
+        return False
+    if Subspace.load(sub_dir).is_empty:
+        log.warning("the triage selected no directions: no test-time baseline (it would equal the ft row)")
+        return False
+    return True
 
 
 def _eval_figures(res: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +434,7 @@ STAGE_FUNCS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "evidence": stage_evidence,
     "triage": stage_triage,
     "caft": stage_caft,
+    "baselines": stage_baselines,
     "eval": stage_eval,
     "report": stage_report,
 }

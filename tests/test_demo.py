@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from caft.app.demo import DemoConfig, format_table, run_demo, summarize, write_demo_report
+from caft.app.demo import (
+    DemoConfig,
+    demo_run_config,
+    format_table,
+    run_demo,
+    seed_results,
+    summarize,
+    write_demo_report,
+)
+from caft.app.pipeline import enabled_stages
+from caft.subspace import Column, Subspace
 
 
 def test_summary_and_table_average_over_seeds() -> None:
@@ -41,20 +52,99 @@ def test_html_report_escapes_labels_and_shows_every_condition(tmp_path: Path) ->
         "seeds": 2,
         "summary": summarize(per_seed),
         "per_seed": per_seed,
-        "timings_s": {"train:plain": 12.5},
+        "timings_s": {"train": 12.5},
         "wall_s": 30.0,
     }
     page = write_demo_report(report, tmp_path).read_text()
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; food" in page
     assert page.count("<svg") == 1 and "CAFT (offline judge)" in page and "plain fine-tuning" in page
     assert "80.0%" in page and "90% / 70%" in page  # CAFT mean OOD and per-seed values
-    assert "seed 1: 0 directions" in page and "train:plain" in page
+    assert "seed 1: 0 directions" in page and "<td>train</td>" in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing to fetch
 
 
-def test_config_rejects_unknown_task() -> None:
+def test_config_rejects_unknown_task_and_condition() -> None:
     with pytest.raises(ValueError, match="sentiment-topic"):
         DemoConfig.model_validate({"task": "nope"})
+    with pytest.raises(ValueError, match="unknown condition"):
+        DemoConfig.model_validate({"conditions": ["plain", "randm"]})
+
+
+def _fake_encoder(tmp_path: Path) -> Path:
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 3}))
+    return enc
+
+
+def test_demo_builds_one_classification_run_config(tmp_path: Path) -> None:
+    cfg = DemoConfig(model_path=str(_fake_encoder(tmp_path)), epochs=1.5, n_components=7, max_per_layer=3)
+    rc = demo_run_config(cfg, tmp_path / "seed4", 4)
+    data = tmp_path / "seed4" / "data"
+    assert rc.out_dir == str(tmp_path / "seed4" / "run") and rc.seed == 4 and rc.task_kind == "classification"
+    assert rc.model.kind == "encoder" and rc.model.device == "cpu" and rc.task == str(data / "task.yaml")
+    t = rc.train
+    assert (t.objective, t.method, t.freeze_embeddings) == ("encoder_classifier", "full", True)
+    assert (t.optim.epochs, t.optim.lr, t.optim.head_lr, t.optim.batch_size) == (1.5, 3e-5, 1e-3, 32)
+    assert t.seed == 4 and t.data.path == str(data / "train.jsonl") and t.ablation.mode == "project"
+    d = rc.diff
+    assert d.layers == [0, 1, 2] and d.inputs.data == [str(data / "train.jsonl")] and d.inputs.tokens == "all"
+    assert d.n_components == 7 and d.include_mean is False
+    e = rc.evidence
+    assert e.corpus == str(data / "corpus.jsonl") and e.top_k == 20 and not e.candidates
+    assert not e.diff_summary and not e.logit_lens and not e.steering.enabled
+    assert rc.triage_judge == "offline-embedding" and rc.controls_per_layer == 20
+    pol = rc.triage.selection
+    assert (pol.threshold, pol.max_per_layer, pol.max_total) == (0.5, 3, None)
+    assert rc.baselines.enabled == ["random", "topk"] and rc.eval_models == ["ft", "caft"]
+    cc = rc.classification
+    assert cc.val == str(data / "val.jsonl") and cc.ood == str(data / "ood.jsonl") and cc.test_time_baseline
+    assert enabled_stages(rc) == [
+        "train",
+        "diff",
+        "evidence",
+        "triage",
+        "caft",
+        "baselines",
+        "eval",
+        "report",
+    ]
+    # conditions switch the pipeline's baselines
+    fewer = DemoConfig(model_path=cfg.model_path, conditions=["plain", "caft", "topk"])
+    rc2 = demo_run_config(fewer, tmp_path / "seed0", 0)
+    assert rc2.baselines.enabled == ["topk"] and not rc2.classification.test_time_baseline
+
+
+def test_seed_results_are_built_from_the_pipeline_outputs(tmp_path: Path) -> None:
+    import torch
+
+    run = tmp_path / "run"
+    sel = [{"candidate": "pc:L1:0", "label": "food", "confidence": 0.9, "layer": 1}]
+    (run / "triage").mkdir(parents=True)
+    (run / "triage" / "selection.json").write_text(json.dumps({"selected": sel, "rejected": []}))
+    Subspace.from_vectors(
+        {1: torch.eye(4)[:1], 2: torch.eye(4)[1:3]}, d_model=4, provenance={1: [Column("pc:L1:0")]}
+    ).save(run / "triage" / "subspace")
+
+    def mc(i: float, o: float) -> dict[str, Any]:
+        return {"id": {"rate": i, "n": 4}, "ood": {"rate": o, "n": 4}}
+
+    summary = {
+        "stages": {
+            "triage": {"seconds": 1.0},
+            "eval": {"seconds": 3.0, "ft": mc(1.0, 0.25), "caft": mc(1.0, 0.75), "topk": mc(0.5, 0.5)},
+        }
+    }
+    row = seed_results(run, summary)
+    assert row["plain"] == {"val": 1.0, "ood": 0.25} and row["caft"] == {"val": 1.0, "ood": 0.75}
+    assert row["topk"] == {"val": 0.5, "ood": 0.5} and "random" not in row and "test_time" not in row
+    assert row["k"] == 3 and row["selected"] == [{"candidate": "pc:L1:0", "label": "food", "confidence": 0.9}]
+    table = format_table({"summary": summarize({"0": row}), "per_seed": {"0": row}})
+    assert [line.split("  ")[0] for line in table.splitlines()[1:]] == [
+        "plain fine-tuning",
+        "CAFT (offline judge)",
+        "top PCs by variance",
+    ]
 
 
 @pytest.mark.slow
@@ -71,14 +161,23 @@ def test_demo_runs_offline_end_to_end_on_minilm(tmp_path: Path, minilm_dir: Path
     seed = report["per_seed"]["0"]
     for cond in ("plain", "caft", "test_time", "oracle"):
         assert 0.0 <= seed[cond]["ood"] <= 1.0 and 0.0 <= seed[cond]["val"] <= 1.0
-    verdicts = (tmp_path / "seed0" / "triage" / "verdicts.jsonl").read_text().splitlines()
+    run = tmp_path / "seed0" / "run"
+    verdicts = (run / "triage" / "verdicts.jsonl").read_text().splitlines()
     assert len(verdicts) == 6 * 4  # every PC of every layer judged, nulls not
     assert all(json.loads(v)["judge"] == "offline-embedding" for v in verdicts)
-    selection = json.loads((tmp_path / "seed0" / "triage" / "selection.json").read_text())
+    selection = json.loads((run / "triage" / "selection.json").read_text())
     assert len(selection["selected"]) == seed["k"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] and summary["stages"]["triage"]["judge"] == "offline-embedding"
     if seed["k"]:
         assert "random" in seed and "topk" in seed
-    assert json.loads((tmp_path / "results.json").read_text())["timings_s"]["train:plain"] > 0
+        assert summary["stages"]["baselines"]["ran"] == ["random", "topk"]
+        assert seed["caft"] == {
+            "val": summary["stages"]["eval"]["caft"]["id"]["rate"],
+            "ood": summary["stages"]["eval"]["caft"]["ood"]["rate"],
+        }
+    timings = json.loads((tmp_path / "results.json").read_text())["timings_s"]
+    assert timings["train"] > 0 and timings["oracle"] > 0
     assert "CAFT (offline judge)" in (tmp_path / "report.html").read_text()
     # a rerun resumes: every stage is found finished, results are identical
     again = run_demo(out=tmp_path, config=cfg)

@@ -97,7 +97,8 @@ def test_chat_run_end_to_end_and_resume(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["complete"] is True
     stages = summary["stages"]
-    assert list(stages) == ["train", "diff", "evidence", "triage", "caft", "eval", "report"]
+    assert list(stages) == ["train", "diff", "evidence", "triage", "caft", "baselines", "eval", "report"]
+    assert stages["baselines"]["ran"] == [] and "no baseline enabled" in stages["baselines"]["note"]
     assert all(stages[s]["seconds"] >= 0 for s in stages)
     assert stages["triage"]["selected"] == ["pc:L1:0"] and stages["triage"]["subspace_dims"] == 1
     assert (run / "train" / "final" / "adapter_config.json").is_file()
@@ -138,7 +139,7 @@ def test_run_config_checks() -> None:
     with pytest.raises(ValueError, match="task_kind is classification but train.objective is chat"):
         RunConfig.model_validate({"model": {"name_or_path": "m"}, "task_kind": "classification"})
     cfg = RunConfig.model_validate({"model": {"name_or_path": "m"}, "finetuned": {"name_or_path": "ft"}})
-    assert enabled_stages(cfg) == ["diff", "evidence", "triage", "caft", "eval", "report"]
+    assert enabled_stages(cfg) == ["diff", "evidence", "triage", "caft", "baselines", "eval", "report"]
 
 
 def test_run_needs_a_task_description(tmp_path: Path) -> None:
@@ -181,3 +182,59 @@ def test_chat_run_with_the_offline_judge_sends_no_triage_request(tmp_path: Path)
     assert (
         Subspace.load(run / "triage" / "subspace").total_dims == summary["stages"]["triage"]["subspace_dims"]
     )
+
+
+def test_chat_run_trains_and_evaluates_baselines_with_the_triage_counts(tmp_path: Path) -> None:
+    runner = CliRunner()
+    with FakeLLM() as fake:
+        fake.on_request(router("pc:L1:0"))
+        cfg_path = write_config(tmp_path, fake.openai_base_url)
+        on = ["--set", "baselines.random=true", "--set", "baselines.topk=true"]
+        res = runner.invoke(app, ["run", str(cfg_path), *on, "--set", "diff.layers=[0,1]"])
+        assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    stages = json.loads((run / "summary.json").read_text())["stages"]
+    triage = Subspace.load(run / "triage" / "subspace")
+    counts = {L: triage.bases[L].shape[1] for L in triage.layers}
+    assert counts == {1: 1} and stages["baselines"]["ran"] == ["random", "topk"]
+    assert stages["baselines"]["counts"] == {"1": 1}
+    caft_record = json.loads((run / "caft" / "caft_training.json").read_text())
+    for name in ("random", "topk"):
+        folder = run / "baselines" / name
+        sub = Subspace.load(folder / "subspace")
+        assert {L: sub.bases[L].shape[1] for L in sub.layers} == counts
+        # the judge picked the top PC of layer 1, so top-k is that direction and random is not
+        assert (sub.digest() == triage.digest()) == (name == "topk")
+        record = json.loads((folder / "caft_training.json").read_text())
+        assert record["subspace_digest"] == sub.digest()
+        assert record["ablation"]["mode"] == caft_record["ablation"]["mode"]
+        assert record["config"]["seed"] == caft_record["config"]["seed"]
+        assert (folder / "final" / "adapter_config.json").is_file()
+        assert stages["eval"][name]["misalignment"]["rates"]["aligned"]["n"] == 4
+        assert (run / "eval" / name / "misalignment" / "grades.jsonl").is_file()
+    topk = json.loads((run / "baselines" / "topk" / "subspace" / "subspace.json").read_text())
+    assert [c["candidate"] for c in topk["layers"]["1"]] == ["pc:L1:0"]
+    assert "random" in (run / "report" / "report.md").read_text()
+
+
+def test_baselines_skip_an_empty_selection_and_eval_ignores_them(tmp_path: Path) -> None:
+    from caft.app.stages import RunContext, _eval_models, stage_baselines
+    from caft.rundir import RunDir
+
+    cfg = RunConfig.model_validate(
+        {
+            "model": {"name_or_path": "m"},
+            "finetuned": {"name_or_path": "ft"},
+            "out_dir": str(tmp_path),
+            "baselines": {"random": True, "topk": True},
+        }
+    )
+    Subspace(d_model=8).save(tmp_path / "triage" / "subspace")
+    run = RunDir(tmp_path)
+    ctx = RunContext(cfg, run)
+    info = stage_baselines(ctx)
+    assert info["ran"] == [] and info["skipped"] == ["random", "topk"] and "no directions" in info["note"]
+    run.stage("baselines").mark_done(info)
+    (tmp_path / "caft" / "final").mkdir(parents=True)
+    (tmp_path / "baselines" / "random" / "final").mkdir(parents=True)  # stale, from an earlier selection
+    assert [row for row, _ in _eval_models(ctx)] == ["ft", "caft"]
