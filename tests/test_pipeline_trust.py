@@ -14,7 +14,7 @@ from caft.app.cli import app
 from caft.subspace import Subspace
 from caft.testing.fakellm import FakeLLM, RecordedRequest
 
-STAGES = ("train", "diff", "evidence", "triage", "caft", "eval", "report")
+STAGES = ("train", "diff", "evidence", "triage", "caft", "baselines", "eval", "report")
 
 
 def _finished(run: Path) -> dict[str, str]:
@@ -56,13 +56,13 @@ def test_changed_selection_retrains_caft_and_regrades_and_from_diff_redoes_the_r
         assert res.exit_code == 0, res.output
         second = _finished(run)
         assert all(second[s] == first[s] for s in ("train", "diff", "evidence"))
-        assert all(second[s] != first[s] for s in ("triage", "caft", "eval", "report"))
+        assert all(second[s] != first[s] for s in ("triage", "caft", "baselines", "eval", "report"))
         sub = Subspace.load(run / "triage" / "subspace")
         assert sub.total_dims == 0 and sub.digest() != old_digest
         record = json.loads((run / "caft" / "caft_training.json").read_text())
         assert record["subspace_digest"] == sub.digest()
         assert _grade_calls(fake.requests) > n_grades  # the new CAFT model's answers were graded
-        assert _superseded(run) == ["caft", "eval", "report", "triage"]
+        assert _superseded(run) == ["baselines", "caft", "eval", "report", "triage"]
         old_caft = next((run / ".superseded").glob("caft-*"))
         assert json.loads((old_caft / "caft_training.json").read_text())["subspace_digest"] == old_digest
 
@@ -101,6 +101,6 @@ def test_changed_judge_base_url_rejudges(tmp_path: Path) -> None:
         assert _verdict_calls(other.requests) >= 4 and _grade_calls(other.requests) > 0
     second = _finished(run)
     assert all(second[s] == first[s] for s in ("train", "diff", "evidence"))
-    assert all(second[s] != first[s] for s in ("triage", "caft", "eval", "report"))
+    assert all(second[s] != first[s] for s in ("triage", "caft", "baselines", "eval", "report"))
     fp = json.loads((run / "triage" / "FINGERPRINT.json").read_text())
     assert fp["config"]["triage"]["judge"]["base_url"] == url
