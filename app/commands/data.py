@@ -24,13 +24,8 @@ def spurious(
     """Write a spurious-correlation task: train (cue 100% correlated), val, OOD (cue inverted), a generic
     evidence corpus where the concepts vary independently, task.yaml and meta.json."""
     from caft.app.spurious import write_spurious
-    from caft.errors import CaftError
 
-    try:
-        meta = write_spurious(kind, out, seed=seed)
-    except CaftError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
+    meta = write_spurious(kind, out, seed=seed)
     sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
     rule = meta["spurious_rule_accuracy"]
     typer.echo(f"wrote {kind} to {out} ({sizes})")

@@ -1,4 +1,5 @@
-"""`caft demo`: the offline MiniLM spurious-correlation demo. Light at import."""
+"""`caft demo [CONFIG] [--set a.b=c] [--task ...] [--seeds N] [--conditions ...] [--out DIR]`: the offline MiniLM
+spurious-correlation demo, run through the same pipeline as `caft run`. Light at import."""
 
 from __future__ import annotations
 
@@ -7,32 +8,38 @@ from typing import Annotated
 
 import typer
 
+from caft.app.commands.common import ConfigArg, SetOpt, flag_overrides, normalize_overrides
+
+DEMO_FLAGS = {"task": "task", "seeds": "seeds", "conditions": "conditions"}
+
 
 def demo_command(
+    config: ConfigArg = None,
     task: Annotated[
-        str, typer.Option("--task", help="sentiment-topic | topic-sentiment | gender-pronoun")
-    ] = "sentiment-topic",
-    seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0..N-1).", min=1)] = 1,
+        str | None, typer.Option("--task", help="sentiment-topic | topic-sentiment | gender-pronoun")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Number of seeds (0..N-1).", min=1)] = None,
+    conditions: Annotated[
+        str | None,
+        typer.Option("--conditions", help="Comma-separated: plain,caft,random,topk,test_time,oracle."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder (a rerun resumes).")] = Path("caft-demo"),
+    set_: SetOpt = None,
 ) -> None:
     """Replicate the paper's spurious-correlation result offline on all-MiniLM-L6-v2: plain fine-tuning,
     PCA on differences, evidence, offline judge, CAFT, and the baselines; prints ID / OOD accuracy."""
-    import logging
-
     from caft.app.demo import DemoConfig, format_table, run_demo
-    from caft.errors import CaftError
+    from caft.config import apply_overrides, read_yaml, validate_config
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        cfg = DemoConfig.model_validate({"task": task, "seeds": seeds})
-    except ValueError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
-    try:
-        report = run_demo(out=out, config=cfg)
-    except CaftError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(code=2) from None
+    values = {
+        "task": task,
+        "seeds": seeds,
+        "conditions": [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
+    }
+    overrides = [*flag_overrides(DEMO_FLAGS, values), *normalize_overrides(set_ or [], "demo", DemoConfig)]
+    doc = read_yaml(config) if config is not None else {}
+    cfg = validate_config(DemoConfig, apply_overrides(doc, overrides), str(config or "<flags>"))
+    report = run_demo(out=out, config=cfg)
     typer.echo(format_table(report))
     for s, r in report["per_seed"].items():
         picked = ", ".join(f"{c['candidate']} ({c['label']})" for c in r.get("selected", [])) or "nothing"
