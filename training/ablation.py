@@ -20,20 +20,95 @@ Two ways to install it:
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, get_args
+
+import torch
 
 from caft.errors import SubspaceError
+from caft.sites import Sites
+from caft.subspace import Column, Subspace
+from caft.training.config import AblationMode
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
-    from caft.subspace import Subspace
+__all__ = [
+    "MODES",
+    "Ablation",
+    "AblationMode",
+    "DetachedAblation",
+    "DetachedFn",
+    "GradientAblation",
+    "MeanAblation",
+    "ProjectAblation",
+    "ProjectFn",
+    "ProjectGradFn",
+    "SteerAblation",
+    "ablated",
+    "compute_subspace_means",
+    "make_ablation",
+    "parse_layer_spec",
+    "random_subspace",
+]
 
-AblationMode = Literal["project", "mean", "detached", "gradient", "steer"]
-MODES: tuple[AblationMode, ...] = ("project", "mean", "detached", "gradient", "steer")
+log = logging.getLogger(__name__)
+
+MODES: tuple[AblationMode, ...] = get_args(AblationMode)
+
+
+def _remove(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x - (xQ)Q^T as one fused matmul-and-subtract over the flattened positions, in x's dtype (under
+    autocast too: rounding all of x to bf16 would change more than its span(Q) part)."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, d)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.addmm(flat, flat @ q.to(x.dtype), q.T.to(x.dtype), alpha=-1).view(x.shape)
+
+
+# Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward is P
+# applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd would keep
+# h (B, T, d) alive per ablated layer; these keep nothing of size B x T.
+class ProjectFn(torch.autograd.Function):
+    """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(q)
+        out = _remove(h, q)  # (..., d)
+        return out.add_(shift) if shift is not None else out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (q,) = ctx.saved_tensors
+        return _remove(g, q.to(g.dtype)), None, None
+
+
+class DetachedFn(torch.autograd.Function):
+    """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
+
+    @staticmethod
+    def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return _remove(h, q)
+
+    @staticmethod
+    def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
+class ProjectGradFn(torch.autograd.Function):
+    """Forward: identity. Backward: g - (gQ)Q^T."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (q,) = ctx.saved_tensors
+        return _remove(g, q.to(g.dtype)), None
 
 
 class Ablation(ABC):
@@ -46,8 +121,6 @@ class Ablation(ABC):
     mode: AblationMode
 
     def __init__(self, bases: Mapping[int, torch.Tensor]) -> None:
-        import torch
-
         self._bases: dict[int, torch.Tensor] = {
             int(layer): q.detach().to("cpu", torch.float32)
             for layer, q in sorted(bases.items())
@@ -96,7 +169,7 @@ class ProjectAblation(Ablation):
     mode: AblationMode = "project"
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), None)  # (..., d)
+        out: torch.Tensor = ProjectFn.apply(h, self._q(h, layer), None)  # (..., d)
         return out
 
 
@@ -106,7 +179,7 @@ class DetachedAblation(Ablation):
     mode: AblationMode = "detached"
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        out: torch.Tensor = _fn("detached").apply(h, self._q(h, layer))
+        out: torch.Tensor = DetachedFn.apply(h, self._q(h, layer))
         return out
 
 
@@ -120,8 +193,6 @@ class MeanAblation(Ablation):
     mode: AblationMode = "mean"
 
     def __init__(self, bases: Mapping[int, torch.Tensor], means: Mapping[int, torch.Tensor]) -> None:
-        import torch
-
         super().__init__(bases)
         self._means: dict[int, torch.Tensor] = {}
         for layer, q in self._bases.items():
@@ -150,7 +221,7 @@ class MeanAblation(Ablation):
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         mu_q = self._cast("muq", layer, self._means[layer] @ self._bases[layer].T, h)  # (d,) = mu Q^T
-        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), mu_q)
+        out: torch.Tensor = ProjectFn.apply(h, self._q(h, layer), mu_q)
         return out
 
 
@@ -162,7 +233,7 @@ class GradientAblation(Ablation):
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         if not h.requires_grad:
             return h
-        out: torch.Tensor = _fn("gradient").apply(h, self._q(h, layer))
+        out: torch.Tensor = ProjectGradFn.apply(h, self._q(h, layer))
         return out
 
 
@@ -172,8 +243,6 @@ class SteerAblation(Ablation):
     mode: AblationMode = "steer"
 
     def __init__(self, vectors: Mapping[int, torch.Tensor], coef: float) -> None:
-        import torch
-
         bases = {L: v.detach().to("cpu", torch.float32).reshape(-1, 1) for L, v in vectors.items()}
         super().__init__(bases)
         self.coef = float(coef)
@@ -186,70 +255,6 @@ class SteerAblation(Ablation):
         out = super().describe()
         out["steer_coef"] = self.coef
         return out
-
-
-def _build_functions() -> dict[str, Any]:
-    """Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward
-    is P applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd
-    would keep h (B, T, d) alive per ablated layer; these keep nothing of size B x T."""
-    import torch
-
-    def remove(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """x - (xQ)Q^T as one fused matmul-and-subtract over the flattened positions, in x's dtype (under
-        autocast too: rounding all of x to bf16 would change more than its span(Q) part)."""
-        flat = x.reshape(-1, x.shape[-1])  # (N, d)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.addmm(flat, flat @ q.to(x.dtype), q.T.to(x.dtype), alpha=-1).view(x.shape)
-
-    class Project(torch.autograd.Function):
-        """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
-
-        @staticmethod
-        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-            ctx.save_for_backward(q)
-            out = remove(h, q)  # (..., d)
-            return out.add_(shift) if shift is not None else out
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-            (q,) = ctx.saved_tensors
-            return remove(g, q.to(g.dtype)), None, None
-
-    class Detached(torch.autograd.Function):
-        """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
-
-        @staticmethod
-        def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            return remove(h, q)
-
-        @staticmethod
-        def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-            return g, None
-
-    class ProjectGrad(torch.autograd.Function):
-        """Forward: identity. Backward: g - (gQ)Q^T."""
-
-        @staticmethod
-        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            ctx.save_for_backward(q)
-            return h.view_as(h)
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-            (q,) = ctx.saved_tensors
-            return remove(g, q.to(g.dtype)), None
-
-    return {"project": Project, "detached": Detached, "gradient": ProjectGrad}
-
-
-_FUNCTIONS: dict[str, Any] = {}
-
-
-def _fn(name: str) -> Any:
-    """The autograd Function `name`, built on first use so that importing this module does not import torch."""
-    if not _FUNCTIONS:
-        _FUNCTIONS.update(_build_functions())
-    return _FUNCTIONS[name]
 
 
 def make_ablation(
@@ -302,8 +307,6 @@ def ablated(model: nn.Module, abl: Ablation | None) -> Iterator[nn.Module]:
     if abl is None or not abl.layers:
         yield model
         return
-    from caft.sites import Sites
-
     sites = Sites.of(model)
     handles = []
     try:
@@ -316,8 +319,6 @@ def ablated(model: nn.Module, abl: Ablation | None) -> Iterator[nn.Module]:
 
 
 def _hook(abl: Ablation, layer: int) -> Any:
-    from caft.sites import Sites
-
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
         return Sites.replace_hidden(output, abl.apply(Sites.hidden(output), layer))
 
@@ -335,10 +336,6 @@ def compute_subspace_means(
     `loss_mask` when a batch has one (e.g. assistant tokens), else by `attention_mask`, else all count.
     Keys that are not model inputs (`labels`, `loss_mask`) are not passed to the model.
     """
-    import torch
-
-    from caft.sites import Sites
-
     sites = Sites.of(model)
     layers = sites.check_layers(subspace.layers)
     sums: dict[int, torch.Tensor] = {}
@@ -384,10 +381,6 @@ def compute_subspace_means(
 def random_subspace(spec: str | Mapping[int, int], d_model: int, seed: int, n_layers: int) -> Subspace:
     """A random orthonormal subspace (the random-directions baseline): `spec` is `"LAYER:K,LAYER:K"`
     (negative layers count from the end) or a mapping layer -> k."""
-    import torch
-
-    from caft.subspace import Column, Subspace
-
     counts = parse_layer_spec(spec) if isinstance(spec, str) else dict(spec)
     gen = torch.Generator().manual_seed(seed)
     bases: dict[int, torch.Tensor] = {}

@@ -35,13 +35,13 @@ def choice_scores(
 
     from caft.training.ablation import ablated
     from caft.training.data import LabelSpace, collate, tokenize_choice
-    from caft.training.objectives import Task
+    from caft.training.objectives import ObjectiveLoss
 
     if not examples:
         raise DataError("no examples to score")
     space = LabelSpace.infer(examples, label_names)
     items, letters, _ = tokenize_choice(examples, tokenizer, space, max_length, "truncate")
-    task = Task("choice_lm", letters)
+    task = ObjectiveLoss("choice_lm", letters)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     device = next(model.parameters()).device
     was_training = model.training

@@ -15,6 +15,8 @@ from caft.config import CaftConfig, ModelConfig, apply_overrides, read_yaml, val
 from caft.errors import ConfigError
 
 Objective = Literal["chat", "choice_lm", "encoder_classifier"]
+AblationMode = Literal["project", "mean", "detached", "gradient", "steer"]
+"""What happens at the subspace's layers (caft.training.ablation.MODES is derived from this)."""
 
 
 class DataConfig(CaftConfig):
@@ -103,7 +105,7 @@ class AblationConfig(CaftConfig):
     """Random-directions baseline instead of a subspace: `LAYER:K,...` (e.g. `12:20,32:20`)."""
     random_seed: int = 0
     """Seed of the random subspace."""
-    mode: Literal["project", "mean", "detached", "gradient", "steer"] = "project"
+    mode: AblationMode = "project"
     """project (CAFT), mean, detached (activations only), gradient (gradients only), steer (h + c v)."""
     steer_coef: float = 1.0
     """Coefficient c of `steer`."""

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from caft.training.config import Objective
 
 
-class Task:
+class ObjectiveLoss:
     """How one objective turns batches into model inputs and a loss."""
 
     def __init__(self, objective: Objective, letter_ids: list[int] | None = None) -> None:
