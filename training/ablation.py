@@ -8,7 +8,8 @@ looks at which mode runs. Five modes, after the CAFT paper and the follow-up dis
     mean      h - (hQ)Q^T + mu Q^T            the span(Q) component is pinned to its reference mean mu (k,)
     detached  h - stopgrad((hQ)Q^T)           activation effect only; gradients pass as if nothing happened
     gradient  h (forward), g - (gQ)Q^T (back) gradient effect only; the forward is untouched
-    steer     h + c v                         preventative steering with one vector per layer
+    steer     h + c v                         preventative steering; v = mu Q^T, the mean projection of
+                                              span(Q) over the training data, unless vectors are given
 
 Two ways to install it:
 
@@ -23,11 +24,13 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from caft.errors import SubspaceError
+from caft.errors import ConfigError, SubspaceError
 from caft.sites import Sites
 from caft.subspace import Column, Subspace
 from caft.training.config import AblationMode
@@ -49,9 +52,13 @@ __all__ = [
     "SteerAblation",
     "ablated",
     "compute_subspace_means",
+    "load_means",
     "make_ablation",
+    "mean_coordinates",
     "parse_layer_spec",
     "random_subspace",
+    "save_means",
+    "steer_vectors",
 ]
 
 log = logging.getLogger(__name__)
@@ -183,6 +190,37 @@ class DetachedAblation(Ablation):
         return out
 
 
+def mean_coordinates(layer: int, q: torch.Tensor, means: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """The reference mean of `layer` as span(Q) coordinates (k,), from coordinates or a full (d,) mean."""
+    if layer not in means:
+        raise SubspaceError(
+            f"no reference mean for layer {layer}; compute them with "
+            "caft.training.ablation.compute_subspace_means (the trainer does this for you)"
+        )
+    mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
+    d, k = q.shape
+    if mu.numel() == d:
+        mu = mu @ q  # full-space mean -> its coordinates in span(Q)
+    elif mu.numel() != k:
+        raise SubspaceError(
+            f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
+            f"or d_model={d} (a full-space mean)"
+        )
+    if not torch.isfinite(mu).all():
+        raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
+    return mu
+
+
+def save_means(path: str | Path, means: Mapping[int, torch.Tensor]) -> None:
+    """Reference means (`layer.<L>` tensors), as the trainer writes them next to a run."""
+    save_file({f"layer.{L}": m.contiguous() for L, m in means.items()}, str(path))
+
+
+def load_means(path: str | Path) -> dict[int, torch.Tensor]:
+    """Reference means written by `save_means` (the run's ablation_means.safetensors)."""
+    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+
+
 class MeanAblation(Ablation):
     """Replace the span(Q) component by its mean over a reference set: h - (hQ - mu)Q^T.
 
@@ -194,25 +232,7 @@ class MeanAblation(Ablation):
 
     def __init__(self, bases: Mapping[int, torch.Tensor], means: Mapping[int, torch.Tensor]) -> None:
         super().__init__(bases)
-        self._means: dict[int, torch.Tensor] = {}
-        for layer, q in self._bases.items():
-            if layer not in means:
-                raise SubspaceError(
-                    f"mean ablation needs a reference mean for layer {layer}; compute them with "
-                    "caft.training.ablation.compute_subspace_means (the trainer does this for you)"
-                )
-            mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
-            d, k = q.shape
-            if mu.numel() == d:
-                mu = mu @ q  # full-space mean -> its coordinates in span(Q)
-            elif mu.numel() != k:
-                raise SubspaceError(
-                    f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
-                    f"or d_model={d} (a full-space mean)"
-                )
-            if not torch.isfinite(mu).all():
-                raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
-            self._means[layer] = mu
+        self._means = {layer: mean_coordinates(layer, q, means) for layer, q in self._bases.items()}
 
     @property
     def means(self) -> dict[int, torch.Tensor]:
@@ -238,14 +258,16 @@ class GradientAblation(Ablation):
 
 
 class SteerAblation(Ablation):
-    """h + c v with one vector per layer (preventative steering)."""
+    """h + c v with one vector per layer (preventative steering). `source` says where v came from
+    (`mean_projection` or `given`), for the training record."""
 
     mode: AblationMode = "steer"
 
-    def __init__(self, vectors: Mapping[int, torch.Tensor], coef: float) -> None:
+    def __init__(self, vectors: Mapping[int, torch.Tensor], coef: float, source: str = "given") -> None:
         bases = {L: v.detach().to("cpu", torch.float32).reshape(-1, 1) for L, v in vectors.items()}
         super().__init__(bases)
         self.coef = float(coef)
+        self.source = source
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         v = self._cast("v", layer, self._bases[layer][:, 0] * self.coef, h)  # (d,)
@@ -253,7 +275,8 @@ class SteerAblation(Ablation):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["steer_coef"] = self.coef
+        out.update(steer_coef=self.coef, steer_vector=self.source)
+        out["steer_norms"] = {str(L): float(v.norm()) for L, v in self._bases.items()}
         return out
 
 
@@ -261,14 +284,14 @@ def make_ablation(
     mode: AblationMode,
     subspace: Subspace,
     means: Mapping[int, torch.Tensor] | None = None,
-    steer_coef: float = 1.0,
+    steer_coef: float | None = None,
     vectors: Mapping[int, torch.Tensor] | None = None,
 ) -> Ablation:
     """Build the ablation of `mode` over `subspace`.
 
     `means` (mode `mean`): per-layer reference mean, either span(Q) coordinates (k,) or a full vector (d,).
-    `vectors` (mode `steer`): one steering vector (d,) per layer; by default each layer's first subspace
-    column. The subspace's layers must already be resolved (non-negative), as `Subspace.load` guarantees.
+    `steer_coef` and `vectors` (mode `steer`): see `steer_vectors`. The subspace's layers must already be
+    resolved (non-negative), as `Subspace.load` guarantees.
     """
     if mode not in MODES:
         raise SubspaceError(f"unknown ablation mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -289,14 +312,68 @@ def make_ablation(
             )
         return MeanAblation(bases, means)
     # steer
+    if steer_coef is None:
+        raise ConfigError(
+            "mode `steer` needs an explicit signed coefficient: set ablation.steer_coef (--steer-coef), e.g. 4 "
+            "to add the mean projection or -4 to subtract it (the sign that helps depends on the model)"
+        )
+    given = vectors is not None
+    steer = steer_vectors(subspace, means=means, vectors=vectors)
+    return SteerAblation(steer, steer_coef, source="given" if given else "mean_projection")
+
+
+def steer_vectors(
+    subspace: Subspace,
+    means: Mapping[int, torch.Tensor] | None = None,
+    vectors: Mapping[int, torch.Tensor] | None = None,
+) -> dict[int, torch.Tensor]:
+    """The vectors v of `steer` (h + c v), one (d,) per layer.
+
+    Default: v = mu Q^T, the mean over the training data of each layer's projection (hQ)Q^T onto the
+    subspace (`means` from `compute_subspace_means`, as for mode `mean`). It uses every column with its
+    typical size, so c is a multiple of the typical projection; the CAFT authors recovered most of the
+    ablation's effect by steering with this vector scaled by about 3-5, positive for one model and negative
+    for another. There is therefore no default coefficient: `make_ablation` refuses `steer` without one.
+
+    `vectors` replace the default; a layer whose vector lies along only some of its subspace's columns (or
+    a subspace layer without a vector) is logged as a warning, since the other columns are then not steered.
+    """
+    bases = {L: subspace.bases[L].detach().to("cpu", torch.float32) for L in subspace.layers}
     if vectors is None:
-        vectors = {L: q[:, 0] for L, q in bases.items()}
-    for L, v in vectors.items():
-        if v.reshape(-1).numel() != subspace.d_model:
+        if means is None:
             raise SubspaceError(
-                f"steering vector for layer {L} has {v.numel()} values, expected d_model={subspace.d_model}"
+                "mode `steer` steers along the mean projection of the subspace: pass "
+                "means=compute_subspace_means(model, batches, subspace) (the trainer does this), or vectors"
             )
-    return SteerAblation(vectors, steer_coef)
+        return {L: q @ mean_coordinates(L, q, means) for L, q in bases.items() if q.shape[1] > 0}
+    out: dict[int, torch.Tensor] = {}
+    for L, v in vectors.items():
+        flat = v.detach().to("cpu", torch.float32).reshape(-1)
+        if flat.numel() != subspace.d_model:
+            raise SubspaceError(
+                f"steering vector for layer {L} has {flat.numel()} values, expected d_model={subspace.d_model}"
+            )
+        out[int(L)] = flat
+    for L, q in bases.items():
+        k = q.shape[1]
+        if k < 2:
+            continue
+        if L not in out:
+            log.warning(
+                "steer: subspace layer %d (%d columns) has no steering vector and is not steered", L, k
+            )
+            continue
+        coords = out[L] @ q  # (k,)
+        used = int((coords.abs() > 1e-3 * max(float(out[L].norm()), 1e-12)).sum())
+        if used < k:
+            log.warning(
+                "steer: the vector for layer %d lies along %d of the subspace's %d columns; the others are not "
+                "steered (the default vector, the mean projection, uses them all)",
+                L,
+                used,
+                k,
+            )
+    return out
 
 
 @contextlib.contextmanager

@@ -32,13 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from caft.config import ModelConfig
 from caft.env import package_versions, scrub_obj
 from caft.errors import CaftError, ConfigError
 from caft.rundir import SUBSPACE_DIR, JsonlWriter, atomic_write_json
-from caft.training.ablation import Ablation, compute_subspace_means, make_ablation
+from caft.training.ablation import (
+    Ablation,
+    SteerAblation,
+    compute_subspace_means,
+    load_means,
+    make_ablation,
+    save_means,
+)
 from caft.training.checkpoint import load_checkpoint, save_checkpoint
 from caft.training.classifier import EncoderClassifier
 from caft.training.data import Tokenized, batch_order, collate, count_tokens
@@ -315,25 +321,30 @@ def _build_ablation(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool) -
     if cfg.ablation.steer_vectors is not None:
         vectors = load_steer_vectors(cfg.ablation.steer_vectors, prep.sites)
     means = None
-    if cfg.ablation.mode == "mean":
+    if cfg.ablation.mode == "mean" or (cfg.ablation.mode == "steer" and vectors is None):
         path = out / MEANS_FILE
         if resume and path.is_file():
-            means = {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+            means = load_means(path)
         else:
-            pad_id = int(prep.tokenizer.pad_token_id)
-            order = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch=-1)
-            batches = []
-            for idx in order[: cfg.ablation.mean_batches]:
-                b = collate([prep.train[j] for j in idx], pad_id)
-                if "labels" in b:  # weight the mean by the tokens that are trained on
-                    b["loss_mask"] = (b["labels"] != -100).long()
-                batches.append({k: v for k, v in b.items() if k not in ("target", "last_index")})
-            means = compute_subspace_means(prep.model, batches, sub)
+            means = compute_subspace_means(prep.model, _mean_batches(cfg, prep), sub)
             out.mkdir(parents=True, exist_ok=True)
-            save_file({f"layer.{L}": m.contiguous() for L, m in means.items()}, str(path))
+            save_means(path, means)
     return make_ablation(
         cfg.ablation.mode, sub, means=means, steer_coef=cfg.ablation.steer_coef, vectors=vectors
     )
+
+
+def _mean_batches(cfg: TrainConfig, prep: Prepared) -> list[dict[str, torch.Tensor]]:
+    """The batches the reference means come from, weighted by the tokens that are trained on."""
+    pad_id = int(prep.tokenizer.pad_token_id)
+    order = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch=-1)
+    batches = []
+    for idx in order[: cfg.ablation.mean_batches]:
+        b = collate([prep.train[j] for j in idx], pad_id)
+        if "labels" in b:
+            b["loss_mask"] = (b["labels"] != -100).long()
+        batches.append({k: v for k, v in b.items() if k not in ("target", "last_index")})
+    return batches
 
 
 def _evaluate(
@@ -398,6 +409,10 @@ def _save_final(prep: Prepared, out: Path) -> Path:
     return final
 
 
+def _uses_means(abl: Ablation) -> bool:
+    return abl.mode == "mean" or (isinstance(abl, SteerAblation) and abl.source == "mean_projection")
+
+
 def _record(
     cfg: TrainConfig,
     mcfg: ModelConfig,
@@ -422,7 +437,7 @@ def _record(
             else {
                 **abl.describe(),
                 "subspace_digest": sub.digest() if sub is not None else None,
-                "means_file": MEANS_FILE if abl.mode == "mean" else None,
+                "means_file": MEANS_FILE if _uses_means(abl) else None,
             },
             "subspace_digest": sub.digest() if sub is not None else None,
             "label_names": prep.label_names,
