@@ -117,7 +117,7 @@ def train(
     prep = prepare(cfg, mcfg, subspace)
     total_steps, micro_per_epoch = _plan(cfg, len(prep.train))
     abl = _build_ablation(cfg, prep, out, resume)
-    objective = ObjectiveLoss(cfg.objective, prep.letter_ids)
+    objective = ObjectiveLoss(cfg.objective, prep.letter_ids, model=prep.model)
     optimizer, scheduler = _optimizer(cfg, prep.model, total_steps)
     if run.checkpoint is not None:
         load_checkpoint(run.checkpoint, prep.model, optimizer, scheduler)
@@ -253,13 +253,17 @@ def _make_forward(
     autocast = _autocast(cfg, prep.device)
 
     def forward(batch: dict[str, torch.Tensor]) -> Any:
-        inputs = {k: v.to(prep.device) for k, v in objective.inputs(batch).items()}
+        inputs = {k: _to(v, prep.device) for k, v in objective.inputs(batch).items()}
         with autocast():
             if abl is not None:
-                return ablated_forward(nn_model, prep.sites, abl, inputs)
-            return prep.model(**inputs)
+                return objective.run(lambda: ablated_forward(nn_model, prep.sites, abl, inputs))
+            return objective.run(lambda: prep.model(**inputs))
 
     return forward
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _clip(cfg: TrainConfig, model: Any) -> float | None:
