@@ -210,7 +210,8 @@ class Sites:
         if head is None:
             raise SiteError(f"{self.model_type} has no unembedding")
         ids = torch.tensor(token_ids, device=hidden.device)
-        weight: torch.Tensor = head.weight[ids]  # (n, d)
+        full_weight: torch.Tensor = getattr(head, "weight")  # noqa: B009 (typed as a tensor, not Module | Tensor)
+        weight = full_weight[ids]  # (n, d)
         bias = getattr(head, "bias", None)
         logits = torch.nn.functional.linear(hidden, weight, bias[ids] if bias is not None else None)
         cap = getattr(getattr(_unwrap_peft(model), "config", None), "final_logit_softcapping", None)
