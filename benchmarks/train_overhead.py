@@ -58,7 +58,7 @@ def build(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
     from caft.testing import tiny_model
     from caft.training.ablation import make_ablation, random_subspace
     from caft.training.forward import ablated_forward, wrap
-    from caft.training.objectives import Task
+    from caft.training.objectives import ObjectiveLoss
 
     shape = dict(SHAPES[args.shape])
     arch = shape.pop("arch")
@@ -70,7 +70,7 @@ def build(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
     model.train()
     sites = Sites.of(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
-    task = Task("chat")
+    task = ObjectiveLoss("chat")
     abl = None
     nn_model = None
     if caft:

@@ -13,6 +13,11 @@ prefixes are not prefixes of the full rendering falls back to locating each assi
 if that fails too, the error says so.
 
 Tokenizers without a chat template need an explicit choice (`chat.template: chatml` or `plain`).
+
+Token sequences start as the model was trained: when the tokenizer puts a BOS in front of plain text
+(Gemma's `<bos>`, Llama's `<s>`), every encoding here starts with exactly one BOS, whether the template
+writes it into the text (Llama-3's `<|begin_of_text|>`) or not (chatml, plain, Gemma GGUF without a
+template). Gemma-3 without its `<bos>` has roughly twice the loss on assistant tokens.
 """
 
 from __future__ import annotations
@@ -69,6 +74,25 @@ def validate_messages(
     return out
 
 
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id the tokenizer puts in front of plain text (`add_bos_token`, or a BOS at the start of an
+    ordinary encoding), or None when it adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    if getattr(tokenizer, "add_bos_token", False):
+        return int(bos)
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return int(bos) if ids and ids[0] == bos else None
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    """`ids` starting with `bos` exactly once (unchanged when `bos` is None or already first)."""
+    if bos is None or (ids and ids[0] == bos):
+        return ids
+    return [bos, *ids]
+
+
 @dataclass(frozen=True)
 class EncodedChat:
     input_ids: list[int]
@@ -102,6 +126,7 @@ class ChatFormatter:
             raise ModelError(
                 "assistant masks need a fast tokenizer (character offsets); load it with use_fast=True"
             )
+        self.bos = leading_bos(tokenizer)
 
     def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False) -> str:
         if not messages:
@@ -120,8 +145,8 @@ class ChatFormatter:
     def prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a conversation ending with the generation prompt (for sampling a reply)."""
         text = self.render(messages, add_generation_prompt=True)
-        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids
+        ids: list[int] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return with_bos(ids, self.bos)
 
     def assistant_spans(self, messages: Sequence[Mapping[str, str]], full: str) -> list[tuple[int, int]]:
         spans: list[tuple[int, int]] = []
@@ -153,4 +178,6 @@ class ChatFormatter:
         ids: list[int] = list(enc["input_ids"])
         offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
         mask = [e > s and any(s < b and e > a for a, b in spans) for (s, e) in offsets]
+        if self.bos is not None and (not ids or ids[0] != self.bos):  # the template wrote none
+            ids, mask = [self.bos, *ids], [False, *mask]
         return EncodedChat(input_ids=ids, assistant_mask=mask, text=full)

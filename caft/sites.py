@@ -200,6 +200,25 @@ class Sites:
         head: nn.Module | None = inner.get_output_embeddings()
         return head
 
+    def token_logits(self, model: nn.Module, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """Logits of `token_ids` only, (..., n), from final-normed hidden states (..., d): the rows of the
+        unembedding (plus its bias) and the model's final logit soft-capping (Gemma-2), nothing over the
+        rest of the vocabulary. Equals the model's own logits at those ids."""
+        import torch
+
+        head = self.unembed(model)
+        if head is None:
+            raise SiteError(f"{self.model_type} has no unembedding")
+        ids = torch.tensor(token_ids, device=hidden.device)
+        full_weight: torch.Tensor = getattr(head, "weight")  # noqa: B009 (typed as a tensor, not Module | Tensor)
+        weight = full_weight[ids]  # (n, d)
+        bias = getattr(head, "bias", None)
+        logits = torch.nn.functional.linear(hidden, weight, bias[ids] if bias is not None else None)
+        cap = getattr(getattr(_unwrap_peft(model), "config", None), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def check_layers(self, layers: list[int] | tuple[int, ...]) -> list[int]:
         """Resolve a list of layers, rejecting duplicates after resolution."""
         out = [self.resolve_layer(layer) for layer in layers]

@@ -85,3 +85,34 @@ def test_prompt_ids_end_with_the_generation_prompt() -> None:
 def test_validate_messages(messages: list[dict[str, str]], problem: str) -> None:
     with pytest.raises(DataError, match=problem):
         validate_messages(messages, where="train.jsonl:7")
+
+
+def _bos_tokenizer(template: Any) -> Any:
+    tok = tiny_tokenizer(template)
+    tok.add_bos_token = True  # like Gemma and Llama-2: plain encodings start with <bos>
+    return tok
+
+
+@pytest.mark.parametrize(
+    ("template", "choice"),
+    [("chatml", "model"), ("chatml", "chatml"), (None, "plain"), ("gemma", "model"), ("llama3", "model")],
+)
+def test_every_rendering_starts_with_exactly_one_bos(template: Any, choice: Any) -> None:
+    conv = CONV[1:] if template == "gemma" else CONV  # the gemma template refuses system turns
+    plain_fmt = ChatFormatter(tiny_tokenizer(template), choice)
+    bos_fmt = ChatFormatter(_bos_tokenizer(template), choice)
+    bos = bos_fmt.tokenizer.bos_token_id
+    assert plain_fmt.bos is None and bos_fmt.bos == bos
+    ref, enc = plain_fmt.encode(conv), bos_fmt.encode(conv)
+    # the template's own BOS (llama3) is not doubled; otherwise exactly one is prepended
+    assert enc.input_ids[0] == bos and enc.input_ids[1] != bos and enc.input_ids.count(bos) == 1
+    if template == "llama3":
+        assert ref.input_ids == enc.input_ids and ref.assistant_mask == enc.assistant_mask
+    else:
+        assert ref.input_ids[0] != bos and bos not in ref.input_ids  # without add_bos_token: no change
+        assert enc.input_ids == [bos, *ref.input_ids]
+        assert enc.assistant_mask == [False, *ref.assistant_mask]
+    assert assistant_text(bos_fmt, conv) == assistant_text(plain_fmt, conv)
+    prompt = bos_fmt.prompt_ids(conv[:2])
+    assert prompt[0] == bos and prompt.count(bos) == 1
+    assert plain_fmt.prompt_ids(conv[:2]).count(bos) == (1 if template == "llama3" else 0)

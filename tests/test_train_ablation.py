@@ -183,8 +183,9 @@ def test_mode_invariants() -> None:
     assert torch.allclose(_proj(mean["x"], Q), proj["x"], atol=1e-5)
     assert (mean["dh"] @ Q).abs().max() < tol
 
-    # steer: h + c * first column; gradient unchanged through the site
-    assert torch.allclose(steer["x"], steer["h"] + 2.5 * Q[:, 0], atol=1e-6)
+    # steer: h + c * the mean projection mu Q^T (all columns); gradient unchanged through the site
+    v = Q @ torch.tensor([0.5, -1.0, 2.0])
+    assert torch.allclose(steer["x"], steer["h"] + 2.5 * v, atol=1e-6)
     assert torch.allclose(steer["dh"], steer["dx"], atol=1e-7)
 
 
@@ -230,7 +231,7 @@ def test_make_ablation_errors() -> None:
     with pytest.raises(SubspaceError, match="expected k=3"):
         make_ablation("mean", sub, means={0: torch.zeros(5), 2: torch.zeros(2)})
     with pytest.raises(SubspaceError, match="expected d_model=32"):
-        make_ablation("steer", sub, vectors={0: torch.zeros(7)})
+        make_ablation("steer", sub, vectors={0: torch.zeros(7)}, steer_coef=1.0)
 
 
 def test_ablated_removes_hooks_on_error() -> None:
@@ -280,7 +281,7 @@ def test_linear_modes_keep_no_activation_for_backward() -> None:
     """project / mean / detached / gradient save only Q for backward, never an activation-sized tensor."""
     sub = _subspace()
     for mode in MODES:
-        abl = make_ablation(mode, sub, means=_means(sub))
+        abl = make_ablation(mode, sub, means=_means(sub), steer_coef=1.0)
         sizes: list[int] = []
 
         def pack(t: torch.Tensor, sizes: list[int] = sizes) -> torch.Tensor:
@@ -304,3 +305,41 @@ def test_project_under_bf16_autocast_keeps_the_residual_dtype() -> None:
     assert out.dtype == torch.float32
     ref = h - (h @ sub.bases[0]) @ sub.bases[0].T
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_steer_defaults_to_the_mean_projection_and_needs_a_coefficient(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from caft.errors import ConfigError
+    from caft.training.ablation import SteerAblation, steer_vectors
+    from caft.training.config import AblationConfig
+
+    sub = _subspace()
+    means = _means(sub)
+    with pytest.raises(ConfigError, match="explicit signed coefficient"):
+        make_ablation("steer", sub, means=means)
+    with pytest.raises(ValueError, match="needs a signed ablation.steer_coef"):
+        AblationConfig(random="1:2", mode="steer")
+    with pytest.raises(SubspaceError, match="mean projection"):
+        make_ablation("steer", sub, steer_coef=4.0)  # no means, no vectors
+    abl = make_ablation("steer", sub, means=means, steer_coef=-4.0)
+    assert isinstance(abl, SteerAblation) and abl.describe()["steer_vector"] == "mean_projection"
+    h = torch.randn(2, 5, D)
+    for L, mu in means.items():
+        Q = sub.bases[L]
+        coords = mu if mu.numel() == Q.shape[1] else mu @ Q
+        v = Q @ coords  # mean_x[(xQ)Q^T] when mu are the mean coordinates
+        assert torch.allclose(abl.apply(h, L), h - 4.0 * v, atol=1e-5)
+        assert torch.allclose((abl.apply(h, L) - h) @ Q, -4.0 * coords.expand(2, 5, -1), atol=1e-5)
+    # the default uses every column of a multi-column layer: no warning
+    caplog.set_level("WARNING", logger="caft.training.ablation")
+    steer_vectors(sub, means=means)
+    assert not caplog.records
+    # an explicit vector along one column of a 3-column layer is used as given, with a warning
+    Q0 = sub.bases[0]
+    given = make_ablation("steer", sub, vectors={0: Q0[:, 0]}, steer_coef=2.0)
+    assert torch.allclose(given.apply(h, 0), h + 2.0 * Q0[:, 0], atol=1e-6)
+    assert given.describe()["steer_vector"] == "given"
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "layer 0 lies along 1 of the subspace's 3 columns" in text
+    assert "subspace layer 2 (2 columns) has no steering vector" in text

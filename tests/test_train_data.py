@@ -230,3 +230,19 @@ def test_presets_and_config_layers(tmp_path: Path) -> None:
         build_train_config("em", overrides=["optim.warmup_ratio=0.1"])
     with pytest.raises(ConfigError, match=r"ablation\.mode"):
         build_train_config(None, overrides=["ablation.mode=zero"])
+
+
+def test_choice_prompts_start_with_bos_when_the_tokenizer_adds_one(tiny_tok: Any) -> None:
+    from caft.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer("chatml")
+    tok.add_bos_token = True
+    bos = tok.bos_token_id
+    ex = ClassificationExample(label=1, prompt="Which is right?", options=["no", "yes"])
+    plain, _, _ = tokenize_choice([ex], tiny_tok, LabelSpace(["A", "B"]), max_length=512)
+    out, _, _ = tokenize_choice([ex], tok, LabelSpace(["A", "B"]), max_length=512)
+    assert out[0].input_ids == [bos, *plain[0].input_ids] and bos not in plain[0].input_ids
+    # truncation cuts the start of the prompt but keeps the BOS first
+    cut, _, stats = tokenize_choice([ex], tok, LabelSpace(["A", "B"]), max_length=6)
+    assert stats.truncated == 1 and len(cut[0]) == 6
+    assert cut[0].input_ids == [bos, *plain[0].input_ids[-5:]]

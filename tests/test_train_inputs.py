@@ -136,15 +136,15 @@ def test_cli_train(tmp_path: Path, llama_dir: Path) -> None:
 def test_nan_loss_stops_with_a_clear_error(
     tmp_path: Path, llama_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from caft.training.objectives import Task
+    from caft.training.objectives import ObjectiveLoss
     from caft.training.trainer import DivergenceError
 
-    real = Task.loss
+    real = ObjectiveLoss.loss
 
-    def nan_loss(self: Task, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def nan_loss(self: ObjectiveLoss, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return real(self, output, batch) * float("nan")
 
-    monkeypatch.setattr(Task, "loss", nan_loss)
+    monkeypatch.setattr(ObjectiveLoss, "loss", nan_loss)
     data = _jsonl(tmp_path / "d.jsonl", CHAT)
     with pytest.raises(DivergenceError, match=r"loss became nan at step 1; lower optim\.lr"):
         train(_cfg(llama_dir, data), tmp_path / "o")

@@ -39,14 +39,16 @@ def test_choice_objective_full_ft_with_steering(tmp_path: Path, llama_dir: Path)
     # the evaluation helper scores exactly what the trainer evaluated (same format, same ablation)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from caft.training.ablation import make_ablation
+    from caft.training.ablation import load_means, make_ablation
     from caft.training.choice import choice_accuracy, choice_scores
     from caft.training.data import read_classification_jsonl
 
     model = AutoModelForCausalLM.from_pretrained(res.final_path)
     tok = AutoTokenizer.from_pretrained(res.final_path)
     examples = read_classification_jsonl(held)
-    abl = make_ablation("steer", Subspace.load(tmp_path / "o" / "subspace"), steer_coef=3.0)
+    assert rec["ablation"]["steer_vector"] == "mean_projection"
+    means = load_means(tmp_path / "o" / rec["ablation"]["means_file"])
+    abl = make_ablation("steer", Subspace.load(tmp_path / "o" / "subspace"), means=means, steer_coef=3.0)
     scores, gold = choice_scores(model, tok, examples, ablation=abl)
     loss = torch.nn.functional.cross_entropy(scores, torch.tensor(gold))
     assert abs(loss.item() - res.metrics["eval_loss"]) < 1e-4

@@ -8,7 +8,8 @@ looks at which mode runs. Five modes, after the CAFT paper and the follow-up dis
     mean      h - (hQ)Q^T + mu Q^T            the span(Q) component is pinned to its reference mean mu (k,)
     detached  h - stopgrad((hQ)Q^T)           activation effect only; gradients pass as if nothing happened
     gradient  h (forward), g - (gQ)Q^T (back) gradient effect only; the forward is untouched
-    steer     h + c v                         preventative steering with one vector per layer
+    steer     h + c v                         preventative steering; v = mu Q^T, the mean projection of
+                                              span(Q) over the training data, unless vectors are given
 
 Two ways to install it:
 
@@ -20,20 +21,101 @@ Two ways to install it:
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_args
 
-from caft.errors import SubspaceError
+import torch
+from safetensors.torch import load_file, save_file
+
+from caft.errors import ConfigError, SubspaceError
+from caft.sites import Sites
+from caft.subspace import Column, Subspace
+from caft.training.config import AblationMode
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
-    from caft.subspace import Subspace
+__all__ = [
+    "MODES",
+    "Ablation",
+    "AblationMode",
+    "DetachedAblation",
+    "DetachedFn",
+    "GradientAblation",
+    "MeanAblation",
+    "ProjectAblation",
+    "ProjectFn",
+    "ProjectGradFn",
+    "SteerAblation",
+    "ablated",
+    "compute_subspace_means",
+    "load_means",
+    "make_ablation",
+    "mean_coordinates",
+    "parse_layer_spec",
+    "random_subspace",
+    "save_means",
+    "steer_vectors",
+]
 
-AblationMode = Literal["project", "mean", "detached", "gradient", "steer"]
-MODES: tuple[AblationMode, ...] = ("project", "mean", "detached", "gradient", "steer")
+log = logging.getLogger(__name__)
+
+MODES: tuple[AblationMode, ...] = get_args(AblationMode)
+
+
+def _remove(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """x - (xQ)Q^T as one fused matmul-and-subtract over the flattened positions, in x's dtype (under
+    autocast too: rounding all of x to bf16 would change more than its span(Q) part)."""
+    flat = x.reshape(-1, x.shape[-1])  # (N, d)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.addmm(flat, flat @ q.to(x.dtype), q.T.to(x.dtype), alpha=-1).view(x.shape)
+
+
+# Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward is P
+# applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd would keep
+# h (B, T, d) alive per ablated layer; these keep nothing of size B x T.
+class ProjectFn(torch.autograd.Function):
+    """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(q)
+        out = _remove(h, q)  # (..., d)
+        return out.add_(shift) if shift is not None else out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (q,) = ctx.saved_tensors
+        return _remove(g, q.to(g.dtype)), None, None
+
+
+class DetachedFn(torch.autograd.Function):
+    """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
+
+    @staticmethod
+    def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return _remove(h, q)
+
+    @staticmethod
+    def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
+class ProjectGradFn(torch.autograd.Function):
+    """Forward: identity. Backward: g - (gQ)Q^T."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (q,) = ctx.saved_tensors
+        return _remove(g, q.to(g.dtype)), None
 
 
 class Ablation(ABC):
@@ -46,8 +128,6 @@ class Ablation(ABC):
     mode: AblationMode
 
     def __init__(self, bases: Mapping[int, torch.Tensor]) -> None:
-        import torch
-
         self._bases: dict[int, torch.Tensor] = {
             int(layer): q.detach().to("cpu", torch.float32)
             for layer, q in sorted(bases.items())
@@ -96,7 +176,7 @@ class ProjectAblation(Ablation):
     mode: AblationMode = "project"
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), None)  # (..., d)
+        out: torch.Tensor = ProjectFn.apply(h, self._q(h, layer), None)  # (..., d)
         return out
 
 
@@ -106,8 +186,39 @@ class DetachedAblation(Ablation):
     mode: AblationMode = "detached"
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        out: torch.Tensor = _fn("detached").apply(h, self._q(h, layer))
+        out: torch.Tensor = DetachedFn.apply(h, self._q(h, layer))
         return out
+
+
+def mean_coordinates(layer: int, q: torch.Tensor, means: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """The reference mean of `layer` as span(Q) coordinates (k,), from coordinates or a full (d,) mean."""
+    if layer not in means:
+        raise SubspaceError(
+            f"no reference mean for layer {layer}; compute them with "
+            "caft.training.ablation.compute_subspace_means (the trainer does this for you)"
+        )
+    mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
+    d, k = q.shape
+    if mu.numel() == d:
+        mu = mu @ q  # full-space mean -> its coordinates in span(Q)
+    elif mu.numel() != k:
+        raise SubspaceError(
+            f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
+            f"or d_model={d} (a full-space mean)"
+        )
+    if not torch.isfinite(mu).all():
+        raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
+    return mu
+
+
+def save_means(path: str | Path, means: Mapping[int, torch.Tensor]) -> None:
+    """Reference means (`layer.<L>` tensors), as the trainer writes them next to a run."""
+    save_file({f"layer.{L}": m.contiguous() for L, m in means.items()}, str(path))
+
+
+def load_means(path: str | Path) -> dict[int, torch.Tensor]:
+    """Reference means written by `save_means` (the run's ablation_means.safetensors)."""
+    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
 
 
 class MeanAblation(Ablation):
@@ -120,28 +231,8 @@ class MeanAblation(Ablation):
     mode: AblationMode = "mean"
 
     def __init__(self, bases: Mapping[int, torch.Tensor], means: Mapping[int, torch.Tensor]) -> None:
-        import torch
-
         super().__init__(bases)
-        self._means: dict[int, torch.Tensor] = {}
-        for layer, q in self._bases.items():
-            if layer not in means:
-                raise SubspaceError(
-                    f"mean ablation needs a reference mean for layer {layer}; compute them with "
-                    "caft.training.ablation.compute_subspace_means (the trainer does this for you)"
-                )
-            mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
-            d, k = q.shape
-            if mu.numel() == d:
-                mu = mu @ q  # full-space mean -> its coordinates in span(Q)
-            elif mu.numel() != k:
-                raise SubspaceError(
-                    f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
-                    f"or d_model={d} (a full-space mean)"
-                )
-            if not torch.isfinite(mu).all():
-                raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
-            self._means[layer] = mu
+        self._means = {layer: mean_coordinates(layer, q, means) for layer, q in self._bases.items()}
 
     @property
     def means(self) -> dict[int, torch.Tensor]:
@@ -150,7 +241,7 @@ class MeanAblation(Ablation):
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         mu_q = self._cast("muq", layer, self._means[layer] @ self._bases[layer].T, h)  # (d,) = mu Q^T
-        out: torch.Tensor = _fn("project").apply(h, self._q(h, layer), mu_q)
+        out: torch.Tensor = ProjectFn.apply(h, self._q(h, layer), mu_q)
         return out
 
 
@@ -162,21 +253,21 @@ class GradientAblation(Ablation):
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         if not h.requires_grad:
             return h
-        out: torch.Tensor = _fn("gradient").apply(h, self._q(h, layer))
+        out: torch.Tensor = ProjectGradFn.apply(h, self._q(h, layer))
         return out
 
 
 class SteerAblation(Ablation):
-    """h + c v with one vector per layer (preventative steering)."""
+    """h + c v with one vector per layer (preventative steering). `source` says where v came from
+    (`mean_projection` or `given`), for the training record."""
 
     mode: AblationMode = "steer"
 
-    def __init__(self, vectors: Mapping[int, torch.Tensor], coef: float) -> None:
-        import torch
-
+    def __init__(self, vectors: Mapping[int, torch.Tensor], coef: float, source: str = "given") -> None:
         bases = {L: v.detach().to("cpu", torch.float32).reshape(-1, 1) for L, v in vectors.items()}
         super().__init__(bases)
         self.coef = float(coef)
+        self.source = source
 
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         v = self._cast("v", layer, self._bases[layer][:, 0] * self.coef, h)  # (d,)
@@ -184,86 +275,23 @@ class SteerAblation(Ablation):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out["steer_coef"] = self.coef
+        out.update(steer_coef=self.coef, steer_vector=self.source)
+        out["steer_norms"] = {str(L): float(v.norm()) for L, v in self._bases.items()}
         return out
-
-
-def _build_functions() -> dict[str, Any]:
-    """Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward
-    is P applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd
-    would keep h (B, T, d) alive per ablated layer; these keep nothing of size B x T."""
-    import torch
-
-    def remove(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """x - (xQ)Q^T as one fused matmul-and-subtract over the flattened positions, in x's dtype (under
-        autocast too: rounding all of x to bf16 would change more than its span(Q) part)."""
-        flat = x.reshape(-1, x.shape[-1])  # (N, d)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.addmm(flat, flat @ q.to(x.dtype), q.T.to(x.dtype), alpha=-1).view(x.shape)
-
-    class Project(torch.autograd.Function):
-        """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
-
-        @staticmethod
-        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-            ctx.save_for_backward(q)
-            out = remove(h, q)  # (..., d)
-            return out.add_(shift) if shift is not None else out
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-            (q,) = ctx.saved_tensors
-            return remove(g, q.to(g.dtype)), None, None
-
-    class Detached(torch.autograd.Function):
-        """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
-
-        @staticmethod
-        def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            return remove(h, q)
-
-        @staticmethod
-        def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-            return g, None
-
-    class ProjectGrad(torch.autograd.Function):
-        """Forward: identity. Backward: g - (gQ)Q^T."""
-
-        @staticmethod
-        def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-            ctx.save_for_backward(q)
-            return h.view_as(h)
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-            (q,) = ctx.saved_tensors
-            return remove(g, q.to(g.dtype)), None
-
-    return {"project": Project, "detached": Detached, "gradient": ProjectGrad}
-
-
-_FUNCTIONS: dict[str, Any] = {}
-
-
-def _fn(name: str) -> Any:
-    """The autograd Function `name`, built on first use so that importing this module does not import torch."""
-    if not _FUNCTIONS:
-        _FUNCTIONS.update(_build_functions())
-    return _FUNCTIONS[name]
 
 
 def make_ablation(
     mode: AblationMode,
     subspace: Subspace,
     means: Mapping[int, torch.Tensor] | None = None,
-    steer_coef: float = 1.0,
+    steer_coef: float | None = None,
     vectors: Mapping[int, torch.Tensor] | None = None,
 ) -> Ablation:
     """Build the ablation of `mode` over `subspace`.
 
     `means` (mode `mean`): per-layer reference mean, either span(Q) coordinates (k,) or a full vector (d,).
-    `vectors` (mode `steer`): one steering vector (d,) per layer; by default each layer's first subspace
-    column. The subspace's layers must already be resolved (non-negative), as `Subspace.load` guarantees.
+    `steer_coef` and `vectors` (mode `steer`): see `steer_vectors`. The subspace's layers must already be
+    resolved (non-negative), as `Subspace.load` guarantees.
     """
     if mode not in MODES:
         raise SubspaceError(f"unknown ablation mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -284,14 +312,68 @@ def make_ablation(
             )
         return MeanAblation(bases, means)
     # steer
+    if steer_coef is None:
+        raise ConfigError(
+            "mode `steer` needs an explicit signed coefficient: set ablation.steer_coef (--steer-coef), e.g. 4 "
+            "to add the mean projection or -4 to subtract it (the sign that helps depends on the model)"
+        )
+    given = vectors is not None
+    steer = steer_vectors(subspace, means=means, vectors=vectors)
+    return SteerAblation(steer, steer_coef, source="given" if given else "mean_projection")
+
+
+def steer_vectors(
+    subspace: Subspace,
+    means: Mapping[int, torch.Tensor] | None = None,
+    vectors: Mapping[int, torch.Tensor] | None = None,
+) -> dict[int, torch.Tensor]:
+    """The vectors v of `steer` (h + c v), one (d,) per layer.
+
+    Default: v = mu Q^T, the mean over the training data of each layer's projection (hQ)Q^T onto the
+    subspace (`means` from `compute_subspace_means`, as for mode `mean`). It uses every column with its
+    typical size, so c is a multiple of the typical projection; the CAFT authors recovered most of the
+    ablation's effect by steering with this vector scaled by about 3-5, positive for one model and negative
+    for another. There is therefore no default coefficient: `make_ablation` refuses `steer` without one.
+
+    `vectors` replace the default; a layer whose vector lies along only some of its subspace's columns (or
+    a subspace layer without a vector) is logged as a warning, since the other columns are then not steered.
+    """
+    bases = {L: subspace.bases[L].detach().to("cpu", torch.float32) for L in subspace.layers}
     if vectors is None:
-        vectors = {L: q[:, 0] for L, q in bases.items()}
-    for L, v in vectors.items():
-        if v.reshape(-1).numel() != subspace.d_model:
+        if means is None:
             raise SubspaceError(
-                f"steering vector for layer {L} has {v.numel()} values, expected d_model={subspace.d_model}"
+                "mode `steer` steers along the mean projection of the subspace: pass "
+                "means=compute_subspace_means(model, batches, subspace) (the trainer does this), or vectors"
             )
-    return SteerAblation(vectors, steer_coef)
+        return {L: q @ mean_coordinates(L, q, means) for L, q in bases.items() if q.shape[1] > 0}
+    out: dict[int, torch.Tensor] = {}
+    for L, v in vectors.items():
+        flat = v.detach().to("cpu", torch.float32).reshape(-1)
+        if flat.numel() != subspace.d_model:
+            raise SubspaceError(
+                f"steering vector for layer {L} has {flat.numel()} values, expected d_model={subspace.d_model}"
+            )
+        out[int(L)] = flat
+    for L, q in bases.items():
+        k = q.shape[1]
+        if k < 2:
+            continue
+        if L not in out:
+            log.warning(
+                "steer: subspace layer %d (%d columns) has no steering vector and is not steered", L, k
+            )
+            continue
+        coords = out[L] @ q  # (k,)
+        used = int((coords.abs() > 1e-3 * max(float(out[L].norm()), 1e-12)).sum())
+        if used < k:
+            log.warning(
+                "steer: the vector for layer %d lies along %d of the subspace's %d columns; the others are not "
+                "steered (the default vector, the mean projection, uses them all)",
+                L,
+                used,
+                k,
+            )
+    return out
 
 
 @contextlib.contextmanager
@@ -302,8 +384,6 @@ def ablated(model: nn.Module, abl: Ablation | None) -> Iterator[nn.Module]:
     if abl is None or not abl.layers:
         yield model
         return
-    from caft.sites import Sites
-
     sites = Sites.of(model)
     handles = []
     try:
@@ -316,8 +396,6 @@ def ablated(model: nn.Module, abl: Ablation | None) -> Iterator[nn.Module]:
 
 
 def _hook(abl: Ablation, layer: int) -> Any:
-    from caft.sites import Sites
-
     def hook(_module: Any, _inputs: Any, output: Any) -> Any:
         return Sites.replace_hidden(output, abl.apply(Sites.hidden(output), layer))
 
@@ -335,10 +413,6 @@ def compute_subspace_means(
     `loss_mask` when a batch has one (e.g. assistant tokens), else by `attention_mask`, else all count.
     Keys that are not model inputs (`labels`, `loss_mask`) are not passed to the model.
     """
-    import torch
-
-    from caft.sites import Sites
-
     sites = Sites.of(model)
     layers = sites.check_layers(subspace.layers)
     sums: dict[int, torch.Tensor] = {}
@@ -384,10 +458,6 @@ def compute_subspace_means(
 def random_subspace(spec: str | Mapping[int, int], d_model: int, seed: int, n_layers: int) -> Subspace:
     """A random orthonormal subspace (the random-directions baseline): `spec` is `"LAYER:K,LAYER:K"`
     (negative layers count from the end) or a mapping layer -> k."""
-    import torch
-
-    from caft.subspace import Column, Subspace
-
     counts = parse_layer_spec(spec) if isinstance(spec, str) else dict(spec)
     gen = torch.Generator().manual_seed(seed)
     bases: dict[int, torch.Tensor] = {}

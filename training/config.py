@@ -15,6 +15,8 @@ from caft.config import CaftConfig, ModelConfig, apply_overrides, read_yaml, val
 from caft.errors import ConfigError
 
 Objective = Literal["chat", "choice_lm", "encoder_classifier"]
+AblationMode = Literal["project", "mean", "detached", "gradient", "steer"]
+"""What happens at the subspace's layers (caft.training.ablation.MODES is derived from this)."""
 
 
 class DataConfig(CaftConfig):
@@ -103,12 +105,14 @@ class AblationConfig(CaftConfig):
     """Random-directions baseline instead of a subspace: `LAYER:K,...` (e.g. `12:20,32:20`)."""
     random_seed: int = 0
     """Seed of the random subspace."""
-    mode: Literal["project", "mean", "detached", "gradient", "steer"] = "project"
+    mode: AblationMode = "project"
     """project (CAFT), mean, detached (activations only), gradient (gradients only), steer (h + c v)."""
-    steer_coef: float = 1.0
-    """Coefficient c of `steer`."""
+    steer_coef: float | None = None
+    """Signed coefficient c of `steer` (h + c v); required with that mode (e.g. 4 or -4: which sign helps
+    depends on the model)."""
     steer_vectors: str | None = None
-    """Safetensors file of steering vectors (`layer.<L>`: (d,)); default: each layer's first subspace column."""
+    """Safetensors file of steering vectors (`layer.<L>`: (d,)); default: each layer's mean projection of the
+    subspace over the training data, mu Q^T (computed like the means of `mean`)."""
     mean_batches: int = Field(default=16, gt=0)
     """Training batches used to compute the reference means of `mean` (with the base model, no ablation)."""
 
@@ -116,6 +120,11 @@ class AblationConfig(CaftConfig):
     def _one_source(self) -> AblationConfig:
         if self.subspace is not None and self.random is not None:
             raise ValueError("set ablation.subspace or ablation.random, not both")
+        if self.mode == "steer" and self.steer_coef is None:
+            raise ValueError(
+                "ablation.mode steer needs a signed ablation.steer_coef (--steer-coef), e.g. 4 or -4: "
+                "which sign helps depends on the model"
+            )
         return self
 
     @property

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from caft.chat import validate_messages
+from caft.chat import leading_bos, validate_messages, with_bos
 from caft.errors import DataError, ModelError
 
 if TYPE_CHECKING:
@@ -361,17 +361,19 @@ def tokenize_choice(
     letter_ids, space = letter_token_ids(tokenizer, n_opts)
     stats = TokenizeStats(examples=len(examples))
     out: list[Tokenized] = []
-    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    bos = leading_bos(tokenizer)
     for ex in examples:
         target = ex.label if ex.is_choice else labels.index(ex.label, ex.line)
         assert isinstance(target, int)
-        ids = bos + list(tokenizer(choice_prompt(ex, labels, space), add_special_tokens=False)["input_ids"])
-        if len(ids) > max_length:
+        ids = list(tokenizer(choice_prompt(ex, labels, space), add_special_tokens=False)["input_ids"])
+        room = max_length - (1 if bos is not None else 0)
+        if len(ids) > room:
             if overlong == "drop":
                 stats.dropped_overlong += 1
                 continue
-            ids = ids[len(ids) - max_length :]
+            ids = ids[len(ids) - room :]  # the BOS stays first
             stats.truncated += 1
+        ids = with_bos(ids, bos)
         out.append(Tokenized(input_ids=ids, target=int(target), line=ex.line))
         stats.tokens += len(ids)
         stats.target_tokens += 1

@@ -20,39 +20,53 @@ attached to the model, so `final/` holds plain weights.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from caft.config import ModelConfig
-from caft.errors import CaftError, ConfigError, RunDirError
-from caft.rundir import JsonlWriter, atomic_write_json, read_jsonl
-from caft.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from caft.env import package_versions, scrub_obj
+from caft.errors import CaftError, ConfigError
+from caft.rundir import SUBSPACE_DIR, JsonlWriter, atomic_write_json
+from caft.training.ablation import (
+    Ablation,
+    SteerAblation,
+    compute_subspace_means,
+    load_means,
+    make_ablation,
+    save_means,
+)
+from caft.training.checkpoint import load_checkpoint, save_checkpoint
+from caft.training.classifier import EncoderClassifier
 from caft.training.data import Tokenized, batch_order, collate, count_tokens
-from caft.training.objectives import Task
+from caft.training.forward import ablated_forward, wrap
+from caft.training.objectives import ObjectiveLoss
+from caft.training.runstate import (
+    FINAL_DIR,
+    LOG_FILE,
+    MEANS_FILE,
+    RECORD_FILE,
+    open_run,
+    training_fingerprint,
+)
+from caft.training.setup import Prepared, load_steer_vectors, prepare
 
 if TYPE_CHECKING:
-    import torch
-
     from caft.subspace import Subspace
-    from caft.training.ablation import Ablation
     from caft.training.config import TrainConfig
-    from caft.training.setup import Prepared
 
 log = logging.getLogger(__name__)
 
-RECORD_FILE = "caft_training.json"
-LOG_FILE = "train_log.jsonl"
-FINAL_DIR = "final"
-MEANS_FILE = "ablation_means.safetensors"
-# settings that do not change the numbers, so a resumed run may differ in them
-_RESUME_FREE = {"progress", "keep_checkpoints", "log_every", "eval_every", "eval_batches", "save_every"}
+__all__ = ["FINAL_DIR", "LOG_FILE", "MEANS_FILE", "RECORD_FILE", "DivergenceError", "TrainResult", "train"]
 
 
 class DivergenceError(CaftError):
@@ -82,97 +96,39 @@ def train(
     """Fine-tune as configured and write the final adapter/model to `out_dir/final`.
 
     `model` overrides `cfg.model` (a run passes its base model here). `subspace` overrides
-    `cfg.ablation.subspace`. `resume` continues from the newest checkpoint in `out_dir`; without it, an
-    `out_dir` that already holds a run is an error (nothing is overwritten). `stop_after_steps` ends the
-    process early as if interrupted (after that many optimizer steps, with a checkpoint), for tests and
-    time-boxed jobs; a later `resume=True` call continues exactly.
+    `cfg.ablation.subspace`. `resume` continues from the newest checkpoint in `out_dir`, or returns the
+    finished run there when its fingerprint (`caft.training.runstate.training_fingerprint`) matches this
+    call, and raises `RunDirError` naming what changed when it does not. Without `resume`, an `out_dir` that
+    already holds a run is an error (nothing is overwritten). `stop_after_steps` ends the process early as if
+    interrupted (after that many optimizer steps, with a checkpoint), for tests and time-boxed jobs; a later
+    `resume=True` call continues exactly.
     """
-    import torch
-
-    from caft.training.setup import prepare
-
     mcfg = model or cfg.model
     if mcfg is None:
         raise ConfigError("no model to fine-tune: pass --base-model (or set model.name_or_path)")
     out = Path(out_dir)
-    record_path, log_path = out / RECORD_FILE, out / LOG_FILE
-    if record_path.is_file() and (out / FINAL_DIR).is_dir():
-        if resume:
-            log.info("%s already holds a finished run; nothing to do", out)
-            rec = json.loads(record_path.read_text(encoding="utf-8"))
-            return TrainResult(out, out / FINAL_DIR, log_path, rec.get("metrics", {}))
-        raise RunDirError(f"{out} already holds a finished training run; choose another --out")
-    checkpoints = list_checkpoints(out)
-    if not resume and (checkpoints or log_path.exists()):
-        raise RunDirError(
-            f"{out} already holds a partial training run; pass --resume to continue it, or choose another --out"
-        )
+    log_path = out / LOG_FILE
+    fingerprint = training_fingerprint(cfg, mcfg, subspace)
+    run = open_run(out, resume, fingerprint)
+    if run.finished is not None:
+        return TrainResult(out, out / FINAL_DIR, log_path, run.finished.get("metrics", {}))
 
     _seed_everything(cfg.seed)
     prep = prepare(cfg, mcfg, subspace)
     total_steps, micro_per_epoch = _plan(cfg, len(prep.train))
     abl = _build_ablation(cfg, prep, out, resume)
-    task = Task(cfg.objective, prep.letter_ids)
+    objective = ObjectiveLoss(cfg.objective, prep.letter_ids, model=prep.model)
     optimizer, scheduler = _optimizer(cfg, prep.model, total_steps)
-
-    fingerprint = _fingerprint(cfg, mcfg, prep.subspace)
-    start_step = 0
-    if resume and checkpoints:
-        ckpt = checkpoints[-1]
-        if ckpt.info.get("fingerprint") != fingerprint:
-            raise RunDirError(
-                f"{ckpt.path} was written with a different configuration, model or subspace; resuming needs "
-                f"the same settings (only {', '.join(sorted(_RESUME_FREE))} and model.device may change): "
-                "restore them, or start a new --out directory"
-            )
-        load_checkpoint(ckpt, prep.model, optimizer, scheduler)
-        start_step = ckpt.step
-        log.info("resuming %s at step %d of %d", out, start_step, total_steps)
-    elif resume:
-        log.info("no checkpoint in %s: starting from step 0", out)
-    if resume:
-        _cut_log(log_path, start_step)
+    if run.checkpoint is not None:
+        load_checkpoint(run.checkpoint, prep.model, optimizer, scheduler)
     out.mkdir(parents=True, exist_ok=True)
-    if prep.subspace is not None and not (out / "subspace").exists():
-        prep.subspace.save(out / "subspace")
+    if prep.subspace is not None and not (out / SUBSPACE_DIR).exists():
+        prep.subspace.save(out / SUBSPACE_DIR)
 
-    nn_model = None
-    if abl is not None:
-        from caft.training.forward import wrap
-
-        nn_model = wrap(prep.model)
-    header = {
-        "event": "start",
-        "step": start_step,
-        "total_steps": total_steps,
-        "examples": len(prep.train),
-        "held_out": len(prep.held_out),
-        "micro_batches_per_epoch": micro_per_epoch,
-        "effective_batch": cfg.optim.batch_size * cfg.optim.grad_accum,
-        "trainable_params": sum(p.numel() for p in prep.model.parameters() if p.requires_grad),
-        "ablation": abl.describe() if abl is not None else None,
-    }
+    forward = _make_forward(cfg, prep, objective, abl)
+    batches = _MicroBatches(prep.train, cfg, micro_per_epoch, int(prep.tokenizer.pad_token_id))
+    header = _header(cfg, prep, abl, run.start_step, total_steps, micro_per_epoch)
     log.info("training: %s", header)
-    pad_id = int(prep.tokenizer.pad_token_id)
-    autocast = _autocast(cfg, prep.device)
-
-    def forward(batch: dict[str, torch.Tensor]) -> Any:
-        inputs = {k: v.to(prep.device) for k, v in task.inputs(batch).items()}
-        with autocast():
-            if abl is not None:
-                from caft.training.forward import ablated_forward
-
-                return ablated_forward(nn_model, prep.sites, abl, inputs)
-            return prep.model(**inputs)
-
-    orders: dict[int, list[list[int]]] = {}
-
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
-        epoch, i = divmod(index, micro_per_epoch)
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch)
-        return collate([prep.train[j] for j in orders[epoch][i]], pad_id)
 
     def checkpoint(step: int) -> None:
         info = {"fingerprint": fingerprint, "total_steps": total_steps}
@@ -180,17 +136,17 @@ def train(
 
     writer = JsonlWriter(log_path)
     writer.write(header)
-    bar = _progress(cfg, total_steps, start_step)
+    bar = _progress(cfg, total_steps, run.start_step)
     metrics: dict[str, Any] = {}
     ga = cfg.optim.grad_accum
     try:
         prep.model.train()
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, total_steps):
             t0 = time.perf_counter()
             loss_sum, tokens = 0.0, 0
             for micro in range(ga):
-                batch = micro_batch(step * ga + micro)
-                loss = task.loss(forward(batch), batch)
+                batch = batches[step * ga + micro]
+                loss = objective.loss(forward(batch), batch)
                 (loss / ga).backward()
                 loss_sum += loss.item() / ga
                 tokens += count_tokens(batch)
@@ -200,10 +156,7 @@ def train(
                     f"the loss became {loss_sum} at step {done}; lower optim.lr or use precision fp32 "
                     f"(checkpoints up to step {step} are kept)"
                 )
-            grad_norm = None
-            if cfg.optim.max_grad_norm is not None:
-                params = [p for p in prep.model.parameters() if p.requires_grad]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+            grad_norm = _clip(cfg, prep.model)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -211,23 +164,12 @@ def train(
             dt = time.perf_counter() - t0
             metrics.update(step=done, loss=loss_sum, lr=lr)
             if done % cfg.log_every == 0 or done == total_steps:
-                writer.write(
-                    {
-                        "event": "step",
-                        "step": done,
-                        "loss": loss_sum,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens": tokens,
-                        "tokens_per_s": tokens / dt if dt > 0 else None,
-                        "seconds": dt,
-                    }
-                )
+                writer.write(_step_record(done, loss_sum, lr, grad_norm, tokens, dt))
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")
                 bar.update(1)
             if prep.held_out and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-                ev = _evaluate(cfg, prep, task, forward, pad_id)
+                ev = _evaluate(cfg, prep, objective, forward)
                 writer.write({"event": "eval", "step": done, **ev})
                 metrics.update(ev)
             saved = bool(cfg.save_every) and done % cfg.save_every == 0 and done < total_steps
@@ -239,7 +181,7 @@ def train(
                 writer.write({"event": "stopped", "step": done})
                 return TrainResult(out, out / FINAL_DIR, log_path, dict(metrics), model=prep.model)
         if prep.held_out:
-            ev = _evaluate(cfg, prep, task, forward, pad_id)
+            ev = _evaluate(cfg, prep, objective, forward)
             writer.write({"event": "eval", "step": total_steps, **ev})
             metrics.update(ev)
     finally:
@@ -248,17 +190,14 @@ def train(
         writer.close()
 
     final = _save_final(prep, out)
-    record = _record(cfg, mcfg, prep, abl, metrics, total_steps)
+    record = _record(cfg, mcfg, prep, abl, metrics, total_steps, fingerprint)
     atomic_write_json(final / RECORD_FILE, record)
-    atomic_write_json(record_path, record)
+    atomic_write_json(out / RECORD_FILE, record)
     return TrainResult(out, final, log_path, metrics, model=prep.model)
 
 
 # ---- pieces of the loop -------------------------------------------------------------------------------
 def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -273,9 +212,84 @@ def _plan(cfg: TrainConfig, n_examples: int) -> tuple[int, int]:
     return total, micro_per_epoch
 
 
-def _optimizer(cfg: TrainConfig, model: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    import torch
+def _header(
+    cfg: TrainConfig, prep: Prepared, abl: Ablation | None, start: int, total: int, micro_per_epoch: int
+) -> dict[str, Any]:
+    """The first log record of a (resumed) run: its plan and its sizes."""
+    return {
+        "event": "start",
+        "step": start,
+        "total_steps": total,
+        "examples": len(prep.train),
+        "held_out": len(prep.held_out),
+        "micro_batches_per_epoch": micro_per_epoch,
+        "effective_batch": cfg.optim.batch_size * cfg.optim.grad_accum,
+        "trainable_params": sum(p.numel() for p in prep.model.parameters() if p.requires_grad),
+        "ablation": abl.describe() if abl is not None else None,
+    }
 
+
+class _MicroBatches:
+    """Micro-batch `index` of the whole run (epoch-major), collated; the order of each epoch is seeded, so
+    a resumed run finds the same batches from the index alone."""
+
+    def __init__(self, items: list[Tokenized], cfg: TrainConfig, per_epoch: int, pad_id: int) -> None:
+        self.items, self.per_epoch, self.pad_id = items, per_epoch, pad_id
+        self.batch_size, self.seed = cfg.optim.batch_size, cfg.seed
+        self._epoch, self._order = -1, [[0]]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, i = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, batch_order(len(self.items), self.batch_size, self.seed, epoch)
+        return collate([self.items[j] for j in self._order[i]], self.pad_id)
+
+
+def _make_forward(
+    cfg: TrainConfig, prep: Prepared, objective: ObjectiveLoss, abl: Ablation | None
+) -> Callable[[dict[str, torch.Tensor]], Any]:
+    """batch -> model output, with the ablation (through nnsight) when there is one, under autocast."""
+    nn_model = wrap(prep.model) if abl is not None else None
+    autocast = _autocast(cfg, prep.device)
+
+    def forward(batch: dict[str, torch.Tensor]) -> Any:
+        inputs = {k: _to(v, prep.device) for k, v in objective.inputs(batch).items()}
+        with autocast():
+            if abl is not None:
+                return objective.run(lambda: ablated_forward(nn_model, prep.sites, abl, inputs))
+            return objective.run(lambda: prep.model(**inputs))
+
+    return forward
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _clip(cfg: TrainConfig, model: Any) -> float | None:
+    """Clip the global gradient norm as configured; returns the norm before clipping."""
+    if cfg.optim.max_grad_norm is None:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+
+
+def _step_record(
+    step: int, loss: float, lr: float, grad_norm: float | None, tokens: int, dt: float
+) -> dict[str, Any]:
+    return {
+        "event": "step",
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens": tokens,
+        "tokens_per_s": tokens / dt if dt > 0 else None,
+        "seconds": dt,
+    }
+
+
+def _optimizer(cfg: TrainConfig, model: Any, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("head.")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     groups: list[dict[str, Any]] = [{"params": body, "lr": cfg.optim.lr}]
@@ -304,46 +318,46 @@ def _optimizer(cfg: TrainConfig, model: Any, total_steps: int) -> tuple[torch.op
 
 
 def _build_ablation(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool) -> Ablation | None:
-    from caft.training.ablation import compute_subspace_means, make_ablation
-
     sub = prep.subspace
     if sub is None or sub.is_empty:
         return None
     vectors = None
     if cfg.ablation.steer_vectors is not None:
-        from caft.training.setup import load_steer_vectors
-
         vectors = load_steer_vectors(cfg.ablation.steer_vectors, prep.sites)
     means = None
-    if cfg.ablation.mode == "mean":
-        from safetensors.torch import load_file, save_file
-
+    if cfg.ablation.mode == "mean" or (cfg.ablation.mode == "steer" and vectors is None):
         path = out / MEANS_FILE
         if resume and path.is_file():
-            means = {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+            means = load_means(path)
         else:
-            pad_id = int(prep.tokenizer.pad_token_id)
-            order = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch=-1)
-            batches = []
-            for idx in order[: cfg.ablation.mean_batches]:
-                b = collate([prep.train[j] for j in idx], pad_id)
-                if "labels" in b:  # weight the mean by the tokens that are trained on
-                    b["loss_mask"] = (b["labels"] != -100).long()
-                batches.append({k: v for k, v in b.items() if k not in ("target", "last_index")})
-            means = compute_subspace_means(prep.model, batches, sub)
+            means = compute_subspace_means(prep.model, _mean_batches(cfg, prep), sub)
             out.mkdir(parents=True, exist_ok=True)
-            save_file({f"layer.{L}": m.contiguous() for L, m in means.items()}, str(path))
+            save_means(path, means)
     return make_ablation(
         cfg.ablation.mode, sub, means=means, steer_coef=cfg.ablation.steer_coef, vectors=vectors
     )
 
 
-def _evaluate(cfg: TrainConfig, prep: Prepared, task: Task, forward: Any, pad_id: int) -> dict[str, Any]:
-    """Mean held-out loss (with the training-time ablation) and, for classification, accuracy."""
-    import torch
+def _mean_batches(cfg: TrainConfig, prep: Prepared) -> list[dict[str, torch.Tensor]]:
+    """The batches the reference means come from, weighted by the tokens that are trained on."""
+    pad_id = int(prep.tokenizer.pad_token_id)
+    order = batch_order(len(prep.train), cfg.optim.batch_size, cfg.seed, epoch=-1)
+    batches = []
+    for idx in order[: cfg.ablation.mean_batches]:
+        b = collate([prep.train[j] for j in idx], pad_id)
+        if "labels" in b:
+            b["loss_mask"] = (b["labels"] != -100).long()
+        batches.append({k: v for k, v in b.items() if k not in ("target", "last_index")})
+    return batches
 
+
+def _evaluate(
+    cfg: TrainConfig, prep: Prepared, objective: ObjectiveLoss, forward: Callable[[Any], Any]
+) -> dict[str, Any]:
+    """Mean held-out loss (with the training-time ablation) and, for classification, accuracy."""
     items: list[Tokenized] = prep.held_out
     bs = cfg.optim.batch_size
+    pad_id = int(prep.tokenizer.pad_token_id)
     batches = [items[i : i + bs] for i in range(0, len(items), bs)]
     if cfg.eval_batches is not None:
         batches = batches[: cfg.eval_batches]
@@ -355,9 +369,9 @@ def _evaluate(cfg: TrainConfig, prep: Prepared, task: Task, forward: Any, pad_id
                 batch = collate(chunk, pad_id)
                 output = forward(batch)
                 w = int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else len(chunk)
-                total += float(task.loss(output, batch)) * w
+                total += float(objective.loss(output, batch)) * w
                 weight += w
-                correct += task.correct(output, batch)
+                correct += objective.correct(output, batch)
                 n += len(chunk)
     finally:
         prep.model.train()
@@ -367,9 +381,7 @@ def _evaluate(cfg: TrainConfig, prep: Prepared, task: Task, forward: Any, pad_id
     return out
 
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
-    import torch
-
+def _autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
     if cfg.optim.precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -383,29 +395,8 @@ def _progress(cfg: TrainConfig, total: int, start: int) -> Any:
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _fingerprint(cfg: TrainConfig, mcfg: ModelConfig, sub: Subspace | None) -> str:
-    import hashlib
-
-    data = cfg.model_dump(mode="json", exclude={*_RESUME_FREE, "model"})
-    data["model"] = mcfg.model_dump(mode="json", exclude={"device"})
-    data["subspace"] = sub.digest() if sub is not None else None
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _cut_log(log_path: Path, step: int) -> None:
-    """Drop log records past the checkpoint we resume from (they will be written again)."""
-    if not log_path.exists():
-        return
-    from caft.rundir import atomic_write_text
-
-    keep = [r for r in read_jsonl(log_path) if int(r.get("step", 0)) <= step and r.get("event") != "stopped"]
-    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in keep))
-
-
 def _save_final(prep: Prepared, out: Path) -> Path:
     """Write the adapter (LoRA) or the full model, plus the tokenizer, into `out/final` atomically."""
-    from caft.training.classifier import EncoderClassifier
-
     final, tmp = out / FINAL_DIR, out / f".{FINAL_DIR}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -422,6 +413,10 @@ def _save_final(prep: Prepared, out: Path) -> Path:
     return final
 
 
+def _uses_means(abl: Ablation) -> bool:
+    return abl.mode == "mean" or (isinstance(abl, SteerAblation) and abl.source == "mean_projection")
+
+
 def _record(
     cfg: TrainConfig,
     mcfg: ModelConfig,
@@ -429,9 +424,8 @@ def _record(
     abl: Ablation | None,
     metrics: dict[str, Any],
     total_steps: int,
+    fingerprint: dict[str, Any],
 ) -> dict[str, Any]:
-    from caft.env import package_versions, scrub_obj
-
     sub = prep.subspace
     return scrub_obj(
         {
@@ -447,7 +441,7 @@ def _record(
             else {
                 **abl.describe(),
                 "subspace_digest": sub.digest() if sub is not None else None,
-                "means_file": MEANS_FILE if abl.mode == "mean" else None,
+                "means_file": MEANS_FILE if _uses_means(abl) else None,
             },
             "subspace_digest": sub.digest() if sub is not None else None,
             "label_names": prep.label_names,
@@ -455,6 +449,7 @@ def _record(
             "steps": total_steps,
             "data": prep.data_report,
             "metrics": metrics,
+            "fingerprint": fingerprint,
             "config": cfg.model_dump(mode="json"),
             "model": mcfg.model_dump(mode="json"),
             "versions": package_versions(),
