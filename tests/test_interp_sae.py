@@ -11,20 +11,22 @@ import torch
 from interp_helpers import chat_rows, make_pair, write_jsonl
 
 from caft.errors import ModelError, SiteError
-from caft.interp.collect import ActivationSource, Example, collect_diffs, make_batches
+from caft.interp.collect import collect_diffs
 from caft.interp.config import DiffConfig, InputsConfig, SAEConfig, SAESpec, SAETrainConfig
+from caft.interp.inputs import Example, TokenBatch, make_batches
 from caft.interp.pca import run_diff
-from caft.interp.sae import (
+from caft.interp.sae import run_sae_rank
+from caft.interp.sae_load import (
     LoadedSAE,
-    attribution_batch,
     check_site,
     load_dictionary_learning,
     load_registry,
     load_sae_lens_dir,
     load_sae_lens_pretrained,
-    run_sae_rank,
 )
+from caft.interp.sae_rank import attribution_batch
 from caft.interp.schema import load_candidates, load_directions
+from caft.interp.source import ActivationSource
 
 D_IN, D_SAE = 32, 48
 
@@ -147,8 +149,6 @@ def test_attribution_matches_manual_autograd(tmp_path: Path) -> None:
     ids = torch.randint(5, 400, (2, 6), generator=g)
     att = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     sel = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    from caft.interp.collect import TokenBatch
-
     batch = TokenBatch(0, ids, att, sel, ["a", "b"])
     got = attribution_batch(model, sites, [sae], batch, torch.device("cpu"))["dl:std"]
 
@@ -267,7 +267,7 @@ def test_run_sae_rank_rejects_mismatched_sae(tmp_path: Path) -> None:
 
 
 def test_sae_rank_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import caft.interp.sae as sae_mod
+    import caft.interp.sae_rank as sae_mod
 
     base, ft = make_pair(tmp_path)
     data = write_jsonl(tmp_path / "data.jsonl", chat_rows(12))
