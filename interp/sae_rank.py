@@ -9,7 +9,7 @@ attribution   sum over tokens of (W_dec[f] . dLoss/dx) * encode(x)[f], the fine-
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,25 +33,39 @@ def attribution_batch(
     saes: Sequence[LoadedSAE],
     batch: TokenBatch,
     device: torch.device,
+    special_ids: Collection[int] = (),
 ) -> dict[str, torch.Tensor]:
-    """For one batch: {sae name: (d_sae,) sum over non-pad tokens of (W_dec[f] . dLoss/dx) * encode(x)[f]},
-    the loss being the mean next-token cross-entropy on the batch's selected tokens."""
-    captured: dict[int, torch.Tensor] = {}
+    """For one batch: {sae name: (d_sae,) sum over counted tokens of (W_dec[f] . dLoss/dx) * encode(x)[f]},
+    the loss being the mean next-token cross-entropy on the batch's selected tokens.
+
+    Counted tokens: non-pad, not position 0, not a special token (BOS / attention-sink residuals are orders
+    of magnitude larger than the rest, and SAEs are usually trained without them). The gradient is taken
+    w.r.t. the residual only: each hooked output gets a zero leaf added (`h + 0`), so no parameter needs
+    `requires_grad` (a frozen model or a frozen peft adapter works) and no parameter gradient is computed.
+    """
+    layers = sorted({s.layer for s in saes})
+    leaves: dict[int, torch.Tensor] = {}
+    outputs: dict[int, torch.Tensor] = {}
     handles = []
 
     def make_hook(layer: int) -> Any:
-        def hook(_mod: nn.Module, _inp: Any, output: Any) -> None:
+        def hook(_mod: nn.Module, _inp: Any, output: Any) -> Any:
             h = sites.hidden(output)
-            h.retain_grad()
-            captured[layer] = h
+            # A zero leaf rather than h.detach(): the graph stays connected, so a shallower hooked layer
+            # still gets the gradient that flows through the deeper ones.
+            leaf = torch.zeros_like(h, requires_grad=True)
+            leaves[layer], outputs[layer] = leaf, h.detach()
+            return sites.replace_hidden(output, h + leaf)
 
         return hook
 
-    for layer in sorted({s.layer for s in saes}):
-        handles.append(sites.layer_module(model, layer).register_forward_hook(make_hook(layer)))
     ids = batch.input_ids.to(device)
     att = batch.attention_mask.to(device)
     labels = ids.masked_fill(~batch.select.to(device), -100)
+    if not bool((labels[:, 1:] != -100).any()):  # no next-token target: nothing to attribute
+        return {s.name: torch.zeros(s.d_sae) for s in saes}
+    for layer in layers:
+        handles.append(sites.layer_module(model, layer).register_forward_hook(make_hook(layer)))
     try:
         with torch.enable_grad():
             out = cast(Any, model)(input_ids=ids, attention_mask=att)
@@ -59,24 +73,25 @@ def attribution_batch(
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-            loss.backward()
+            grads = torch.autograd.grad(loss, [leaves[layer] for layer in layers], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    result: dict[str, torch.Tensor] = {}
     keep = att.bool()
+    keep[:, 0] = False
+    if special_ids:
+        keep &= ~torch.isin(ids, torch.tensor(sorted(special_ids), dtype=ids.dtype, device=ids.device))
+    grad_of = dict(zip(layers, grads, strict=True))
+    result: dict[str, torch.Tensor] = {}
     for s in saes:
-        h = captured[s.layer]
-        if h.grad is None:
-            raise ModelError(
-                f"no gradient reached layer {s.layer}; is the model frozen by a no_grad wrapper?"
-            )
-        x = h.detach()[keep].float()  # (N, d)
-        g = h.grad[keep].float()  # (N, d)
+        grad = grad_of[s.layer]
+        if grad is None:
+            raise ModelError(f"no gradient reached layer {s.layer}; does the loss depend on that layer?")
+        x = outputs[s.layer][keep].float()  # (N, d)
+        g = grad[keep].float()  # (N, d)
         z = s.encode(x)  # (N, d_sae)
         gd = g @ s.W_dec.float().to(g.device).T  # (N, d_sae) = W_dec[f] . grad
         result[s.name] = (gd * z.to(gd.device)).sum(0).cpu()
-    model.zero_grad(set_to_none=True)
     return result
 
 
@@ -129,12 +144,13 @@ def rank_latents(
         raise DataError("no analysed tokens for the SAE rankings")
     if want_attr:
         which: Which = "ft" if attribution_model == "ft" else "base"
+        special = set(source.tokenizer.all_special_ids)
         bar = tqdm(total=len(batches), initial=progress["attr"], desc="sae: attribution", unit="batch")
         for i in range(progress["attr"], len(batches)):
             batch = batches[i]
             if batch.n_selected > 0:
                 with source.use(which) as lm:
-                    part = attribution_batch(lm.model, lm.sites, saes, batch, lm.device)
+                    part = attribution_batch(lm.model, lm.sites, saes, batch, lm.device, special)
                 for name, v in part.items():
                     sums[name]["attribution"] += v.double()
             progress["attr"] = i + 1

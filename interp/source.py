@@ -5,7 +5,7 @@
 
 Residual outputs are read with forward hooks on the modules `caft.sites` names; the forward pass stops after
 the deepest requested layer (nothing after it is needed), which is why collection can be cheaper than two
-full forward passes.
+full forward passes. Models loaded here are frozen.
 """
 
 from __future__ import annotations
@@ -202,7 +202,11 @@ class ActivationSource:
     def load(cls, base_cfg: ModelConfig, ft_cfg: ModelConfig | None = None) -> ActivationSource:
         """Load the pair. `ft_cfg` may be a full model folder, a folder without tokenizer files (the base
         tokenizer is used), the base model with `adapter` set, or an adapter folder as `name_or_path`."""
-        return cls._load(base_cfg, ft_cfg)
+        source = cls._load(base_cfg, ft_cfg)
+        for lm in (source.base, source.ft):
+            if lm is not None:
+                lm.model.requires_grad_(False)  # interp never needs parameter gradients
+        return source
 
     @classmethod
     def _load(cls, base_cfg: ModelConfig, ft_cfg: ModelConfig | None) -> ActivationSource:
