@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import SELECTION_FILE, SelectedColumn, Selection, VerdictRecord
 from caft.errors import DataError, SubspaceError
-from caft.interp.schema import DIRECTIONS_FILE, Candidate
-from caft.rundir import atomic_write_json, iter_jsonl
+from caft.interp.schema import Candidate
+from caft.rundir import DIRECTIONS_FILE, atomic_write_json, iter_jsonl
 from caft.subspace import Column, Subspace
 
 if TYPE_CHECKING:

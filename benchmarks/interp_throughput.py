@@ -36,7 +36,8 @@ def build(args: argparse.Namespace, n_tokens: int) -> tuple[Any, Any]:
     import torch
 
     from caft.config import ModelConfig
-    from caft.interp.collect import ActivationSource, Example, make_batches
+    from caft.interp.inputs import Example, make_batches
+    from caft.interp.source import ActivationSource
     from caft.models import LoadedModel
     from caft.sites import Sites
     from caft.testing import tiny_model, tiny_tokenizer
@@ -117,7 +118,7 @@ def evidence(source: Any, layers: list[int], n_cands: int) -> Callable[[Any], No
     import torch
 
     from caft.interp.config import EvidenceConfig
-    from caft.interp.evidence import corpus_pass, group_by_layer
+    from caft.interp.evidence_passes import corpus_pass, group_by_layer
     from caft.interp.schema import Candidate
 
     g = torch.Generator().manual_seed(1)
@@ -154,7 +155,7 @@ def child_memory(args: argparse.Namespace) -> None:
 
     import torch
 
-    from caft.interp.collect import default_layers
+    from caft.interp.source import default_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,7 +216,7 @@ def main() -> None:
 
     import torch
 
-    from caft.interp.collect import default_layers
+    from caft.interp.source import default_layers
 
     if args.threads:
         torch.set_num_threads(args.threads)

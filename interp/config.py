@@ -139,7 +139,9 @@ class SAEConfig(CaftConfig):
     """`mean_diff`: mean latent activation ft - base; `sae_diff`: mean SAE encoding of (ft - base);
     `attribution`: decoder direction . dLoss/dx x latent activation summed over tokens (causal LMs)."""
     attribution_model: Literal["base", "ft"] = "ft"
-    """Which model's fine-tuning loss and activations the attribution uses."""
+    """Which model's fine-tuning loss and activations the attribution uses. `ft` (default) asks which latents
+    the fine-tuned model relies on for the fine-tuning data; the CAFT reference ran attribution on the base
+    (instruct) model instead, i.e. which latents the loss would push on: set `base` to match it."""
     top_n: int = Field(default=100, gt=0)
     """Latents kept per layer and ranking."""
     batch_size: int = Field(default=8, gt=0)

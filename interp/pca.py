@@ -21,16 +21,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
 
 from caft.config import ModelConfig
 from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError, RunDirError
+from caft.interp.answers import prepare_inputs
+from caft.interp.collect import collect_diffs
 from caft.interp.config import DiffConfig
+from caft.interp.inputs import INPUTS_FILE, load_examples, make_batches, save_examples
 from caft.interp.schema import Candidate, candidate_id, save_candidates
+from caft.interp.source import ActivationSource, default_layers, model_label, resolve_models
+from caft.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
-if TYPE_CHECKING:
-    import torch
+# The CLI's (app/commands/interp.py) old name for `caft.interp.source.resolve_models`.
+_resolve_models = resolve_models
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,6 @@ class StreamingDiffPCA:
     """Running float64 moments of per-token difference vectors, per layer."""
 
     def __init__(self, layers: list[int], d_model: int, device: str | torch.device = "cpu") -> None:
-        import torch
-
         self.layers = list(layers)
         self.d_model = d_model
         self.device = torch.device(device)
@@ -77,8 +83,6 @@ class StreamingDiffPCA:
 
     def update(self, layer: int, x: torch.Tensor) -> None:
         """Add rows of `x` (N, d) to the moments of `layer`."""
-        import torch
-
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise ValueError(f"expected (N, {self.d_model}) differences, got {tuple(x.shape)}")
         if x.shape[0] == 0:
@@ -104,8 +108,6 @@ class StreamingDiffPCA:
         return (cov + cov.T) / 2
 
     def result(self, layer: int, k: int) -> LayerPCA:
-        import torch
-
         cov = self.covariance(layer)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         k = min(k, self.d_model)
@@ -122,8 +124,6 @@ class StreamingDiffPCA:
 
     # ---- persistence (resume) -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        import torch
-
         out: dict[str, torch.Tensor] = {}
         for layer in self.layers:
             out[f"count.{layer}"] = torch.tensor([self.count[layer]], dtype=torch.int64)
@@ -145,17 +145,11 @@ class StreamingDiffPCA:
                 )
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save
-
-        from caft.rundir import atomic_write_bytes
-
         atomic_write_bytes(path, save(self.state_dict()))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> StreamingDiffPCA:
         """Moments saved by `save` (e.g. the diff stage's `moments.safetensors`)."""
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
         layers = sorted(int(k.split(".", 1)[1]) for k in state if k.startswith("count."))
         if not layers:
@@ -171,24 +165,6 @@ def torch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the stage -------------------------------------------------------------------------------------------
-
-
-def _resolve_models(
-    cfg_model: ModelConfig | None,
-    cfg_ft: ModelConfig | None,
-    model: ModelConfig | None,
-    finetuned: ModelConfig | None,
-    need_ft: bool = True,
-) -> tuple[ModelConfig, ModelConfig | None]:
-    base = cfg_model or model
-    ft = cfg_ft or finetuned
-    if base is None:
-        raise ConfigError("no base model: set `model` in the run config (or the stage's own `model`)")
-    if need_ft and ft is None:
-        raise ConfigError(
-            "no fine-tuned model: set `finetuned` (a model folder, or the base model with `adapter`)"
-        )
-    return base, ft
 
 
 def candidates_from_pca(
@@ -241,28 +217,13 @@ def run_diff(
     run_dir: str | Path,
     model: ModelConfig | None = None,
     finetuned: ModelConfig | None = None,
-    source: Any = None,
+    source: ActivationSource | None = None,
 ) -> Path:
     """The diff stage: collect (ft - base) on the inputs, stream the moments, write the candidates.
 
     Resumes from the last saved batch; a finished stage (DONE.json) is returned as is. `source` (an
     `ActivationSource`) may be passed to reuse models already in memory. Returns the stage folder.
     """
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
-    from caft.interp.collect import (
-        INPUTS_FILE,
-        ActivationSource,
-        collect_diffs,
-        default_layers,
-        load_examples,
-        make_batches,
-        prepare_inputs,
-        save_examples,
-    )
-    from caft.rundir import RunDir, atomic_write_json
-
     started = time.time()
     stage = RunDir(run_dir).stage("diff")
     if stage.done:
@@ -270,7 +231,7 @@ def run_diff(
         return stage.path
     stage.ensure()
     if source is None:
-        base_cfg, ft_cfg = _resolve_models(cfg.model, cfg.finetuned, model, finetuned)
+        base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, model, finetuned)
         source = ActivationSource.load(base_cfg, ft_cfg)
     if not source.has_ft:
         raise ConfigError("the diff stage needs a fine-tuned model (`finetuned`)")
@@ -332,16 +293,9 @@ def run_diff(
         "n_candidates": len(cands),
         "d_model": sites.d_model,
         "base": source.base.config.name_or_path,
-        "finetuned": _model_label(source),
+        "finetuned": model_label(source),
         "top_ratio": {str(r.layer): float(r.explained_variance_ratio[0]) for r in results},
         "config": scrub_obj(cfg.model_dump(mode="json")),
     }
     stage.mark_done(info, started=started)
     return stage.path
-
-
-def _model_label(source: Any) -> str:
-    cfg = source.ft_config
-    if cfg is None:
-        return ""
-    return f"{cfg.name_or_path}+{cfg.adapter}" if cfg.adapter else str(cfg.name_or_path)

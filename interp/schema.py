@@ -287,6 +287,18 @@ def load_dossiers(folder: str | Path) -> list[Dossier]:
     return sorted(out, key=lambda x: (x.candidate.layer, x.candidate.id))
 
 
+def dossier_digest(path: str | Path) -> str | None:
+    """The direction digest recorded in a dossier file's provenance (None when the file is unreadable or has
+    none): the evidence stage keeps a dossier on resume only when its direction is unchanged."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    prov = data.get("provenance") if isinstance(data, dict) else None
+    digest = prov.get("direction_digest") if isinstance(prov, dict) else None
+    return str(digest) if digest is not None else None
+
+
 def write_dossier(path: str | Path, dossier: Dossier) -> Path:
     """Write one dossier atomically (the file is `<dossiers>/dossier_filename(id)`)."""
     atomic_write_text(path, dossier.model_dump_json(indent=1) + "\n")

@@ -9,10 +9,8 @@ over the whole corpus (ties aside).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 
 @dataclass
@@ -41,8 +39,6 @@ class StreamingTopK:
         sign: int = 1,
         device: str | torch.device = "cpu",
     ) -> None:
-        import torch
-
         if sign not in (1, -1):
             raise ValueError("sign must be 1 or -1")
         self.C, self.k, self.before, self.after, self.sign = n_columns, k, before, after, sign
@@ -62,8 +58,6 @@ class StreamingTopK:
     ) -> None:
         """acts (B, T, C) float; valid (B, T) bool (real tokens); docs (B,) long corpus indices;
         peak_ok (B, T) bool: positions that may be a peak (default: valid)."""
-        import torch
-
         B, T, C = acts.shape
         if C != self.C:
             raise ValueError(f"expected {self.C} columns, got {C}")

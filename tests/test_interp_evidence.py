@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from caft.config import ModelConfig
-from caft.interp.evidence import LayerGroup, project
-from caft.interp.lens import lens_logits, logit_lens, search_alpha, steer
+from caft.interp.evidence_passes import LayerGroup, project
+from caft.interp.lens import lens_logits, logit_lens, steer
 from caft.interp.schema import Candidate
+from caft.interp.steering import search_alpha
 from caft.interp.topk import StreamingTopK
 from caft.testing import tiny_model, tiny_tokenizer
 

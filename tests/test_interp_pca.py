@@ -11,10 +11,12 @@ import torch
 from interp_helpers import chat_rows, make_adapter, make_pair, write_jsonl
 
 from caft.config import ModelConfig
-from caft.interp.collect import ActivationSource, Example, collect_diffs, make_batches
+from caft.interp.collect import collect_diffs
 from caft.interp.config import DiffConfig, InputsConfig
+from caft.interp.inputs import Example, make_batches
 from caft.interp.pca import StreamingDiffPCA, run_diff
 from caft.interp.schema import load_candidates, load_directions
+from caft.interp.source import ActivationSource
 
 
 def _reference_pca(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,8 +156,8 @@ def test_adapter_on_base_equals_merged_model(tmp_path: Path) -> None:
 
 
 def test_generated_answers_are_cached_and_analysed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import caft.models
-    from caft.interp.collect import GENERATIONS_FILE
+    import caft.interp.answers as answers_mod
+    from caft.interp.answers import GENERATIONS_FILE
 
     base, ft = make_pair(tmp_path)
     prompts = write_jsonl(
@@ -164,14 +166,14 @@ def test_generated_answers_are_cached_and_analysed(tmp_path: Path, monkeypatch: 
     inputs = InputsConfig(generate=True, prompts=str(prompts), samples_per_prompt=2, max_new_tokens=6)
     cfg = DiffConfig(inputs=inputs, layers=[1], n_components=2)
     calls: list[int] = []
-    real = caft.models.generate_chat
+    real = answers_mod.generate_chat
 
     def counting(*a: Any, **kw: Any) -> list[str]:
         out = real(*a, **kw)
         calls.append(len(out))
         return out
 
-    monkeypatch.setattr(caft.models, "generate_chat", counting)
+    monkeypatch.setattr(answers_mod, "generate_chat", counting)
     out = run_diff(cfg, tmp_path / "run", model=base, finetuned=ft)
     cache = [json.loads(line) for line in (out / GENERATIONS_FILE).read_text().splitlines()]
     assert sorted((r["prompt"], r["sample"]) for r in cache) == [(0, 0), (0, 1), (1, 0), (1, 1)]

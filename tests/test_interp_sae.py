@@ -11,20 +11,22 @@ import torch
 from interp_helpers import chat_rows, make_pair, write_jsonl
 
 from caft.errors import ModelError, SiteError
-from caft.interp.collect import ActivationSource, Example, collect_diffs, make_batches
+from caft.interp.collect import collect_diffs
 from caft.interp.config import DiffConfig, InputsConfig, SAEConfig, SAESpec, SAETrainConfig
+from caft.interp.inputs import Example, TokenBatch, make_batches
 from caft.interp.pca import run_diff
-from caft.interp.sae import (
+from caft.interp.sae import run_sae_rank
+from caft.interp.sae_load import (
     LoadedSAE,
-    attribution_batch,
     check_site,
     load_dictionary_learning,
     load_registry,
     load_sae_lens_dir,
     load_sae_lens_pretrained,
-    run_sae_rank,
 )
+from caft.interp.sae_rank import attribution_batch
 from caft.interp.schema import load_candidates, load_directions
+from caft.interp.source import ActivationSource
 
 D_IN, D_SAE = 32, 48
 
@@ -147,10 +149,9 @@ def test_attribution_matches_manual_autograd(tmp_path: Path) -> None:
     ids = torch.randint(5, 400, (2, 6), generator=g)
     att = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     sel = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    from caft.interp.collect import TokenBatch
-
     batch = TokenBatch(0, ids, att, sel, ["a", "b"])
-    got = attribution_batch(model, sites, [sae], batch, torch.device("cpu"))["dl:std"]
+    special = {int(ids[0, 3])}  # a special token mid-sequence: never counted
+    got = attribution_batch(model, sites, [sae], batch, torch.device("cpu"), special)["dl:std"]
 
     # manual: make the layer-1 output a leaf, backprop the masked next-token loss, sum per latent
     leaf: dict[str, torch.Tensor] = {}
@@ -171,12 +172,86 @@ def test_attribution_matches_manual_autograd(tmp_path: Path) -> None:
     x = leaf["x"].detach()
     manual = torch.zeros(D_SAE)
     for b in range(2):
-        for t in range(6):
-            if att[b, t]:
+        for t in range(1, 6):  # position 0 (BOS / attention sink) is left out
+            if att[b, t] and int(ids[b, t]) not in special:
                 z = torch.relu((x[b, t] - st["bias"]) @ st["encoder.weight"].T + st["encoder.bias"])
                 manual += (st["decoder.weight"].T @ grad[b, t]) * z
     torch.testing.assert_close(got.float(), manual, rtol=1e-4, atol=1e-6)
     assert float(got.abs().sum()) > 0
+
+
+def test_attribution_leaves_out_bos_and_special_tokens(tmp_path: Path) -> None:
+    """F2: a latent that fires only on position 0 / special tokens gets no attribution."""
+    from caft.sites import Sites
+    from caft.testing import tiny_model
+
+    model = tiny_model("llama", layers=3)
+    g = torch.Generator().manual_seed(1)
+    st = {**_linear_keys(g), "bias": torch.zeros(D_IN)}
+    sae = load_dictionary_learning(_write_dl(tmp_path / "std", "AutoEncoder", st), layer=1)
+    ids = torch.randint(5, 400, (1, 6), generator=g)
+    sel = torch.ones(1, 6, dtype=torch.bool)
+    batch = TokenBatch(0, ids, torch.ones(1, 6, dtype=torch.long), sel, ["a"])
+    full = attribution_batch(model, Sites.of(model), [sae], batch, torch.device("cpu"))["dl:std"]
+    # the same batch with every position but 0 marked special: nothing is left to count
+    rest = {int(i) for i in ids[0, 1:]} - {int(ids[0, 0])}
+    none = attribution_batch(model, Sites.of(model), [sae], batch, torch.device("cpu"), rest)["dl:std"]
+    assert float(full.abs().sum()) > 0
+    assert float(none.abs().sum()) == 0.0
+
+
+def test_attribution_over_two_layers_matches_each_layer_alone(tmp_path: Path) -> None:
+    """The gradient at a shallow layer still flows through a deeper hooked layer."""
+    from caft.sites import Sites
+    from caft.testing import tiny_model
+
+    model = tiny_model("llama", layers=3)
+    sites = Sites.of(model)
+    g = torch.Generator().manual_seed(2)
+    s0 = load_dictionary_learning(
+        _write_dl(tmp_path / "a", "AutoEncoder", {**_linear_keys(g), "bias": torch.zeros(D_IN)}), 0, "a"
+    )
+    s1 = load_dictionary_learning(
+        _write_dl(tmp_path / "b", "AutoEncoder", {**_linear_keys(g), "bias": torch.zeros(D_IN)}), 1, "b"
+    )
+    ids = torch.randint(5, 400, (2, 7), generator=g)
+    batch = TokenBatch(
+        0, ids, torch.ones(2, 7, dtype=torch.long), torch.ones(2, 7, dtype=torch.bool), ["x", "y"]
+    )
+    cpu = torch.device("cpu")
+    both = attribution_batch(model, sites, [s0, s1], batch, cpu)
+    torch.testing.assert_close(both["a"], attribution_batch(model, sites, [s0], batch, cpu)["a"])
+    torch.testing.assert_close(both["b"], attribution_batch(model, sites, [s1], batch, cpu)["b"])
+    assert float(both["a"].abs().sum()) > 0
+
+
+def test_attribution_on_a_frozen_adapter_pair_computes_no_parameter_gradients(tmp_path: Path) -> None:
+    """F1: the fine-tune as a LoRA adapter on the base (one shared, frozen model) ranks by attribution,
+    and no parameter gradient is ever allocated."""
+    from interp_helpers import make_adapter
+
+    from caft.config import ModelConfig
+
+    base, _ = make_pair(tmp_path)
+    adapter_dir, _ = make_adapter(tmp_path, Path(base.name_or_path))
+    ft = ModelConfig(name_or_path=base.name_or_path, adapter=str(adapter_dir), device="cpu")
+    source = ActivationSource.load(base, ft)
+    assert source.shared
+    assert not any(p.requires_grad for p in source.base.model.parameters())
+    data = write_jsonl(tmp_path / "data.jsonl", chat_rows(6))
+    g = torch.Generator().manual_seed(5)
+    dl = _write_dl(tmp_path / "dl", "AutoEncoder", {**_linear_keys(g), "bias": torch.zeros(D_IN)})
+    for which in ("ft", "base"):
+        cfg = SAEConfig(
+            saes=[SAESpec(layer=1, source="dictionary_learning", path=str(dl))],
+            inputs=InputsConfig(data=[str(data)]),
+            rankings=["attribution"],
+            attribution_model=which,
+            top_n=3,
+        )
+        cands = load_candidates(run_sae_rank(cfg, tmp_path / f"run_{which}", source=source))
+        assert len(cands) == 3 and all(c.scores["attribution"] != 0 for c in cands)
+    assert all(p.grad is None for p in source.base.model.parameters())
 
 
 def test_run_sae_rank_with_dictionary_learning_and_trained_sae(tmp_path: Path) -> None:
@@ -267,7 +342,7 @@ def test_run_sae_rank_rejects_mismatched_sae(tmp_path: Path) -> None:
 
 
 def test_sae_rank_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import caft.interp.sae as sae_mod
+    import caft.interp.sae_rank as sae_mod
 
     base, ft = make_pair(tmp_path)
     data = write_jsonl(tmp_path / "data.jsonl", chat_rows(12))
