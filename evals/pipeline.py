@@ -28,7 +28,7 @@ from caft.evals.sampling import ChatGenerator, make_generator, sample_answers
 from caft.evals.summary import summarize_grades
 from caft.llm import LLMClient
 from caft.llm.types import Capabilities, LLMError
-from caft.rundir import ANSWERS_FILE, GRADES_FILE, RunDir, atomic_write_text, iter_jsonl
+from caft.rundir import ANSWERS_FILE, GRADES_FILE, RunDir, atomic_write_text, iter_jsonl, lock_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,30 +122,31 @@ def grade_file(
     run that stopped early (budget, fatal error, signal) returns with `report.stopped` set instead."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = Columns(cfg.columns.question, cfg.columns.answer, cfg.columns.id, cfg.columns.question_id)
-    rows = load_answers(answers_path, cols, cfg.max_answer_chars)
-    prompts = PromptBook(load_judge_prompts(cfg.judge_prompts), per_question_prompts)
-    client = client or make_client(cfg, out_dir)
-    atomic_write_text(
-        out_dir / "inputs.json",
-        json.dumps(
-            {"answers": str(Path(answers_path).resolve()), "columns": cfg.columns.model_dump()}, indent=2
+    with lock_dir(out_dir, f"grading into {out_dir}"):
+        cols = Columns(cfg.columns.question, cfg.columns.answer, cfg.columns.id, cfg.columns.question_id)
+        rows = load_answers(answers_path, cols, cfg.max_answer_chars)
+        prompts = PromptBook(load_judge_prompts(cfg.judge_prompts), per_question_prompts)
+        client = client or make_client(cfg, out_dir)
+        atomic_write_text(
+            out_dir / "inputs.json",
+            json.dumps(
+                {"answers": str(Path(answers_path).resolve()), "columns": cfg.columns.model_dump()}, indent=2
+            )
+            + "\n",
         )
-        + "\n",
-    )
-    report = grade(rows, prompts, client, out_dir / GRADES_FILE, cfg, progress=progress)
-    summary = summarize_grades(
-        out_dir / GRADES_FILE,
-        kind=kind,
-        thresholds=thresholds or ThresholdsConfig(),
-        extra={"grade_run": report.as_dict(), **(extra or {})},
-    )
-    atomic_write_text(out_dir / "summary.md", markdown([load_run(out_dir, out_dir.name)]))
-    if check and report.stopped is None:
-        why = provider_error_check(summary, cfg, out_dir)
-        if why is not None:
-            raise GradingIncompleteError(why, [out_dir])
-    return report, summary
+        report = grade(rows, prompts, client, out_dir / GRADES_FILE, cfg, progress=progress)
+        summary = summarize_grades(
+            out_dir / GRADES_FILE,
+            kind=kind,
+            thresholds=thresholds or ThresholdsConfig(),
+            extra={"grade_run": report.as_dict(), **(extra or {})},
+        )
+        atomic_write_text(out_dir / "summary.md", markdown([load_run(out_dir, out_dir.name)]))
+        if check and report.stopped is None:
+            why = provider_error_check(summary, cfg, out_dir)
+            if why is not None:
+                raise GradingIncompleteError(why, [out_dir])
+        return report, summary
 
 
 def _sample(
@@ -170,8 +171,20 @@ def run_misalignment_eval(
     generator: ChatGenerator | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """`caft eval misalignment`: sample answers (system prompts honoured), grade aligned + coherent, summarize."""
+    """`caft eval misalignment`: sample answers (system prompts honoured), grade aligned + coherent, summarize.
+    The folder is locked for the whole eval (`caft.rundir.lock_dir`)."""
     out_dir = Path(out)
+    with lock_dir(out_dir, "caft eval misalignment"):
+        return _misalignment_locked(cfg, out_dir, client, generator, progress)
+
+
+def _misalignment_locked(
+    cfg: MisalignmentEvalConfig,
+    out_dir: Path,
+    client: LLMClient | None,
+    generator: ChatGenerator | None,
+    progress: bool,
+) -> dict[str, Any]:
     questions = load_questions(cfg.questions)
     RunDir.create(
         out_dir,
@@ -265,9 +278,37 @@ def run_code_eval(
     generator: ChatGenerator | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """`caft eval code`: answer held-out coding prompts, grade `vulnerable`, report the vulnerable fraction."""
+    """`caft eval code`: answer held-out coding prompts, grade `vulnerable`, report the vulnerable fraction.
+    The folder is locked for the whole eval (`caft.rundir.lock_dir`)."""
     out_dir = Path(out)
     questions = load_code_prompts(prompts_path)
+    with lock_dir(out_dir, "caft eval code"):
+        return _code_locked(
+            model_cfg,
+            questions,
+            prompts_path,
+            out_dir,
+            grade_cfg,
+            sample,
+            thresholds,
+            client,
+            generator,
+            progress,
+        )
+
+
+def _code_locked(
+    model_cfg: ModelConfig,
+    questions: list[Question],
+    prompts_path: str | Path | None,
+    out_dir: Path,
+    grade_cfg: GradeConfig,
+    sample: SampleConfig,
+    thresholds: ThresholdsConfig | None,
+    client: LLMClient | None,
+    generator: ChatGenerator | None,
+    progress: bool,
+) -> dict[str, Any]:
     RunDir.create(
         out_dir,
         config=grade_cfg,
