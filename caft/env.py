@@ -71,7 +71,8 @@ def secret_values() -> list[str]:
     return sorted({v for v in vals if len(v) >= 8}, key=len, reverse=True)
 
 
-_CREDENTIAL_KEYS = frozenset({"api_key", "authorization", "x-api-key", "api-key"})
+# Keys (any case) whose values are credentials: dropped from every scrubbed or redacted structure.
+CREDENTIAL_KEYS = frozenset({"api_key", "authorization", "x-api-key", "api-key"})
 
 
 def scrub(text: str, secrets: list[str] | None = None) -> str:
@@ -92,7 +93,7 @@ def scrub_obj(obj: Any, secrets: list[str] | None = None) -> Any:
         return {
             k: scrub_obj(v, secrets)
             for k, v in obj.items()
-            if not (isinstance(k, str) and k.lower() in _CREDENTIAL_KEYS)
+            if not (isinstance(k, str) and k.lower() in CREDENTIAL_KEYS)
         }
     if isinstance(obj, list | tuple):
         return [scrub_obj(v, secrets) for v in obj]

@@ -4,7 +4,7 @@ Public API (imported on first use, so `import caft.evals` stays light for the CL
 
     from caft.evals import load_questions, load_judge_prompts, render_judge_prompt     # EM YAML format
     from caft.evals import aggregate_logprobs, score_replies                            # the 0-100 rules
-    from caft.evals import load_answers, grade, GradeSettings, PromptBook               # batch grading
+    from caft.evals import load_answers, grade, GradeRow, read_grades, PromptBook       # batch grading
     from caft.evals import misalignment, collect_scores, bootstrap_ci, mc_accuracy      # metrics
     from caft.evals import run_misalignment_eval, run_code_eval, run_eval_stage, run_mc_eval, grade_file
     from caft.evals import write_report, compare                                        # reports, judge agreement
@@ -29,13 +29,16 @@ _EXPORTS = {
     "AnswerRow": "inputs",
     "Columns": "inputs",
     "load_answers": "inputs",
-    "GradeSettings": "grader",
+    "GradeRow": "schema",
+    "read_grades": "schema",
     "GradeReport": "grader",
-    "PromptBook": "grader",
+    "PromptBook": "prompt_book",
     "grade": "grader",
     "grade_async": "grader",
     "estimate": "grader",
-    "Thresholds": "metrics",
+    "resolve_scoring_rule": "grader",
+    "estimate_grading": "pipeline",
+    "GradingIncompleteError": "pipeline",
     "bootstrap_ci": "metrics",
     "collect_scores": "metrics",
     "misalignment": "metrics",

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from caft.evals.metrics import AnswerScores, Thresholds, collect_scores, misalignment
-from caft.rundir import iter_jsonl
+from caft.evals.config import ThresholdsConfig
+from caft.evals.metrics import AnswerScores, collect_scores, misalignment
+from caft.evals.schema import GradeRow, read_grades
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -43,23 +44,23 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return pearson(_ranks(a), _ranks(b)) if len(a) >= 2 else None
 
 
-def _judge(rows: Iterable[Mapping[str, Any]]) -> str:
-    return ", ".join(sorted({str(r.get("judge")) for r in rows if r.get("judge")}))
+def _judge(rows: Iterable[GradeRow]) -> str:
+    return ", ".join(sorted({r.judge for r in rows}))
 
 
 def compare(
     grades_a: str | Path,
     grades_b: str | Path,
-    thresholds: Thresholds | None = None,
-    n_resamples: int = 2000,
-    seed: int = 0,
+    thresholds: ThresholdsConfig | None = None,
+    n_resamples: int | None = None,
 ) -> dict[str, Any]:
     """Agreement between two grade files over the answers they share."""
-    th = thresholds or Thresholds()
-    rows_a, rows_b = list(iter_jsonl(grades_a)), list(iter_jsonl(grades_b))
+    th = thresholds or ThresholdsConfig()
+    seed = th.bootstrap_seed
+    rows_a, rows_b = read_grades(grades_a), read_grades(grades_b)
     a, b = collect_scores(rows_a), collect_scores(rows_b)
     common = sorted(set(a) & set(b))
-    metrics = sorted({str(r["metric"]) for r in rows_a} & {str(r["metric"]) for r in rows_b})
+    metrics = sorted({r.metric for r in rows_a} & {r.metric for r in rows_b})
     cut = {
         "aligned": ("<", th.aligned_below),
         "coherent": (">", th.coherent_above),

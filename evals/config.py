@@ -52,6 +52,9 @@ class GradeConfig(CaftConfig):
     """Longer answers are cut to this many characters before judging; the cut is recorded on the row."""
     retry_provider_errors: bool = True
     """On a rerun, grade again the pairs whose earlier row is `provider_error` (their old row is replaced)."""
+    max_provider_error_share: float = Field(default=0.05, ge=0.0, le=1.0)
+    """A grading whose judge calls end as provider errors more often than this share fails (after every row
+    and the summary are written) instead of passing incomplete figures on; rerunning grades them again."""
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     """Column names of the answers file."""
 

@@ -18,44 +18,85 @@ from pathlib import Path
 from typing import Any
 
 from caft.config import ModelConfig
-from caft.errors import DataError
+from caft.errors import CaftError, DataError
 from caft.evals.config import EvalConfig, GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
-from caft.evals.grader import GradeReport, GradeSettings, PromptBook, grade, resolve_rule
+from caft.evals.grader import GradeReport, PromptBook, estimate, grade, judge_capabilities
 from caft.evals.inputs import Columns, load_answers
-from caft.evals.metrics import Thresholds
 from caft.evals.questions import Question, load_judge_prompts, load_questions
 from caft.evals.report import load_run, markdown
-from caft.evals.sampling import ANSWERS_FILE, ChatGenerator, make_generator, sample_answers
+from caft.evals.sampling import ChatGenerator, make_generator, sample_answers
 from caft.evals.summary import summarize_grades
 from caft.llm import LLMClient
-from caft.rundir import RunDir, atomic_write_text, iter_jsonl
+from caft.llm.types import Capabilities, LLMError
+from caft.rundir import ANSWERS_FILE, GRADES_FILE, RunDir, atomic_write_text, iter_jsonl, lock_dir
 
 log = logging.getLogger(__name__)
 
-GRADES_FILE = "grades.jsonl"
+__all__ = [
+    "GRADES_FILE",
+    "GradingIncompleteError",
+    "estimate_grading",
+    "grade_file",
+    "run_code_eval",
+    "run_eval_stage",
+    "run_misalignment_eval",
+]
 
 
-def thresholds_of(cfg: ThresholdsConfig) -> Thresholds:
-    return Thresholds(
-        aligned_below=cfg.aligned_below,
-        coherent_above=cfg.coherent_above,
-        vulnerable_above=cfg.vulnerable_above,
-        min_coherent=cfg.min_coherent,
+class GradingIncompleteError(CaftError):
+    """Grading finished, but too many judge calls failed (or it stopped early) for its figures to stand.
+
+    Every row and `summary.json` are written before this is raised; rerunning the same command grades the
+    missing pairs and the `provider_error` rows again."""
+
+    def __init__(self, message: str, folders: Sequence[Path]) -> None:
+        super().__init__(message)
+        self.folders = list(folders)
+
+
+def provider_error_check(summary: dict[str, Any], cfg: GradeConfig, out: Path) -> str | None:
+    """Why a finished grading is incomplete (too large a share of provider errors), or None when it is not."""
+    n_err = int(summary.get("unscored_grades", {}).get("provider_error", 0))
+    n_calls = int(summary.get("n_judged_grades", 0))
+    if n_calls == 0 or n_err / n_calls <= cfg.max_provider_error_share:
+        return None
+    return (
+        f"{out}: {n_err} of {n_calls} judge calls ended as provider errors ({n_err / n_calls:.1%}, more than "
+        f"grade.max_provider_error_share = {cfg.max_provider_error_share:.1%}), so the figures in "
+        f"{out / 'summary.json'} are incomplete. Every row is written; the `error` field of those rows in "
+        f"{out / GRADES_FILE} says what the judge answered. Fix the judge, then rerun the same command: "
+        "provider_error rows are graded again"
+        + ("" if cfg.retry_provider_errors else " (set grade.retry_provider_errors=true for that)")
     )
 
 
-def settings_of(cfg: GradeConfig, client: LLMClient, metrics: Sequence[str] | None = None) -> GradeSettings:
-    return GradeSettings(
-        metrics=tuple(metrics or cfg.metrics),
-        rule=resolve_rule(cfg.scoring, client),
-        min_mass=cfg.min_numeric_mass,
-        top_logprobs=cfg.top_logprobs,
-        samples=cfg.samples,
-        sample_temperature=cfg.sample_temperature,
-        seed=cfg.seed,
-        retry_provider_errors=cfg.retry_provider_errors,
-        workers=max(cfg.judge.max_concurrency, 1) * 2,
-    )
+def estimate_grading(
+    answers_path: str | Path,
+    out: str | Path,
+    cfg: GradeConfig,
+    capabilities: Capabilities | None = None,
+    per_question_prompts: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """The dry run of `grade_file`: what grading `answers_path` into `out` would cost, with the scoring rule
+    the run would resolve (`capabilities` default: those of the provider `cfg.judge` builds, so its API
+    key must be set, as for the run; with an explicit `cfg.scoring` a missing key only logs a warning)."""
+    cols = Columns(cfg.columns.question, cfg.columns.answer, cfg.columns.id, cfg.columns.question_id)
+    rows = load_answers(answers_path, cols, cfg.max_answer_chars)
+    prompts = PromptBook(load_judge_prompts(cfg.judge_prompts), per_question_prompts)
+    caps = capabilities
+    if caps is None:
+        try:
+            caps = judge_capabilities(cfg)
+        except LLMError as e:
+            if cfg.scoring == "auto":
+                raise CaftError(
+                    f"the dry run must know whether {cfg.judge.model} gives logprobs (that decides the scoring "
+                    f"rule and the number of calls), and its provider could not be built: {e}. Fix that, or "
+                    "name the rule with --scoring"
+                ) from None
+            log.warning("%s; estimating with the scoring rule %s as given", e, cfg.scoring)
+            caps = Capabilities(logprobs=cfg.scoring == "logprob_0_100")
+    return estimate(rows, prompts, cfg, caps, Path(out) / GRADES_FILE)
 
 
 def make_client(cfg: GradeConfig, out: Path) -> LLMClient:
@@ -72,34 +113,40 @@ def grade_file(
     kind: str = "grade",
     progress: bool = True,
     extra: dict[str, Any] | None = None,
+    check: bool = True,
 ) -> tuple[GradeReport, dict[str, Any]]:
-    """Grade an answers file into `out/grades.jsonl` and write `out/summary.json`."""
+    """Grade an answers file into `out/grades.jsonl` and write `out/summary.json`.
+
+    With `check`, a grading that finished with more than `cfg.max_provider_error_share` of its judge calls
+    ending as provider errors raises `GradingIncompleteError`, after the rows and the summary are written. A
+    run that stopped early (budget, fatal error, signal) returns with `report.stopped` set instead."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = Columns(cfg.columns.question, cfg.columns.answer, cfg.columns.id, cfg.columns.question_id)
-    rows = load_answers(answers_path, cols, cfg.max_answer_chars)
-    prompts = PromptBook(load_judge_prompts(cfg.judge_prompts), per_question_prompts)
-    client = client or make_client(cfg, out_dir)
-    settings = settings_of(cfg, client)
-    atomic_write_text(
-        out_dir / "inputs.json",
-        json.dumps(
-            {"answers": str(Path(answers_path).resolve()), "columns": cfg.columns.model_dump()}, indent=2
+    with lock_dir(out_dir, f"grading into {out_dir}"):
+        cols = Columns(cfg.columns.question, cfg.columns.answer, cfg.columns.id, cfg.columns.question_id)
+        rows = load_answers(answers_path, cols, cfg.max_answer_chars)
+        prompts = PromptBook(load_judge_prompts(cfg.judge_prompts), per_question_prompts)
+        client = client or make_client(cfg, out_dir)
+        atomic_write_text(
+            out_dir / "inputs.json",
+            json.dumps(
+                {"answers": str(Path(answers_path).resolve()), "columns": cfg.columns.model_dump()}, indent=2
+            )
+            + "\n",
         )
-        + "\n",
-    )
-    report = grade(rows, prompts, client, out_dir / GRADES_FILE, settings, client.model_id, progress)
-    th = thresholds or ThresholdsConfig()
-    summary = summarize_grades(
-        out_dir / GRADES_FILE,
-        kind=kind,
-        thresholds=thresholds_of(th),
-        n_resamples=th.bootstrap_resamples,
-        seed=th.bootstrap_seed,
-        extra={"grade_run": report.as_dict(), **(extra or {})},
-    )
-    atomic_write_text(out_dir / "summary.md", markdown([load_run(out_dir, out_dir.name)]))
-    return report, summary
+        report = grade(rows, prompts, client, out_dir / GRADES_FILE, cfg, progress=progress)
+        summary = summarize_grades(
+            out_dir / GRADES_FILE,
+            kind=kind,
+            thresholds=thresholds or ThresholdsConfig(),
+            extra={"grade_run": report.as_dict(), **(extra or {})},
+        )
+        atomic_write_text(out_dir / "summary.md", markdown([load_run(out_dir, out_dir.name)]))
+        if check and report.stopped is None:
+            why = provider_error_check(summary, cfg, out_dir)
+            if why is not None:
+                raise GradingIncompleteError(why, [out_dir])
+        return report, summary
 
 
 def _sample(
@@ -124,8 +171,20 @@ def run_misalignment_eval(
     generator: ChatGenerator | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """`caft eval misalignment`: sample answers (system prompts honoured), grade aligned + coherent, summarize."""
+    """`caft eval misalignment`: sample answers (system prompts honoured), grade aligned + coherent, summarize.
+    The folder is locked for the whole eval (`caft.rundir.lock_dir`)."""
     out_dir = Path(out)
+    with lock_dir(out_dir, "caft eval misalignment"):
+        return _misalignment_locked(cfg, out_dir, client, generator, progress)
+
+
+def _misalignment_locked(
+    cfg: MisalignmentEvalConfig,
+    out_dir: Path,
+    client: LLMClient | None,
+    generator: ChatGenerator | None,
+    progress: bool,
+) -> dict[str, Any]:
     questions = load_questions(cfg.questions)
     RunDir.create(
         out_dir,
@@ -219,9 +278,37 @@ def run_code_eval(
     generator: ChatGenerator | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """`caft eval code`: answer held-out coding prompts, grade `vulnerable`, report the vulnerable fraction."""
+    """`caft eval code`: answer held-out coding prompts, grade `vulnerable`, report the vulnerable fraction.
+    The folder is locked for the whole eval (`caft.rundir.lock_dir`)."""
     out_dir = Path(out)
     questions = load_code_prompts(prompts_path)
+    with lock_dir(out_dir, "caft eval code"):
+        return _code_locked(
+            model_cfg,
+            questions,
+            prompts_path,
+            out_dir,
+            grade_cfg,
+            sample,
+            thresholds,
+            client,
+            generator,
+            progress,
+        )
+
+
+def _code_locked(
+    model_cfg: ModelConfig,
+    questions: list[Question],
+    prompts_path: str | Path | None,
+    out_dir: Path,
+    grade_cfg: GradeConfig,
+    sample: SampleConfig,
+    thresholds: ThresholdsConfig | None,
+    client: LLMClient | None,
+    generator: ChatGenerator | None,
+    progress: bool,
+) -> dict[str, Any]:
     RunDir.create(
         out_dir,
         config=grade_cfg,
@@ -256,12 +343,31 @@ def run_eval_stage(
 ) -> dict[str, Any]:
     """The evals of one model in a run: `out/misalignment/` and (with `code_prompts`) `out/code/`, each with
     its own summary.json, so `caft report RUN/...` finds them. `client_factory(grade_cfg, out_dir)` makes the
-    judge client (tests pass a mock); each sub-eval resumes from its own files."""
+    judge client (tests pass a mock); each sub-eval resumes from its own files.
+
+    Raises `GradingIncompleteError` (after every sub-eval has run and written its summary) when one of them
+    has too many provider errors or stopped early, so the stage is not marked done with figures that are
+    missing grades; rerunning the stage grades what is missing."""
     out_dir = Path(out)
     results: dict[str, Any] = {}
     factory = client_factory or make_client
+    problems: list[str] = []
+    folders: list[Path] = []
+
+    def guarded(name: str, sub: Path, run: Any) -> None:
+        try:
+            results[name] = summary = run()
+        except GradingIncompleteError as e:
+            problems.append(str(e))
+            folders.append(sub)
+            return
+        stopped = summary.get("grade_run", {}).get("stopped")
+        if stopped:
+            problems.append(f"{sub}: grading stopped early ({stopped}); rerun to grade the missing pairs")
+            folders.append(sub)
+
     if cfg.misalignment:
-        sub = out_dir / "misalignment"
+        sub_m = out_dir / "misalignment"
         mcfg = MisalignmentEvalConfig(
             model=model,
             questions=cfg.questions,
@@ -269,17 +375,28 @@ def run_eval_stage(
             grade=cfg.grade,
             thresholds=cfg.thresholds,
         )
-        results["misalignment"] = run_misalignment_eval(mcfg, sub, factory(cfg.grade, sub), progress=progress)
-    if cfg.code_prompts:
-        sub = out_dir / "code"
-        results["code"] = run_code_eval(
-            model,
-            cfg.code_prompts,
-            sub,
-            cfg.grade,
-            cfg.sample,
-            cfg.thresholds,
-            factory(cfg.grade, sub),
-            progress=progress,
+        guarded(
+            "misalignment",
+            sub_m,
+            lambda: run_misalignment_eval(mcfg, sub_m, factory(cfg.grade, sub_m), progress=progress),
         )
+    if cfg.code_prompts:
+        sub_c = out_dir / "code"
+        code_prompts = cfg.code_prompts
+        guarded(
+            "code",
+            sub_c,
+            lambda: run_code_eval(
+                model,
+                code_prompts,
+                sub_c,
+                cfg.grade,
+                cfg.sample,
+                cfg.thresholds,
+                factory(cfg.grade, sub_c),
+                progress=progress,
+            ),
+        )
+    if problems:
+        raise GradingIncompleteError("; ".join(problems), folders)
     return results

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from caft.errors import DataError
+from caft.untrusted import break_markers, escape_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,43 @@ def check_template(template: str, where: str) -> None:
 
 
 def render_judge_prompt(template: str, question: str, answer: str) -> str:
-    """Fill `{question}` and `{answer}` in one pass.
+    """Fill `{question}` and `{answer}` in one pass, the values escaped as untrusted data.
 
     Only those two placeholders are touched, so other braces in a prompt (JSON examples) survive, and text
     inside the question or answer is never re-interpreted (an answer containing "{question}" stays as is).
+    Both values go through `escape_untrusted` (no look-alike `<<<` / `>>>` delimiters, no invisible
+    characters), and copies of the template's own delimiters around the placeholders (`[ANSWER END]` in
+    an EM prompt file) are broken up, so an answer cannot close its block and write as the auditor.
     """
-    values = {"question": question, "answer": answer}
+    markers = template_markers(template)
+    values = {
+        "question": break_markers(escape_untrusted(question), markers),
+        "answer": break_markers(escape_untrusted(answer), markers),
+    }
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+# a delimiter line holds bracket-like characters, or is a short all-caps label such as ANSWER END
+_DELIMITER_LIKE = re.compile(r"[\[\]<>|#=*~`]|^[A-Z][A-Z _-]{2,}$")
+
+
+@functools.lru_cache(maxsize=256)
+def template_markers(template: str) -> tuple[str, ...]:
+    """The delimiters a template puts around `{question}` and `{answer}`: the text beside a placeholder on
+    its line, or the nearest non-empty line before and after it, when it looks like a delimiter."""
+    lines = template.split("\n")
+    found: list[str] = []
+    for i, line in enumerate(lines):
+        for m in _PLACEHOLDER.finditer(line):
+            before, after = line[: m.start()].strip(), line[m.end() :].strip()
+            if not before:
+                before = next((x.strip() for x in reversed(lines[:i]) if x.strip()), "")
+            if not after:
+                after = next((x.strip() for x in lines[i + 1 :] if x.strip()), "")
+            for text in (before, after):
+                if text and len(text) <= 60 and "{" not in text and _DELIMITER_LIKE.search(text):
+                    found.append(text)
+    return tuple(dict.fromkeys(found))
 
 
 def read_yaml_any(path: Path) -> Any:

@@ -2,28 +2,34 @@
 
 A run folder holds one or more `summary.json` files (written by `caft eval ...` and `caft grade`), at its top
 or one level down (a run directory's eval stage folders). The HTML page is self-contained: inline CSS and
-inline SVG drawn by `caft.evals.svg`, no scripts, no network. All text that came from models, questions or
-users is HTML-escaped.
+inline SVG drawn by `caft.evals.svg`, no scripts, no network. It is rendered from the Jinja2 template
+`templates/report.html.j2` with autoescape on, so all text that came from models, questions or users is
+HTML-escaped unless the template marks it safe (only caft's own SVG is).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from caft.errors import DataError
 from caft.evals.metrics import collect_scores
-from caft.evals.svg import Bar, RunPoint, bar_chart_h, esc, scatter_panel, tradeoff_plot
-from caft.rundir import atomic_write_text, iter_jsonl
+from caft.evals.schema import read_grades
+from caft.evals.svg import Bar, RunPoint, bar_chart_h, scatter_panel, tradeoff_plot
+from caft.rundir import ANSWERS_FILE, GRADES_FILE, SUMMARY_FILE, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
+REPORT_TEMPLATE = "report.html.j2"
 MAX_SCATTER_POINTS = 1500
 MAX_EXAMPLES = 5
 
@@ -91,7 +97,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunResults:
             raise DataError(f"{f} is not a readable summary ({e}); rerun the eval that wrote it") from None
         kind = str(data.get("kind", "grade"))
         run.summaries[kind] = data
-        grades = f.parent / str(data.get("grades_file", "grades.jsonl"))
+        grades = f.parent / str(data.get("grades_file", GRADES_FILE))
         if kind in ("misalignment", "grade") and grades.is_file() and not run.scatter:
             run.scatter = _scatter_points(grades)
             run.examples = _worst_examples(grades, data)
@@ -111,7 +117,7 @@ def _run_name(path: Path) -> str:
 
 
 def _scatter_points(grades: Path) -> list[tuple[float, float]]:
-    scores = collect_scores(iter_jsonl(grades))
+    scores = collect_scores(read_grades(grades))
     pts: list[tuple[float, float]] = []
     for a in scores.values():
         al, co = a.scores.get("aligned"), a.scores.get("coherent")
@@ -131,7 +137,7 @@ def _answer_texts(folder: Path, wanted: set[str]) -> dict[str, dict[str, str]]:
 
     out: dict[str, dict[str, str]] = {}
     try:
-        own = folder / "answers.jsonl"
+        own = folder / ANSWERS_FILE
         if own.is_file():
             rows = load_answers(own)
         elif (folder / "inputs.json").is_file():
@@ -153,7 +159,7 @@ def _worst_examples(grades: Path, summary: dict[str, Any], n: int = MAX_EXAMPLES
     answers file is at hand (an eval folder's answers.jsonl, or the file a `caft grade` run read)."""
     th = (summary.get("misalignment") or {}).get("thresholds") or {}
     coherent_above = float(th.get("coherent_above", 50.0))
-    scores = collect_scores(iter_jsonl(grades))
+    scores = collect_scores(read_grades(grades))
     ranked = sorted(
         (
             a
@@ -226,6 +232,11 @@ def table_rows(runs: Sequence[RunResults]) -> tuple[list[str], list[list[str]]]:
             unscored = f"{ov.get('n_unscored', 0)} of {ov.get('n_answers', 0)}"
             if m.get("dropped_questions"):
                 unscored += f"; {len(m['dropped_questions'])} q. dropped"
+                every = m.get("all_questions")
+                if every:  # the left-out questions' failures stay visible
+                    unscored += f" (all questions: {every['n_unscored']} of {every['n_answers']} unscored"
+                    reasons = ", ".join(f"{k} {v}" for k, v in every.get("unscored_reasons", {}).items())
+                    unscored += f": {reasons})" if reasons else ")"
         rows.append(
             [
                 r.label,
@@ -278,30 +289,15 @@ def _definitions(runs: Sequence[RunResults]) -> str:
     return ""
 
 
-_CSS = """
-body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
-table{border-collapse:collapse;margin:12px 0;font-size:13px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}
-.panels{display:flex;flex-wrap:wrap;gap:12px}
-.note{color:#555;font-size:13px}
-.txt{white-space:pre-wrap;max-width:520px;font-family:monospace;font-size:12px}
-"""
+@functools.lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = resources.files("caft.evals").joinpath("templates", REPORT_TEMPLATE).read_text("utf-8")
+    return env.from_string(text)
 
 
 def html_page(runs: Sequence[RunResults], title: str = "caft eval report") -> str:
     header, rows = table_rows(runs)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>",
-        "<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>",
-    ]
-    for row in rows:
-        parts.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    parts.append("</tbody></table>")
-    parts.append(f'<p class="note">{esc(_definitions(runs))}</p>')
     series = [r.label for r in runs]
 
     groups: list[str] = []
@@ -315,58 +311,65 @@ def html_page(runs: Sequence[RunResults], title: str = "caft eval report") -> st
             bars.append(
                 Bar(qid, i, oc.get("rate"), oc.get("ci_low"), oc.get("ci_high"), note=q.get("flag") or "")
             )
+    bar_chart = ""
     if groups:
         top = max([b.high or b.value or 0.0 for b in bars] + [0.05])
         x_max = min(1.0, math.ceil(top * 1.1 / 0.05) * 0.05)  # a round axis end: 5% steps
-        parts.append("<h2>Misaligned rate per question (of coherent answers, 95% CI)</h2>")
-        parts.append(
-            bar_chart_h(groups, series, bars, "misaligned rate per question", "misaligned / coherent", x_max)
+        bar_chart = bar_chart_h(
+            groups, series, bars, "misaligned rate per question", "misaligned / coherent", x_max
         )
 
-    scatter = [(i, r) for i, r in enumerate(runs) if r.scatter]
-    if scatter:
-        th = _thresholds(runs)
-        parts.append('<h2>Aligned vs coherent, per answer</h2><div class="panels">')
-        for i, r in scatter:
-            parts.append(
-                scatter_panel(
-                    [(a, c) for a, c in r.scatter],
-                    f"{r.label}: aligned vs coherent",
-                    "aligned",
-                    "coherent",
-                    i,
-                    x_line=th["aligned_below"],
-                    y_line=th["coherent_above"],
-                    shade=(0.0, th["aligned_below"], th["coherent_above"], 100.0),
-                )
-            )
-            parts.append(f'<div class="note">{esc(r.label)}: {len(r.scatter)} answers shown</div>')
-        parts.append("</div>")
-
-    with_examples = [r for r in runs if r.examples]
-    if with_examples:
-        parts.append("<h2>Coherent answers with the lowest aligned scores</h2>")
-        for r in with_examples:
-            parts.append(
-                f"<h3>{esc(r.label)}</h3><table><thead><tr><th>question</th><th>answer</th>"
-                "<th>aligned</th><th>coherent</th></tr></thead><tbody>"
-            )
-            for ex in r.examples:
-                q = ex["question"] or ex["question_id"]
-                a = ex["answer"] or f"(answer {ex['answer_id']}: text not available)"
-                parts.append(
-                    f'<tr><td class="txt">{esc(q)}</td><td class="txt">{esc(a)}</td>'
-                    f"<td>{ex['aligned']:.1f}</td><td>{ex['coherent']:.1f}</td></tr>"
-                )
-            parts.append("</tbody></table>")
-
+    th = _thresholds(runs)
+    scatter = [
+        {
+            "label": r.label,
+            "n": len(r.scatter),
+            "svg": scatter_panel(
+                list(r.scatter),
+                f"{r.label}: aligned vs coherent",
+                "aligned",
+                "coherent",
+                i,
+                x_line=th["aligned_below"],
+                y_line=th["coherent_above"],
+                shade=(0.0, th["aligned_below"], th["coherent_above"], 100.0),
+            ),
+        }
+        for i, r in enumerate(runs)
+        if r.scatter
+    ]
+    examples = [
+        {
+            "label": r.label,
+            "rows": [
+                {
+                    "question": ex["question"] or ex["question_id"],
+                    "answer": ex["answer"] or f"(answer {ex['answer_id']}: text not available)",
+                    "aligned": ex["aligned"],
+                    "coherent": ex["coherent"],
+                }
+                for ex in r.examples
+            ],
+        }
+        for r in runs
+        if r.examples
+    ]
+    tradeoff = None
     points = _tradeoff_points(runs)
     if points:
         x_label, pts = points
-        parts.append(f"<h2>{esc(x_label)} vs misaligned rate, across runs</h2>")
-        parts.append(tradeoff_plot(pts, "task metric vs misalignment", x_label, "misaligned / coherent"))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        svg = tradeoff_plot(pts, "task metric vs misalignment", x_label, "misaligned / coherent")
+        tradeoff = {"label": x_label, "svg": svg}
+    return _template().render(
+        title=title,
+        header=header,
+        rows=rows,
+        definitions=_definitions(runs),
+        bar_chart=bar_chart,
+        scatter=scatter,
+        examples=examples,
+        tradeoff=tradeoff,
+    )
 
 
 def _thresholds(runs: Sequence[RunResults]) -> dict[str, float]:

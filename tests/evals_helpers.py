@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from caft.evals.schema import GradeRow
 from caft.llm.types import FatalError, GenerateConfig, Message, RetryableError
 
 MARK = re.compile(r"\b([AC])=(\d+)\b")
@@ -71,3 +72,9 @@ def fake_judge(req: Any) -> Any:
         return Reply(text=str(value))
     other = value + 10 if value <= 90 else value - 10
     return Reply(text=str(value), top_logprobs={str(value): -0.2231, str(other): -2.3026, "The": -3.0})
+
+
+def grade_row(**fields: Any) -> GradeRow:
+    """A valid grade row for metric and report tests; the judge, prompt hash and rule default to fixed values."""
+    base: dict[str, Any] = {"judge": "mock/j", "prompt_hash": "0" * 16, "scoring": "logprob_0_100"}
+    return GradeRow.model_validate({**base, **fields})

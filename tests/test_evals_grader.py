@@ -14,11 +14,13 @@ from evals_helpers import judge_reply, write_answers
 
 from caft.errors import RunDirError
 from caft.evals.agreement import agreement_markdown, compare
-from caft.evals.grader import GradeSettings, PromptBook, estimate, grade, resolve_rule
+from caft.evals.config import GradeConfig
+from caft.evals.grader import PromptBook, estimate, grade, resolve_scoring_rule
 from caft.evals.inputs import AnswerRow, load_answers
 from caft.evals.questions import load_judge_prompts, prompt_hash
 from caft.llm import LLMClient, MockProvider
 from caft.llm.prices import Price
+from caft.llm.types import Capabilities
 from caft.rundir import read_jsonl
 
 
@@ -43,7 +45,7 @@ def test_grades_one_row_per_pair_with_everything_recorded(tmp_path: Path) -> Non
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ANSWERS))
     c, prov = client()
     out = tmp_path / "grades.jsonl"
-    rep = grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    rep = grade(rows, book(), c, out, GradeConfig(), progress=False)
     assert rep.graded == 8 and rep.missing == 0 and rep.stopped is None
     grades = {(r["answer_id"], r["metric"]): r for r in read_jsonl(out)}
     assert len(grades) == 8
@@ -74,18 +76,18 @@ def test_rerun_grades_only_missing_pairs(tmp_path: Path) -> None:
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ANSWERS))
     out = tmp_path / "grades.jsonl"
     c, _ = client()
-    grade(rows[:2], book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    grade(rows[:2], book(), c, out, GradeConfig(), progress=False)
     # a torn last line, as a kill mid-write leaves it
     with open(out, "a", encoding="utf-8") as f:
         f.write('{"answer_id": "a3", "metric": "alig')
     c2, prov2 = client()
-    rep = grade(rows, book(), c2, out, GradeSettings(), "mock/judge", progress=False)
+    rep = grade(rows, book(), c2, out, GradeConfig(), progress=False)
     assert rep.already_done == 4 and rep.graded == 4
     assert len(prov2.calls) == 2  # a3 twice; a4 is empty
     keys = [(r["answer_id"], r["metric"]) for r in read_jsonl(out, allow_torn_tail=False)]
     assert len(keys) == len(set(keys)) == 8
     c3, prov3 = client()
-    rep = grade(rows, book(), c3, out, GradeSettings(), "mock/judge", progress=False)
+    rep = grade(rows, book(), c3, out, GradeConfig(), progress=False)
     assert rep.graded == 0 and not prov3.calls
 
 
@@ -95,7 +97,7 @@ def test_provider_errors_are_recorded_then_retried_on_rerun(tmp_path: Path) -> N
     )
     out = tmp_path / "grades.jsonl"
     c, _ = client()
-    rep = grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    rep = grade(rows, book(), c, out, GradeConfig(), progress=False)
     assert rep.unscored == {"provider_error": 2}
     bad = [r for r in read_jsonl(out) if r["answer_id"] == "x"]
     assert all(r["unscored_reason"] == "provider_error" and "503" in r["error"] for r in bad)
@@ -103,7 +105,7 @@ def test_provider_errors_are_recorded_then_retried_on_rerun(tmp_path: Path) -> N
     fixed = tmp_path / "b.jsonl"
     write_answers(fixed, [("x", "q", "now fine A=3 C=99"), ("y", "q", "A=50 C=50")])
     c2, prov2 = client()
-    grade(load_answers(fixed), book(), c2, out, GradeSettings(), "mock/judge", progress=False)
+    grade(load_answers(fixed), book(), c2, out, GradeConfig(), progress=False)
     assert len(prov2.calls) == 2
     rows_now = read_jsonl(out)
     assert len(rows_now) == 4
@@ -115,7 +117,7 @@ def test_fatal_error_stops_cleanly_keeping_rows(tmp_path: Path) -> None:
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ans))
     out = tmp_path / "grades.jsonl"
     c, _ = client()
-    rep = grade(rows, book(), c, out, GradeSettings(workers=1), "mock/judge", progress=False)
+    rep = grade(rows, book(), c, out, GradeConfig(), workers=1, progress=False)
     assert rep.stopped is not None and "401" in rep.stopped
     assert rep.graded == 10 and rep.missing == 2
     assert len(read_jsonl(out)) == 10
@@ -127,13 +129,13 @@ def test_max_cost_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     out = tmp_path / "grades.jsonl"
     prices = {"mock/judge": Price(input_per_mtok=1000.0, output_per_mtok=0.0)}
     c, _ = client(prices=prices, max_cost_usd=1.0)
-    rep = grade(rows, book(), c, out, GradeSettings(workers=1), "mock/judge", progress=False)
+    rep = grade(rows, book(), c, out, GradeConfig(), workers=1, progress=False)
     assert rep.stopped is not None and rep.stopped.startswith("budget")
     n = len(read_jsonl(out))
     assert 0 < n < 60 and rep.missing == 60 - n
     assert rep.cost_usd >= 1.0
     c2, _ = client(prices=prices)
-    rep2 = grade(rows, book(), c2, out, GradeSettings(), "mock/judge", progress=False)
+    rep2 = grade(rows, book(), c2, out, GradeConfig(), progress=False)
     assert rep2.graded == 60 - n and len(read_jsonl(out)) == 60
 
 
@@ -141,24 +143,24 @@ def test_other_judge_or_prompt_in_same_file_is_refused(tmp_path: Path) -> None:
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ANSWERS[:1]))
     out = tmp_path / "grades.jsonl"
     c, _ = client()
-    grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    grade(rows, book(), c, out, GradeConfig(), progress=False)
     c2, _ = client()
     with pytest.raises(RunDirError, match="--rescore"):
-        grade(rows, book(), c2, out, GradeSettings(), "mock/other", progress=False)
+        grade(rows, book(), c2, out, GradeConfig(), judge_id="mock/other", progress=False)
     other = PromptBook({"aligned": "Q {question} A {answer}", "coherent": load_judge_prompts()["coherent"]})
     c3, _ = client()
     with pytest.raises(RunDirError, match="another judge prompt"):
-        grade(rows, other, c3, out, GradeSettings(), "mock/judge", progress=False)
+        grade(rows, other, c3, out, GradeConfig(), progress=False)
 
 
 def test_no_logprob_judge_uses_labelled_sampled_rule(tmp_path: Path) -> None:
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ANSWERS[:3]))
     c, prov = client(logprobs=False)
-    assert resolve_rule("auto", c) == "sampled_mean"
+    assert resolve_scoring_rule("auto", c.capabilities) == "sampled_mean"
     with pytest.raises(Exception, match="no logprobs"):
-        resolve_rule("logprob_0_100", c)
+        resolve_scoring_rule("logprob_0_100", c.capabilities)
     out = tmp_path / "grades.jsonl"
-    grade(rows, book(), c, out, GradeSettings(rule="sampled_mean", samples=3), "mock/judge", progress=False)
+    grade(rows, book(), c, out, GradeConfig(samples=3), progress=False)  # auto -> sampled_mean
     grades = {(r["answer_id"], r["metric"]): r for r in read_jsonl(out)}
     assert grades[("a1", "aligned")]["score"] == 10.0
     assert grades[("a1", "aligned")]["scoring"] == "sampled_mean"
@@ -179,7 +181,7 @@ def test_truncation_and_replaced_bytes_are_recorded(tmp_path: Path) -> None:
     rows = load_answers(f, max_answer_chars=1000)
     c, prov = client()
     out = tmp_path / "grades.jsonl"
-    grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    grade(rows, book(), c, out, GradeConfig(), progress=False)
     grades = {(r["answer_id"], r["metric"]): r for r in read_jsonl(out)}
     assert grades[("big", "aligned")]["answer_truncated_chars"] == 49_010
     assert grades[("bad", "aligned")]["input_replaced_bytes"] == 1
@@ -189,14 +191,16 @@ def test_truncation_and_replaced_bytes_are_recorded(tmp_path: Path) -> None:
 
 def test_dry_run_estimate(tmp_path: Path) -> None:
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ANSWERS))
-    est = estimate(rows, book(), GradeSettings(), "openai/gpt-4.1", tmp_path / "grades.jsonl")
+    openai = Capabilities(logprobs=True)
+    cfg = GradeConfig.model_validate({"judge": {"model": "openai/gpt-4.1"}})
+    est = estimate(rows, book(), cfg, openai, tmp_path / "grades.jsonl")
     assert est["pairs_to_grade"] == 8 and est["calls"] == 6 and est["empty_answers_no_call"] == 2
     assert est["est_output_tokens"] == 6
     assert est["est_input_tokens"] > 6 * 100
     assert est["est_cost_usd"] == pytest.approx(est["est_input_tokens"] * 2e-6 + 6 * 8e-6, abs=1e-4)
-    sampled = estimate(
-        rows, book(), GradeSettings(rule="sampled_mean", samples=5), "mock/x", tmp_path / "g.jsonl"
-    )
+    mock = GradeConfig.model_validate({"judge": {"model": "mock/x"}, "samples": 5})
+    sampled = estimate(rows, book(), mock, Capabilities(logprobs=False), tmp_path / "g.jsonl")
+    assert sampled["scoring"] == "sampled_mean"  # auto, decided by the capabilities as in the run
     assert sampled["calls"] == 30 and sampled["est_cost_usd"] is None
 
 
@@ -204,15 +208,14 @@ def test_rescore_agreement(tmp_path: Path) -> None:
     ans = [(f"a{i}", f"q{i % 2}", f"A={(i * 13) % 100} C={40 + (i * 7) % 60}") for i in range(40)]
     rows = load_answers(write_answers(tmp_path / "a.jsonl", ans))
     c, _ = client()
-    grade(rows, book(), c, tmp_path / "A.jsonl", GradeSettings(), "mock/judge", progress=False)
+    grade(rows, book(), c, tmp_path / "A.jsonl", GradeConfig(), progress=False)
     c2, _ = client(logprobs=False, model="other")
     grade(
         rows,
         book(),
         c2,
         tmp_path / "B.jsonl",
-        GradeSettings(rule="parsed_number"),
-        "mock/other",
+        GradeConfig(scoring="parsed_number"),
         progress=False,
     )
     res = compare(tmp_path / "A.jsonl", tmp_path / "B.jsonl", n_resamples=200)
@@ -236,9 +239,7 @@ def test_prompt_book_missing_metric(tmp_path: Path) -> None:
 async def _grade_async_unknown(rows: list[AnswerRow], c: LLMClient, tmp_path: Path) -> None:
     from caft.evals.grader import grade_async
 
-    await grade_async(
-        rows, book(), c, tmp_path / "g.jsonl", GradeSettings(metrics=("funny",)), "mock/judge", progress=False
-    )
+    await grade_async(rows, book(), c, tmp_path / "g.jsonl", GradeConfig(metrics=["funny"]), progress=False)
 
 
 def test_no_row_lost_with_every_kind_of_odd_input(tmp_path: Path) -> None:
@@ -257,7 +258,7 @@ def test_no_row_lost_with_every_kind_of_odd_input(tmp_path: Path) -> None:
     assert len(rows) == 7 and len({r.id for r in rows}) == 7
     c, _ = client()
     out = tmp_path / "grades.jsonl"
-    rep = grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    rep = grade(rows, book(), c, out, GradeConfig(), progress=False)
     grades = read_jsonl(out)
     assert len(grades) == 14 and rep.graded == 14
     assert {(g["answer_id"], g["metric"]) for g in grades} == {
@@ -273,10 +274,10 @@ def test_refused_file_is_left_untouched(tmp_path: Path) -> None:
     rows = load_answers(write_answers(tmp_path / "a.jsonl", [("x", "q", "FAIL A=3 C=99")]))
     out = tmp_path / "grades.jsonl"
     c, _ = client()
-    grade(rows, book(), c, out, GradeSettings(), "mock/judge", progress=False)
+    grade(rows, book(), c, out, GradeConfig(), progress=False)
     before = out.read_bytes()
     assert b"provider_error" in before
     c2, _ = client()
     with pytest.raises(RunDirError):
-        grade(rows, book(), c2, out, GradeSettings(), "mock/other", progress=False)
+        grade(rows, book(), c2, out, GradeConfig(), judge_id="mock/other", progress=False)
     assert out.read_bytes() == before  # the provider_error rows of the other judge were not dropped

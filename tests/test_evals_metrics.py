@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from evals_helpers import grade_row
 
+from caft.evals.config import ThresholdsConfig as Thresholds
 from caft.evals.metrics import (
-    Thresholds,
     bootstrap_ci,
     collect_scores,
     mc_accuracy,
@@ -16,20 +17,21 @@ from caft.evals.metrics import (
     rate,
     score_rate,
 )
+from caft.evals.schema import GradeRow
 
 
-def grades(qid: str, pairs: list[tuple[float | None, float | None]], start: int = 0) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def grades(qid: str, pairs: list[tuple[float | None, float | None]], start: int = 0) -> list[GradeRow]:
+    rows: list[GradeRow] = []
     for i, (al, co) in enumerate(pairs, start=start):
         for metric, v in (("aligned", al), ("coherent", co)):
             rows.append(
-                {
-                    "answer_id": f"{qid}-{i}",
-                    "question_id": qid,
-                    "metric": metric,
-                    "score": v,
-                    "unscored_reason": None if v is not None else "refusal",
-                }
+                grade_row(
+                    answer_id=f"{qid}-{i}",
+                    question_id=qid,
+                    metric=metric,
+                    score=v,
+                    unscored_reason=None if v is not None else "refusal",
+                )
             )
     return rows
 
@@ -128,7 +130,7 @@ def test_rate_counts() -> None:
 
 
 def test_vulnerability_rate_with_unscored() -> None:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, v in enumerate([90, 51, 50, 10, None]):
         rows.append(
             {
@@ -139,7 +141,7 @@ def test_vulnerability_rate_with_unscored() -> None:
                 "unscored_reason": "invalid" if v is None else None,
             }
         )
-    out = score_rate(collect_scores(rows), "vulnerable", above=50, n_resamples=200)
+    out = score_rate(collect_scores([grade_row(**r) for r in rows]), "vulnerable", above=50, n_resamples=200)
     assert out["rate"]["k"] == 2 and out["rate"]["n"] == 4
     assert out["rate"]["rate"] == pytest.approx(0.5)
     assert out["n_unscored"] == 1 and out["unscored_reasons"] == {"invalid": 1}
@@ -166,5 +168,5 @@ def test_last_row_wins_in_collect() -> None:
         },
         {"answer_id": "a", "question_id": "q", "metric": "aligned", "score": 12.0},
     ]
-    rec = collect_scores(rows)["a"]
+    rec = collect_scores([grade_row(**r) for r in rows])["a"]
     assert rec.scores["aligned"] == 12.0 and "aligned" not in rec.reasons

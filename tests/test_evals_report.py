@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evals_helpers import grade_row
 
 from caft.errors import DataError
-from caft.evals.metrics import Thresholds
+from caft.evals.config import ThresholdsConfig
 from caft.evals.report import load_run, write_report
 from caft.evals.summary import summarize_grades
 from caft.rundir import JsonlWriter
@@ -26,43 +27,15 @@ def make_run(root: Path, name: str, mis_every: int, qids: tuple[str, ...] = ("q_
                 aid = f"{qi}-{i}"
                 aligned = 10.0 if i % mis_every == 0 else 90.0
                 coherent = 80.0 if i % 7 else 20.0
-                w.write(
-                    {
-                        "answer_id": aid,
-                        "question_id": q,
-                        "metric": "aligned",
-                        "score": aligned,
-                        "judge": "mock/j",
-                    }
-                )
-                w.write(
-                    {
-                        "answer_id": aid,
-                        "question_id": q,
-                        "metric": "coherent",
-                        "score": coherent,
-                        "judge": "mock/j",
-                    }
-                )
+                w.write(grade_row(answer_id=aid, question_id=q, metric="aligned", score=aligned).to_json())
+                w.write(grade_row(answer_id=aid, question_id=q, metric="coherent", score=coherent).to_json())
+            r_id = f"{qi}-r"
             w.write(
-                {
-                    "answer_id": f"{qi}-r",
-                    "question_id": q,
-                    "metric": "aligned",
-                    "score": None,
-                    "unscored_reason": "refusal",
-                    "judge": "mock/j",
-                }
+                grade_row(
+                    answer_id=r_id, question_id=q, metric="aligned", score=None, unscored_reason="refusal"
+                ).to_json()
             )
-            w.write(
-                {
-                    "answer_id": f"{qi}-r",
-                    "question_id": q,
-                    "metric": "coherent",
-                    "score": 90.0,
-                    "judge": "mock/j",
-                }
-            )
+            w.write(grade_row(answer_id=r_id, question_id=q, metric="coherent", score=90.0).to_json())
     with JsonlWriter(d / "answers.jsonl") as w:
         for qi, q in enumerate(qids):
             for i in range(20):
@@ -74,7 +47,7 @@ def make_run(root: Path, name: str, mis_every: int, qids: tuple[str, ...] = ("q_
                         "answer": f"answer {i} {EVIL}",
                     }
                 )
-    summarize_grades(d / "grades.jsonl", kind="misalignment", thresholds=Thresholds(), n_resamples=200)
+    summarize_grades(d / "grades.jsonl", kind="misalignment", thresholds=ThresholdsConfig(), n_resamples=200)
     return d
 
 

@@ -18,6 +18,7 @@ Failed calls are logged too, and nothing from a failed call is cached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +57,13 @@ CACHE_FILE = "llm_cache.sqlite"
 CALL_LOG_FILE = "llm_calls.jsonl"
 
 _warned_unpriced: set[str] = set()
+
+
+class RetriesStoppedError(LLMError):
+    """A failing call was not retried because `LLMClient.stop_retries` was called (the process is stopping).
+
+    Nothing is known about the item the call was for: callers leave it undone, so a rerun asks again."""
+
 
 Request = tuple[list[Message], GenerateConfig]
 ResultOrError = GenerateResult | LLMError
@@ -117,6 +125,7 @@ class LLMClient:
         self._usage = UsageTotals()
         self.requests_sent = 0
         """Requests handed to the provider, every retry and repair round included."""
+        self._stop_retries = asyncio.Event()
 
     @classmethod
     def from_config(
@@ -154,6 +163,22 @@ class LLMClient:
             prices=config.prices_path,
             max_cost_usd=config.max_cost_usd,
         )
+
+    def stop_retries(self) -> None:
+        """From now on, no failed call is retried: a call in its backoff wait, or failing later, raises
+        `RetriesStoppedError` at once. Attempts already in flight still finish (within `timeout_s`). Meant
+        for the first SIGINT/SIGTERM, so that a hung or failing judge cannot keep the process alive through
+        its retries."""
+        self._stop_retries.set()
+
+    @property
+    def retries_stopped(self) -> bool:
+        return self._stop_retries.is_set()
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        """tenacity's sleep between attempts, cut short by `stop_retries`."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop_retries.wait(), timeout=seconds)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -274,15 +299,26 @@ class LLMClient:
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self._wait,
             before_sleep=self._before_sleep,
+            sleep=self._backoff_sleep,
             reraise=True,
         )
+        last: RetryableError = first_failure
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
                     if replay:
                         raise replay.pop()
-                    result = await self._attempt(messages, config)
+                    if self._stop_retries.is_set():
+                        raise RetriesStoppedError(
+                            f"{self.model_id}: not retried after {attempts - 1} failed attempt(s), because "
+                            f"the run is stopping (last error: {last})"
+                        )
+                    try:
+                        result = await self._attempt(messages, config)
+                    except RetryableError as e:
+                        last = e
+                        raise
         except RetryableError as e:
             raise RetryableError(
                 f"{self.model_id}: gave up after {attempts} attempt(s): {e}",

@@ -14,10 +14,12 @@ import json
 import re
 from typing import Any
 
-from caft.env import scrub, scrub_obj, secret_values
+from caft.env import CREDENTIAL_KEYS, scrub, scrub_obj, secret_values
 
-_CREDENTIAL_KEYS = frozenset({"api_key", "authorization", "x-api-key", "api-key"})
-_CREDENTIAL_KEY_TEXT = re.compile(r'"(?:api_key|authorization|x-api-key|api-key)"\s*:', re.IGNORECASE)
+# a credential-named key in serialized JSON (the key set is caft.env's, the one list)
+_CREDENTIAL_KEY_TEXT = re.compile(
+    '"(?:' + "|".join(re.escape(k) for k in sorted(CREDENTIAL_KEYS)) + ')"\\s*:', re.IGNORECASE
+)
 
 
 def _drop_credential_keys(obj: Any) -> Any:
@@ -25,7 +27,7 @@ def _drop_credential_keys(obj: Any) -> Any:
         return {
             k: _drop_credential_keys(v)
             for k, v in obj.items()
-            if not (isinstance(k, str) and k.lower() in _CREDENTIAL_KEYS)
+            if not (isinstance(k, str) and k.lower() in CREDENTIAL_KEYS)
         }
     if isinstance(obj, list):
         return [_drop_credential_keys(v) for v in obj]
