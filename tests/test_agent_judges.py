@@ -135,7 +135,7 @@ def test_run_triage_runs_any_judge_of_the_contract(tmp_path: Path) -> None:
 def test_offline_kind_through_run_triage_calibrates_against_the_controls(
     tmp_path: Path, minilm_dir: Path
 ) -> None:
-    from caft.agent.offline import TextEmbedder
+    from caft.agent.embedder import TextEmbedder
 
     pairs = concept_set(2)
     ev = write_evidence(tmp_path, [d for d, _ in pairs])

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from caft.agent.config import OfflineJudgeConfig
+from caft.agent.embedder import TextEmbedder
 from caft.agent.offline import (
     JUDGE_ID,
     OfflineJudge,
-    OfflineJudgeConfig,
-    TextEmbedder,
     concept_terms,
     judge_offline,
     peak_word,
@@ -119,6 +119,14 @@ def test_concept_terms_keep_descriptions_and_content_words() -> None:
     assert terms[0] == "topic words such as games, athletes and meals"
     assert {"games", "athletes", "meals"} <= set(terms)
     assert "such" not in terms and "and" not in terms
+
+
+def test_stopwords_come_from_the_bundled_data_file() -> None:
+    from caft.agent.offline import stopwords
+
+    words = stopwords()
+    assert {"the", "versus", "e.g.", "reads"} <= words and len(words) > 100
+    assert not any(w.startswith("#") for w in words)  # the file's comment lines are not words
 
 
 def test_planted_concept_ranks_above_random_directions(judge: OfflineJudge) -> None:
