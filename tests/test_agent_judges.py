@@ -147,3 +147,28 @@ def test_offline_kind_through_run_triage_calibrates_against_the_controls(
     assert all(r["judge"] == "offline-embedding" for r in rows)
     assert all("random directions" in r["verdict"]["rationale"] for r in rows)
     assert res.complete
+
+
+def test_the_agents_finish_list_limits_the_selection_by_default(tmp_path: Path) -> None:
+    """Issue 12.7: two undesired verdicts, one named in `finish`: only that one is ablated unless the policy
+    says to ignore the list."""
+    from caft.agent.config import SelectionPolicy
+
+    evil = [make_dossier(f"pc:L1:{i}", 1, "evil", index=i) for i in range(2)]
+    ev = write_evidence(tmp_path, evil)
+    a, b = (d.candidate.id for d in evil)
+
+    def call(name: str, i: int, **arguments: Any) -> dict[str, Any]:
+        return {"id": f"c{i}", "name": name, "arguments": arguments}
+
+    script = [
+        {"tool_calls": [call("record_verdict", 0, candidate=a, **verdict_for("evil").model_dump())]},
+        {"tool_calls": [call("record_verdict", 1, candidate=b, **verdict_for("evil").model_dump())]},
+        {"tool_calls": [call("finish", 2, selected=[b], notes="only the second")]},
+    ]
+    res = run_triage(_cfg(kind="agent"), ev, provider=MockProvider("agent", list(script)))
+    assert res.complete and [c.candidate for c in res.selection.selected] == [b]
+    assert "not in the agent's finish list" in res.selection.notes and a in res.selection.notes
+    ignore = _cfg(kind="agent", selection=SelectionPolicy(require_chosen=False))
+    res2 = run_triage(ignore, ev, tmp_path / "t2", provider=MockProvider("agent", list(script)))
+    assert sorted(c.candidate for c in res2.selection.selected) == [a, b]
