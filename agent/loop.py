@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caft.agent.config import TriageConfig
+from caft.agent.judges import JudgeRun, open_client, refused
 from caft.agent.render import open_clause, render_overview_entry, render_prompt, render_task
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.agent.tools import TOOL_SPECS, AgentState, AgentTools, ToolError, tools_help
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from caft.agent.steer import Steerer
+    from caft.llm import Provider
 
 log = logging.getLogger(__name__)
 
@@ -397,3 +399,49 @@ class AgentSession:
             return self.tools.call(call.name, call.arguments)
         except ToolError as e:
             return f"error: {e}"
+
+
+class AgentJudge:
+    """The `agent` judge of the triage stage (the `Judge` contract): one tool-using session over all
+    candidates. It is complete when the agent called `finish`; its finish list limits the selection (see
+    `SelectionPolicy.require_chosen`). Control dossiers are not shown to the agent."""
+
+    def __init__(
+        self,
+        cfg: TriageConfig,
+        *,
+        provider: Provider | None = None,
+        steerer: Steerer | None = None,
+        controls_per_layer: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.provider = provider
+        self.steerer = steerer
+        self.name = cfg.judge.model
+        self.controls_per_layer = controls_per_layer
+
+    async def judge(
+        self,
+        dossiers: Sequence[Dossier],
+        task: TaskDescription,
+        out_dir: Path,
+        *,
+        controls: Sequence[Dossier] = (),
+        directions: Mapping[str, torch.Tensor] | None = None,
+    ) -> JudgeRun:
+        if controls:
+            log.warning("the agent judge does not look at the %d control dossiers", len(controls))
+        client = open_client(self.cfg, out_dir, self.provider)
+        self.name = client.model_id
+        async with client:
+            session = AgentSession(
+                client, task, dossiers, self.cfg, out_dir, directions=directions, steerer=self.steerer
+            )
+            try:
+                outcome = await session.run()
+            except FatalError as e:
+                raise refused(client.model_id, out_dir, e) from None
+            summary = outcome.summary()
+            summary["usage"] = client.usage.model_dump(mode="json")
+        chosen = set(outcome.chosen) if outcome.finished else None
+        return JudgeRun(records=outcome.records, complete=outcome.finished, chosen=chosen, summary=summary)

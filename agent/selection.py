@@ -125,7 +125,8 @@ def select(
     policy: SelectionPolicy | None = None,
     chosen: set[str] | None = None,
 ) -> Selection:
-    """Apply the policy. `chosen`: the agent's final picks (used with `require_chosen`)."""
+    """Apply the policy. `chosen`: the agent's final `finish` list (None: the judge made none); it limits the
+    selection unless `policy.require_chosen` is False."""
     pol = policy or SelectionPolicy()
     by_id = {c.id: c for c in candidates}
     recs: dict[str, list[VerdictRecord]] = defaultdict(list)
@@ -149,12 +150,15 @@ def select(
     if pol.baseline != "none":
         return _baseline(candidates, recs, pol, policy_dump, len(scored_ids))
 
+    use_picks = pol.require_chosen is True or (pol.require_chosen is None and chosen is not None)
+    unpicked: list[str] = []
     ranked: list[tuple[float, float, str, Candidate, SelectedColumn]] = []
     for cid, rs in recs.items():
         ok, score, rep, _ = _aggregate(rs, pol)
         if not ok:
             continue
-        if pol.require_chosen and (chosen is None or cid not in chosen):
+        if use_picks and (chosen is None or cid not in chosen):
+            unpicked.append(cid)
             continue
         c = by_id[cid]
         ranked.append((-score, _rank(c, pol.ranking), cid, c, _column(c, rep, round(score, 4))))
@@ -171,6 +175,9 @@ def select(
                 else f"relation 'undesired' with confidence >= {pol.threshold:g} ({pol.ensemble})"
             )
             notes.append(f"nothing selected: none of {len(scored_ids)} judged candidates has {rule}")
+    if unpicked:
+        why = "not in the agent's finish list" if chosen is not None else "no finish list (require_chosen)"
+        notes.append(f"{len(unpicked)} qualifying candidates left out, {why}: {sorted(unpicked)}")
     if dropped:
         notes.append(f"{len(dropped)} qualifying candidates left out by the layer/total limits: {dropped}")
     if unscored_ids:

@@ -19,15 +19,17 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from caft.agent.config import TriageConfig
+from caft.agent.judges import JudgeRun, open_client, refused
 from caft.agent.render import render_dossier, render_prompt, render_system_single, safe_id
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.env import scrub
+from caft.errors import DataError
 from caft.interp.schema import Dossier
 from caft.llm import (
     BudgetExceededError,
@@ -40,6 +42,11 @@ from caft.llm import (
     StructuredOutputError,
 )
 from caft.rundir import JsonlWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from caft.llm import Provider
 
 log = logging.getLogger(__name__)
 
@@ -297,3 +304,72 @@ class SingleJudge:
             outcome.seconds = time.perf_counter() - t0
         _fsync_file(vpath)
         return outcome
+
+
+class SingleLLMJudge:
+    """The `single` judge of the triage stage (the `Judge` contract): the LLM of `cfg.judge` gives one verdict
+    per candidate and sample; control dossiers are judged the same way (the stage reports how often the
+    judge calls a random direction undesired) and never selected."""
+
+    def __init__(
+        self, cfg: TriageConfig, *, provider: Provider | None = None, controls_per_layer: int = 0
+    ) -> None:
+        self.cfg = cfg
+        self.provider = provider
+        self.name = cfg.judge.model
+        self.controls_per_layer = controls_per_layer
+
+    async def judge(
+        self,
+        dossiers: Sequence[Dossier],
+        task: TaskDescription,
+        out_dir: Path,
+        *,
+        controls: Sequence[Dossier] = (),
+        directions: Mapping[str, torch.Tensor] | None = None,
+    ) -> JudgeRun:
+        del directions  # a single-shot judge reads the dossier only
+        cfg = self.cfg
+        if cfg.samples > 1 and cfg.temperature == 0:
+            log.warning(
+                "samples=%d at temperature 0: the samples will barely differ; raise the temperature",
+                cfg.samples,
+            )
+        client = open_client(cfg, out_dir, self.provider)
+        self.name = client.model_id
+        summary: dict[str, Any] = {}
+        todo = [*prefilter(cfg, list(dossiers), out_dir, summary), *controls]
+        async with client:
+            try:
+                outcome = await SingleJudge(client, task, cfg, out_dir).run(todo, samples=cfg.samples)
+            except FatalError as e:
+                raise refused(client.model_id, out_dir, e) from None
+            summary |= outcome.summary()
+            summary["usage"] = client.usage.model_dump(mode="json")
+        judged = {r.candidate for r in outcome.records if r.verdict is not None or r.unscored is not None}
+        complete = outcome.stopped is None and {d.candidate.id for d in todo} <= judged
+        return JudgeRun(records=outcome.records, complete=complete, summary=summary)
+
+
+def prefilter(
+    cfg: TriageConfig, dossiers: list[Dossier], out: Path, summary: dict[str, Any]
+) -> list[Dossier]:
+    """The dossiers the LLM judges: all, or the top-k by the pre-filter's verdicts."""
+    from caft.agent.selection import load_verdicts, prefilter_rank
+
+    pf = cfg.prefilter
+    if pf.top_k is None:
+        return dossiers
+    path = Path(pf.verdicts) if pf.verdicts is not None else out / VERDICTS_FILE
+    if not path.is_file():
+        raise DataError(f"prefilter: {path} not found; run the offline judge first or set prefilter.verdicts")
+    ranked = prefilter_rank(load_verdicts(path), pf.method)
+    if not ranked:
+        raise DataError(f"prefilter: {path} holds no verdicts of method {pf.method!r}; run that judge first")
+    keep = set(ranked[: pf.top_k])
+    chosen = [d for d in dossiers if d.candidate.id in keep]
+    summary["prefilter"] = {"method": pf.method, "kept": len(chosen), "skipped": len(dossiers) - len(chosen)}
+    log.info(
+        "prefilter: the LLM judges %d of %d candidates (top by %s)", len(chosen), len(dossiers), pf.method
+    )
+    return chosen

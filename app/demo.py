@@ -138,11 +138,11 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             batch_size=64,
         ),
         triage=TriageConfig(
-            selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None)
+            kind="offline-embedding",
+            offline=cfg.judge,
+            controls_per_layer=cfg.null_per_layer,
+            selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None),
         ),
-        triage_judge="offline-embedding",
-        offline_judge=cfg.judge,
-        controls_per_layer=cfg.null_per_layer,
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],
         classification=ClassificationEvalConfig(

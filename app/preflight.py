@@ -209,8 +209,7 @@ def preflight(
 
 
 def _uses_llm_triage(cfg: RunConfig) -> bool:
-    kind = getattr(cfg.triage, "kind", None) or getattr(cfg, "triage_judge", "llm")
-    return str(kind) not in ("offline-embedding", "offline")
+    return cfg.triage.kind != "offline-embedding"
 
 
 def _check_task(task: str) -> list[str]:

@@ -7,12 +7,11 @@ It imports only config modules (pydantic), so `caft config validate` stays fast.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from caft.agent.config import TriageConfig
-from caft.agent.offline import OfflineJudgeConfig
 from caft.config import CaftConfig, ModelConfig
 from caft.evals.config import EvalConfig
 from caft.interp.config import DiffConfig, EvidenceConfig, SAEConfig
@@ -21,6 +20,11 @@ from caft.training.config import TrainConfig
 TaskKind = Literal["chat", "classification"]
 ModelRole = Literal["base", "ft", "caft"]
 _DEFAULT_EVAL_MODELS: tuple[ModelRole, ...] = ("ft", "caft")
+_MOVED = {
+    "triage_judge": "triage.kind (single | agent | offline-embedding)",
+    "offline_judge": "triage.offline",
+    "controls_per_layer": "triage.controls_per_layer",
+}
 
 
 class ClassificationEvalConfig(CaftConfig):
@@ -80,14 +84,8 @@ class RunConfig(CaftConfig):
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
     """Evidence dossiers for every candidate."""
     triage: TriageConfig = Field(default_factory=TriageConfig)
-    """The judge: verdicts and the selected subspace (its selection policy applies to either judge)."""
-    triage_judge: Literal["llm", "offline-embedding"] = "llm"
-    """`llm`: the LLM judge of `triage.judge`; `offline-embedding`: the offline embedding judge (no API, no key),
-    calibrated against random directions that the evidence stage gives evidence like the candidates."""
-    offline_judge: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
-    """Settings of the offline embedding judge (`triage_judge: offline-embedding`)."""
-    controls_per_layer: int = Field(default=20, ge=2)
-    """Random directions per layer given evidence like the candidates, for the offline judge's calibration."""
+    """The judge (`triage.kind`: single, agent or offline-embedding), its random controls, verdicts and the
+    selected subspace."""
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     """Control fine-tunes (random subspace, top PCs) trained after the `caft` stage and evaluated with it."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -96,6 +94,15 @@ class RunConfig(CaftConfig):
     """Which models the eval stage measures (`base` adds the untouched base model as a reference row)."""
     classification: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
     """ID / OOD accuracy, for `task_kind: classification`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_triage_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [f"{old} is now {new}" for old, new in _MOVED.items() if old in data]
+            if moved:
+                raise ValueError("; ".join(moved) + " (the judge's settings live in the triage section)")
+        return data
 
     @model_validator(mode="after")
     def _check_kind(self) -> RunConfig:

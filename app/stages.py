@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caft.agent.config import OFFLINE_KIND
 from caft.app.run_config import RunConfig
 from caft.config import ModelConfig
 from caft.errors import ConfigError, RunDirError
-from caft.rundir import FINAL_DIR, SUBSPACE_DIR, RunDir
+from caft.rundir import DIRECTIONS_FILE, FINAL_DIR, SUBSPACE_DIR, RunDir
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
@@ -101,75 +102,71 @@ def stage_sae(ctx: RunContext) -> dict[str, Any]:
     return _marker_info(folder)
 
 
-OFFLINE_JUDGE = "offline-embedding"
+OFFLINE_JUDGE = OFFLINE_KIND
 CONTROLS_DIR = "controls"
+"""Under the triage folder: `triage/controls/` holds the random control candidates, and their evidence in
+`triage/controls/evidence/` (built like the candidates' evidence, with the run's evidence config)."""
 
 
 def uses_offline_judge(cfg: RunConfig) -> bool:
-    return cfg.triage_judge == OFFLINE_JUDGE
+    return cfg.triage.kind == OFFLINE_JUDGE
 
 
 def _candidate_dirs(ctx: RunContext) -> list[Path]:
-    return [d for d in (ctx.path / "diff", ctx.path / "sae") if (d / "candidates.jsonl").is_file()]
+    return ctx.run.layout.candidate_dirs()
 
 
 def stage_evidence(ctx: RunContext) -> dict[str, Any]:
     from caft.interp.evidence import build_dossiers
 
-    cfg = ctx.cfg.evidence
-    if uses_offline_judge(ctx.cfg) and not cfg.candidates:
-        # The offline judge calibrates against random directions that get evidence exactly like the candidates.
-        from caft.interp.schema import load_candidates, load_directions, write_random_candidates
-
-        dirs = _candidate_dirs(ctx)
-        cands = [c for d in dirs for c in load_candidates(d)]
-        d_model = int(next(iter(load_directions(dirs[0]).values())).shape[0])
-        controls = write_random_candidates(
-            ctx.path / CONTROLS_DIR,
-            d_model,
-            sorted({c.layer for c in cands}),
-            ctx.cfg.controls_per_layer,
-            ctx.cfg.seed,
-        )
-        cfg = cfg.model_copy(update={"candidates": [*map(str, dirs), str(controls)]})
-    folder = build_dossiers(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    folder = build_dossiers(ctx.cfg.evidence, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
     return _marker_info(folder)
 
 
-def _triage_offline(ctx: RunContext, task_spec: str) -> dict[str, Any]:
-    from caft.agent.offline import judge_offline
-    from caft.agent.selection import select, write_selection
-    from caft.agent.task import load_task
-    from caft.interp.schema import load_candidates, load_directions, load_dossiers
+def _build_controls(ctx: RunContext, n: int) -> Path:
+    """`n` random directions per candidate layer, and their evidence; returns the controls' evidence folder.
 
-    controls = ctx.path / CONTROLS_DIR
-    if not (controls / "candidates.jsonl").is_file():
-        raise RunDirError(
-            f"{controls} is missing: the offline judge needs the evidence stage's random controls; "
-            "rerun from the evidence stage (caft run --from evidence)"
-        )
-    null_ids = {c.id for c in load_candidates(controls)}
-    dossiers = load_dossiers(ctx.path / "evidence" / "dossiers")
-    cand_d = [d for d in dossiers if d.candidate.id not in null_ids]
-    null_d = [d for d in dossiers if d.candidate.id in null_ids]
-    out = ctx.path / "triage"
-    records = judge_offline(cand_d, load_task(task_spec), out, null_d, config=ctx.cfg.offline_judge)
-    selection = select(records, [d.candidate for d in cand_d], ctx.cfg.triage.selection)
-    directions: dict[str, Any] = {}
-    for folder in _candidate_dirs(ctx):
-        directions.update(load_directions(folder))
+    The evidence runs as its own small run rooted at `triage/controls/` (the evidence builder writes to
+    `<root>/evidence` and reads the corpus and diff inputs from `<root>/diff`, a link to the run's diff stage)."""
+    from caft.interp.evidence import build_dossiers
+    from caft.interp.schema import load_candidate_set, write_random_candidates
+
+    dirs = _candidate_dirs(ctx)
+    if not dirs:
+        raise RunDirError(f"no candidates in {ctx.path}: run the diff stage first (caft run --from diff)")
+    cands, directions = load_candidate_set(dirs)
     d_model = int(next(iter(directions.values())).shape[0])
-    sub = write_selection(out, selection, directions, d_model=d_model, model=ctx.cfg.model.name_or_path)
-    return {
-        "selected": [c.candidate for c in selection.selected],
-        "labels": {c.candidate: c.label for c in selection.selected},
-        "subspace_dims": sub.total_dims,
-        "judged": len(records),
-        "judge": OFFLINE_JUDGE,
-    }
+    root = ctx.path / "triage" / CONTROLS_DIR
+    cand_dir = write_random_candidates(root, d_model, sorted({c.layer for c in cands}), n, ctx.cfg.seed)
+    link = root / "diff"
+    diff = ctx.run.layout.stage("diff")
+    if diff.is_dir() and not link.is_symlink() and not link.exists():
+        link.symlink_to(Path("..", "..", "diff"), target_is_directory=True)
+    cfg = ctx.cfg.evidence.model_copy(update={"candidates": [str(cand_dir)]})
+    return build_dossiers(cfg, root, model=ctx.cfg.model, finetuned=ctx.finetuned())
+
+
+def _model_n_layers(ctx: RunContext) -> int | None:
+    """The base model's layer count, recorded in the subspace (None when its config cannot be read)."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(ctx.cfg.model.name_or_path)
+    except (OSError, ValueError) as e:
+        log.info(
+            "subspace without n_layers: cannot read the config of %s (%s)", ctx.cfg.model.name_or_path, e
+        )
+        return None
+    text = getattr(config, "text_config", None)
+    for c in (config, text):
+        n = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
+        if isinstance(n, int):
+            return n
+    return None
 
 
 def stage_triage(ctx: RunContext) -> dict[str, Any]:
+    from caft.agent.judges import make_judge
     from caft.agent.triage import run_triage
 
     cfg = ctx.cfg.triage
@@ -179,10 +176,17 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
                 "the judge needs a task description: set `task` (or triage.task) in the run config"
             )
         cfg = cfg.model_copy(update={"task": ctx.cfg.task})
-    if uses_offline_judge(ctx.cfg):
-        assert cfg.task is not None
-        return _triage_offline(ctx, cfg.task)
-    res = run_triage(cfg, ctx.path / "evidence", ctx.path / "triage", provider=ctx.judge_provider)
+    judge = make_judge(cfg, provider=ctx.judge_provider)
+    controls = _build_controls(ctx, judge.controls_per_layer) if judge.controls_per_layer > 0 else None
+    res = run_triage(
+        cfg,
+        ctx.run.layout.stage("evidence"),
+        ctx.path / "triage",
+        controls_dir=controls,
+        directions_path=[d / DIRECTIONS_FILE for d in _candidate_dirs(ctx)] or None,
+        n_layers=_model_n_layers(ctx),
+        judge=judge,
+    )
     if not res.complete:
         raise RunDirError(
             "triage stopped before judging every candidate (a budget was reached); its verdicts are kept. "
@@ -192,7 +196,8 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
         "selected": [c.candidate for c in res.selection.selected],
         "labels": {c.candidate: c.label for c in res.selection.selected},
         "subspace_dims": res.subspace.total_dims if res.subspace is not None else 0,
-        **{k: v for k, v in res.summary.items() if k in ("judged", "unscored", "usage")},
+        "judge": res.summary["judge"],
+        **{k: v for k, v in res.summary.items() if k in ("judged", "unscored", "usage", "controls")},
     }
 
 

@@ -93,7 +93,7 @@ def test_demo_builds_one_classification_run_config(tmp_path: Path) -> None:
     e = rc.evidence
     assert e.corpus == str(data / "corpus.jsonl") and e.top_k == 20 and not e.candidates
     assert not e.diff_summary and not e.logit_lens and not e.steering.enabled
-    assert rc.triage_judge == "offline-embedding" and rc.controls_per_layer == 20
+    assert rc.triage.kind == "offline-embedding" and rc.triage.controls_per_layer == 20
     pol = rc.triage.selection
     assert (pol.threshold, pol.max_per_layer, pol.max_total) == (0.5, 3, None)
     assert rc.baselines.enabled == ["random", "topk"] and rc.eval_models == ["ft", "caft"]

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from caft.agent.config import OfflineJudgeConfig
+from caft.agent.embedder import TextEmbedder
 from caft.agent.offline import (
     JUDGE_ID,
     OfflineJudge,
-    OfflineJudgeConfig,
-    TextEmbedder,
     concept_terms,
     judge_offline,
     peak_word,
@@ -121,6 +122,14 @@ def test_concept_terms_keep_descriptions_and_content_words() -> None:
     assert "such" not in terms and "and" not in terms
 
 
+def test_stopwords_come_from_the_bundled_data_file() -> None:
+    from caft.agent.offline import stopwords
+
+    words = stopwords()
+    assert {"the", "versus", "e.g.", "reads"} <= words and len(words) > 100
+    assert not any(w.startswith("#") for w in words)  # the file's comment lines are not words
+
+
 def test_planted_concept_ranks_above_random_directions(judge: OfflineJudge) -> None:
     cands, nulls = _synthetic()
     ranking = rank_candidates(cands, TASK, nulls, judge=judge)
@@ -182,3 +191,43 @@ def test_judge_offline_writes_verdicts_and_resumes(tmp_path: Path, judge: Offlin
     assert len(rows) == len(cands)
     assert [r.candidate for r in again] == [d.candidate.id for d in cands]
     assert again[0].scores == recs[0].scores
+
+
+class _AxisEmbedder:
+    """Embeds the task's undesired terms on axis 0, its intended terms on axis 1, and the test's peak words
+    wherever the test puts them, so each word's margin (undesired minus intended similarity) is exact."""
+
+    def __init__(self, words: dict[str, tuple[float, float, float]]) -> None:
+        from caft.agent.offline import task_terms
+
+        undesired, intended = task_terms(TASK)
+        self.vectors = dict.fromkeys(undesired, (1.0, 0.0, 0.0)) | dict.fromkeys(intended, (0.0, 1.0, 0.0))
+        self.vectors |= words
+
+    def embed(self, texts: list[str]) -> Any:
+        import torch
+
+        return torch.tensor([self.vectors[t] for t in texts]).reshape(len(texts), 3)
+
+
+def test_an_end_about_the_intended_concept_vetoes_the_direction() -> None:
+    """A shortcut direction (a strong undesired end, the other end about the intended concept) must rank
+    below a plain topic direction with a weaker undesired end: ablating the shortcut would remove the
+    intended signal. With the intended end weighted like any other end (no veto) the order flips."""
+    words = {
+        "goal": (1.0, 0.0, 0.0),
+        "joy": (0.0, 0.4, 0.0),
+        "meal": (0.5, 0.0, 0.0),
+        "desk": (0.0, 0.0, 1.0),
+    }
+    words |= {"pen": (0.1, 0.0, 0.0), "cup": (0.05, 0.0, 0.0)}
+    judge = OfflineJudge(TASK, OfflineJudgeConfig(min_null=2), embedder=_AxisEmbedder(words))
+    shortcut = _dossier("pc:L0:0", 0, ["goal"] * 4, ["joy"] * 4)  # margins +1.0 / -0.4
+    topic = _dossier("pc:L0:1", 0, ["meal"] * 4, ["desk"] * 4)  # margins +0.5 / 0.0
+    nulls = [_dossier(f"vec:L0:{i}", 0, [w] * 4, ["desk"] * 4) for i, w in enumerate(["pen", "cup", "desk"])]
+    s_short, s_topic = judge.score(shortcut), judge.score(topic)
+    assert s_short.raw == pytest.approx(1.0 - 2.0 * 0.4) and s_topic.raw == pytest.approx(0.5)
+    assert s_short.raw < s_topic.raw
+    recs = {r.candidate: r for r in judge.judge([shortcut, topic], nulls)}
+    assert recs["pc:L0:1"].scores["z"] > recs["pc:L0:0"].scores["z"]
+    assert rank_candidates([shortcut, topic], TASK, nulls, judge=judge)[0][0] == "pc:L0:1"

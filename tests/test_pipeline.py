@@ -162,9 +162,9 @@ def test_chat_run_with_the_offline_judge_sends_no_triage_request(tmp_path: Path)
                 "run",
                 str(cfg_path),
                 "--set",
-                "triage_judge=offline-embedding",
+                "triage.kind=offline-embedding",
                 "--set",
-                "controls_per_layer=4",
+                "triage.controls_per_layer=4",
             ],
         )
         assert res.exit_code == 0, res.output
@@ -175,13 +175,17 @@ def test_chat_run_with_the_offline_judge_sends_no_triage_request(tmp_path: Path)
     judged = {r["candidate"] for r in rows}
     assert judged == {"pc:L1:0", "pc:L1:1", "pc:L1:2", "vec:L1:mean"}  # candidates only, not the controls
     assert all(r["judge"] == "offline-embedding" and "z" in r["scores"] for r in rows)
-    controls = (run / "controls" / "candidates.jsonl").read_text().splitlines()
+    # the judge stage made its own controls: the evidence stage built dossiers for the candidates only
+    controls = (run / "triage" / "controls" / "candidates.jsonl").read_text().splitlines()
     assert len(controls) == 4 and all('"source": "random"' in c for c in controls)
+    assert len(list((run / "triage" / "controls" / "evidence" / "dossiers").glob("*.json"))) == 4
+    assert len(list((run / "evidence" / "dossiers").glob("*.json"))) == len(judged)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["complete"] and summary["stages"]["triage"]["judge"] == "offline-embedding"
-    assert (
-        Subspace.load(run / "triage" / "subspace").total_dims == summary["stages"]["triage"]["subspace_dims"]
-    )
+    sub = Subspace.load(run / "triage" / "subspace")
+    assert sub.total_dims == summary["stages"]["triage"]["subspace_dims"]
+    n_layers = json.loads((tmp_path / "base" / "config.json").read_text())["num_hidden_layers"]
+    assert sub.n_layers == n_layers  # recorded, so training checks the layers against the model
 
 
 def test_chat_run_trains_and_evaluates_baselines_with_the_triage_counts(tmp_path: Path) -> None:

@@ -166,7 +166,7 @@ def _run(
     if base_url is not None:
         extra.append(f"judge.base_url={base_url}")
     if mode is not None:
-        extra.append(f"mode={mode}")
+        extra.append(f"kind={mode}")
     if budget is not None:
         extra += [f"budget.{k}={v}" for k, v in parse_budget(budget).items()]
     data = read_yaml(config) if config is not None else {}
@@ -176,7 +176,7 @@ def _run(
     cfg = validate_config(TriageConfig, apply_overrides(data, [*extra, *overrides]), source)
     steerer = None
     if live_model is not None:
-        if cfg.mode != "agent":
+        if cfg.kind != "agent":
             raise ConfigError("--live-model is used in agent mode only; add --mode agent")
         steerer = _load_steerer(evidence, directions, live_model, live_adapter)
     return run_triage(cfg, evidence, out, directions_path=directions, steerer=steerer)
