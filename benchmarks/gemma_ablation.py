@@ -124,8 +124,10 @@ def main() -> None:
     batch = [encode(tok, c, args.fmt, True) for c in CONVERSATIONS]
     base = mean_loss(model, batch)
     print(f"\nablation, {args.fmt} with <bos>; loss with no ablation = {base:.2f}\n")
-    print("| directions | layer, k | project | project, BOS skipped | mean (= project, centred) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| directions | layer, k | project | project, BOS skipped | mean (= project, centred) | mean, BOS skipped |"
+    )
+    print("|---|---|---|---|---|---|")
     n_layers, d = sites.n_layers, sites.d_model
     for layer in (6, 12):
         acts = activations(model, batch, layer)
@@ -141,7 +143,7 @@ def main() -> None:
                 proj = make_ablation("project", sub)
                 mean = make_ablation("mean", sub, means={layer: mu})
                 row = []
-                for abl in (proj, SkipBos(proj), mean):
+                for abl in (proj, SkipBos(proj), mean, SkipBos(mean)):
                     with ablated(model, abl):  # SkipBos has the two members ablated() uses
                         row.append(mean_loss(model, batch))
                 print(f"| {label} | {layer}, {k} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
