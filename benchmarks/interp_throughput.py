@@ -2,6 +2,7 @@
 
     python benchmarks/interp_throughput.py                 # CPU, defaults below
     python benchmarks/interp_throughput.py --device cuda --hidden 512 --layers 12 --tokens 200000
+    CAFT_CACHE_DIR=/work/cache nice python benchmarks/interp_throughput.py --model gemma-3-270m --tokens 1024 --repeats 1
 
 (a) collection + streaming PCA vs two plain forward passes (base + fine-tuned) over the same tokens;
     target: throughput ratio >= 0.85. Shown for the default layers (1/4, 1/2, 3/4 depth: the forward
@@ -46,6 +47,17 @@ def build(args: argparse.Namespace, n_tokens: int) -> tuple[Any, Any]:
     tok = tiny_tokenizer()
     loaded = []
     for seed in (0, 1):
+        if args.model:
+            from caft.models import load_model
+
+            lm = load_model(ModelConfig(name_or_path=args.model, device=args.device, dtype="float32"))
+            if seed:  # a stand-in "fine-tuned" model: the same weights, slightly perturbed
+                gen = torch.Generator().manual_seed(seed)
+                with torch.no_grad():
+                    for p in lm.model.parameters():
+                        p.add_(torch.randn(p.shape, generator=gen).to(p.device) * 1e-3 * p.std())
+            loaded.append(lm)
+            continue
         m = tiny_model("llama", seed=seed, hidden=args.hidden, layers=args.layers).to(dev)
         loaded.append(
             LoadedModel(m, tok, Sites.of(m), dev, torch.float32, ModelConfig(name_or_path=f"tiny{seed}"))
@@ -191,7 +203,7 @@ def run_child(args: argparse.Namespace, tokens: int) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child-memory", "--tokens", str(tokens), "--device", args.device,
            "--threads", str(args.threads or 0),
            "--hidden", str(args.hidden), "--layers", str(args.layers), "--seq", str(args.seq),
-           "--batch", str(args.batch)]  # fmt: skip
+           "--batch", str(args.batch), *(["--model", args.model] if args.model else [])]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     last: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
     return last
@@ -199,6 +211,9 @@ def run_child(args: argparse.Namespace, tokens: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", default=None, help="a real model (built-in name such as gemma-3-270m, or a folder) instead"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=6)
@@ -210,6 +225,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.model:  # the real model's depth and width replace --layers / --hidden
+        from transformers import AutoConfig
+
+        from caft.builtin_models import resolve_model_path
+
+        mcfg: Any = AutoConfig.from_pretrained(resolve_model_path(args.model))
+        args.layers, args.hidden = int(mcfg.num_hidden_layers), int(mcfg.hidden_size)
     if args.child_memory:
         child_memory(args)
         return
@@ -224,7 +246,7 @@ def main() -> None:
     layers = default_layers(args.layers)
     with_last = sorted({*layers, args.layers - 1})
     n_tok = sum(b.input_ids.numel() for b in batches)
-    print(f"tiny llama d={args.hidden} layers={args.layers} | {n_tok} tokens in {len(batches)} batches | "
+    print(f"{args.model or 'tiny llama'} d={args.hidden} layers={args.layers} | {n_tok} tokens in {len(batches)} batches | "
           f"device {args.device} | torch threads {torch.get_num_threads()} | best of {args.repeats}")  # fmt: skip
     pca_run, pca = collect_pca(source, layers)
     pca_last_run, _ = collect_pca(source, with_last)

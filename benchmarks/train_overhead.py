@@ -14,6 +14,7 @@ Memory:
 
     python benchmarks/train_overhead.py                         # hidden 256, 4 layers, seq 128, batch 8
     python benchmarks/train_overhead.py --device cuda --shape qwen2.5-0.5b --steps 30
+    CAFT_CACHE_DIR=/work/cache nice python benchmarks/train_overhead.py --model gemma-3-270m --batch 2 --seq 64 --steps 3 --warmup 1
 
 Targets: time ratio <= 1.03, memory ratio <= 1.05.
 """
@@ -60,10 +61,17 @@ def build(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
     from caft.training.forward import ablated_forward, wrap
     from caft.training.objectives import ObjectiveLoss
 
-    shape = dict(SHAPES[args.shape])
-    arch = shape.pop("arch")
-    hidden, layers = shape.pop("hidden"), shape.pop("layers")
-    model: Any = tiny_model(arch, seed=0, hidden=hidden, layers=layers, **shape)
+    model: Any
+    if args.model:
+        from caft.config import ModelConfig
+        from caft.models import load_model
+
+        model = load_model(ModelConfig(name_or_path=args.model, device="cpu", dtype="float32")).model
+    else:
+        shape = dict(SHAPES[args.shape])
+        arch = shape.pop("arch")
+        hidden, layers = shape.pop("hidden"), shape.pop("layers")
+        model = tiny_model(arch, seed=0, hidden=hidden, layers=layers, **shape)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model.to(device=device, dtype=dtype)
@@ -93,6 +101,17 @@ def build(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
         return float(loss.detach())
 
     return {"model": model, "opt": opt, "step": step, "abl": abl, "device": device}
+
+
+def vocab_size(args: argparse.Namespace) -> int:
+    if args.model:
+        from transformers import AutoConfig
+
+        from caft.builtin_models import resolve_model_path
+
+        cfg: Any = AutoConfig.from_pretrained(resolve_model_path(args.model))
+        return int(getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size)
+    return int(SHAPES[args.shape]["vocab_size"])
 
 
 def batches(args: argparse.Namespace, vocab: int, n: int) -> list[dict[str, Any]]:
@@ -143,7 +162,7 @@ def memory_child(args: argparse.Namespace, caft: bool) -> dict[str, Any]:
 
     import caft.training.forward
 
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = vocab_size(args)
     data = batches(args, vocab, 3)
     device = torch.device(args.device)
     gc.collect()
@@ -201,7 +220,7 @@ def measure_time(args: argparse.Namespace) -> dict[str, list[float]]:
     torch.manual_seed(0)
     variants = {"plain": build(args, False), "caft": build(args, True)}
     device = variants["plain"]["device"]
-    vocab = SHAPES[args.shape]["vocab_size"]
+    vocab = vocab_size(args)
     data = [to_device(b, device) for b in batches(args, vocab, 4)]
     for i in range(args.warmup):
         for v in variants.values():
@@ -222,6 +241,11 @@ def measure_time(args: argparse.Namespace) -> dict[str, list[float]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a real model instead of --shape: a built-in name (gemma-3-270m) or a local folder (pretrained weights)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seq", type=int, default=128)
@@ -268,7 +292,7 @@ def main() -> None:
         else f"cpu ({torch.get_num_threads()} threads)"
     )
     print(
-        f"train overhead: shape={args.shape} device={dev} dtype={args.dtype} batch={args.batch} seq={args.seq} "
+        f"train overhead: shape={args.model or args.shape} device={dev} dtype={args.dtype} batch={args.batch} seq={args.seq} "
         f"CAFT=project, 3 layers, k={args.k}; {args.steps} timed steps per variant after {args.warmup} warm-up"
     )
     print(f"{'':24}{'plain':>14}{'caft':>14}{'ratio':>10}{'target':>10}")

