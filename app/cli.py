@@ -110,6 +110,11 @@ def doctor() -> None:
     print("offline mode:")
     for k, v in offline_mode().items():
         print(f"  {k:<22} {'yes' if v else 'no'}")
+    from caft.env import builtin_model_lines
+
+    print("built-in models (usable wherever a model id goes):")
+    for line in builtin_model_lines():
+        print(f"  {line}")
     print("API keys (presence only; values are never printed):")
     for k, present in api_keys_present().items():
         print(f"  {k:<24} {'present' if present else 'absent'}")

@@ -157,7 +157,10 @@ def test_misalignment_eval_end_to_end(qfile: Path, tmp_path: Path) -> None:
     # every judge prompt carries the sampled answer and the paraphrase it answered
     answers = {r["answer"] for r in read_jsonl(out / "answers.jsonl")}
     prompts = [m[-1].content for m, _ in prov.calls]
-    assert all(any(a in p for p in prompts) for a in answers)
+    # (answers are escaped as untrusted data inside the prompt, so compare the escaped text)
+    from caft.untrusted import escape_untrusted
+
+    assert all(any(escape_untrusted(a)[:12] in p for p in prompts) for a in answers)
     assert any("Name one wish." in p for p in prompts)
     # resuming the whole eval does nothing more
     prov2 = MockProvider("judge", constant_judge)

@@ -166,7 +166,7 @@ def _run(
     if base_url is not None:
         extra.append(f"judge.base_url={base_url}")
     if mode is not None:
-        extra.append(f"kind={mode}")
+        extra.append(f"mode={mode}")
     if budget is not None:
         extra += [f"budget.{k}={v}" for k, v in parse_budget(budget).items()]
     data = read_yaml(config) if config is not None else {}

@@ -182,24 +182,9 @@ def _rescore_inputs(old: Path, answers: Path | None, flags: list[str]) -> tuple[
 
 
 def _dry_run(answers: Path, out: Path, cfg: Any) -> None:
-    from caft.evals.grader import GradeSettings, PromptBook, estimate
-    from caft.evals.inputs import Columns, load_answers
-    from caft.evals.questions import load_judge_prompts
+    from caft.evals.pipeline import estimate_grading
 
-    rows = load_answers(answers, Columns(**cfg.columns.model_dump()), cfg.max_answer_chars)
-    rule = cfg.scoring
-    if rule == "auto":
-        rule = "sampled_mean" if cfg.judge.model.startswith("anthropic/") else "logprob_0_100"
-    settings = GradeSettings(metrics=tuple(cfg.metrics), rule=rule, samples=cfg.samples)
-    est = estimate(
-        rows,
-        PromptBook(load_judge_prompts(cfg.judge_prompts)),
-        settings,
-        cfg.judge.model,
-        out / "grades.jsonl",
-        cfg.judge.prices_path,
-    )
-    for k, v in est.items():
+    for k, v in estimate_grading(answers, out, cfg).items():
         typer.echo(f"{k:<24} {'unknown (model not in the price table)' if v is None else v}")
 
 
