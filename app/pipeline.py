@@ -13,7 +13,7 @@ Each stage records what it was computed from (`<stage>/FINGERPRINT.json`, see `c
 starts. On a rerun a finished stage with the same fingerprint is skipped, and a partial one resumes from its own
 files. A stage whose fingerprint differs is redone from scratch, and so is every later stage: the old folder is
 moved to `RUN/.superseded/<stage>-<time>/`, never deleted. `--from STAGE` redoes that stage and every later one
-the same way; `--only STAGE` runs one stage. `summary.json` holds per-stage timing, fingerprints and the key
+the same way; `--only STAGE` runs one stage. One process at a time writes a run directory (`.caft.lock`). `summary.json` holds per-stage timing, fingerprints and the key
 figures, rewritten after every stage.
 """
 
@@ -30,7 +30,7 @@ from caft.app.preflight import preflight, raise_if_problems
 from caft.app.run_config import RunConfig
 from caft.app.stages import OFFLINE_JUDGE, STAGE_FUNCS, STAGES, RunContext, uses_offline_judge
 from caft.errors import ConfigError
-from caft.rundir import SUMMARY_FILE, RunDir, RunLayout, atomic_write_json
+from caft.rundir import SUMMARY_FILE, RunDir, RunLayout, atomic_write_json, lock_dir
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
@@ -100,6 +100,23 @@ def run_pipeline(
                 check_eval_judge=grade_client_factory is None,
             )
         )
+    with lock_dir(cfg.out_dir, "caft run"):
+        return _run_locked(
+            cfg, stages, redo, todo, from_stage, only, judge_provider, grade_client_factory, config_source
+        )
+
+
+def _run_locked(
+    cfg: RunConfig,
+    stages: list[str],
+    redo: set[str],
+    todo: list[str],
+    from_stage: str | None,
+    only: str | None,
+    judge_provider: Provider | None,
+    grade_client_factory: Any,
+    config_source: str | None,
+) -> dict[str, Any]:
     run = RunDir.create(
         cfg.out_dir,
         config=cfg,

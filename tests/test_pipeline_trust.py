@@ -104,3 +104,38 @@ def test_changed_judge_base_url_rejudges(tmp_path: Path) -> None:
     assert all(second[s] != first[s] for s in ("triage", "caft", "baselines", "eval", "report"))
     fp = json.loads((run / "triage" / "FINGERPRINT.json").read_text())
     assert fp["config"]["triage"]["judge"]["base_url"] == url
+
+
+def test_a_second_run_on_the_same_folder_refuses(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from caft.app.pipeline import run_pipeline
+    from caft.app.run_config import RunConfig
+    from caft.errors import RunDirError
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import time; from caft.rundir import lock_dir\nwith lock_dir({str(out)!r}, 'test'):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        cfg = RunConfig.model_validate(
+            {"model": {"name_or_path": "m"}, "out_dir": str(out), "finetuned": {"name_or_path": "f"}}
+        )
+        started = time.monotonic()
+        with pytest.raises(RunDirError, match="caft.lock"):
+            run_pipeline(cfg, check=False)
+        assert time.monotonic() - started < 10  # refused at once
+    finally:
+        holder.kill()
+        holder.wait()
