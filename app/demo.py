@@ -20,9 +20,11 @@ import json
 import logging
 import statistics
 import time
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import jinja2
 from pydantic import Field, field_validator
 
 from caft.agent.offline import OfflineJudgeConfig
@@ -323,7 +325,7 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
     """One self-contained HTML page (no scripts, no network): ID / OOD accuracy per condition as a chart and
     a table with per-seed values, the directions the judge selected with their labels, and stage timings.
     All text is escaped."""
-    from caft.evals.svg import Bar, bar_chart_h, esc
+    from caft.evals.svg import Bar, bar_chart_h
 
     summary: dict[str, dict[str, float]] = report["summary"]
     per_seed: dict[str, dict[str, Any]] = report["per_seed"]
@@ -338,46 +340,42 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
     chart = bar_chart_h(
         groups, ["ID (val)", "OOD (cue inverted)"], bars, "Accuracy per condition", "accuracy"
     )
-    rows = []
-    for cond, name in zip(summary, groups, strict=True):
-        per = " / ".join(f"{r[cond]['ood']:.0%}" for r in per_seed.values() if isinstance(r.get(cond), dict))
-        m = summary[cond]
-        rows.append(
-            f"<tr><td>{esc(name)}</td><td>{m['val']:.1%}</td><td>{m['ood']:.1%}</td><td>{esc(per)}</td></tr>"
-        )
-    picks = []
-    for seed, r in per_seed.items():
-        items = "".join(
-            f"<li><code>{esc(p['candidate'])}</code> {esc(p.get('label') or '')}"
-            f" (confidence {float(p.get('confidence') or 0):.2f})</li>"
-            for p in r.get("selected", [])
-        )
-        picks.append(f"<h3>seed {esc(seed)}: {len(r.get('selected', []))} directions</h3><ul>{items}</ul>")
-    timings = "".join(
-        f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in report.get("timings_s", {}).items()
+    rows = [
+        {
+            "name": name,
+            "val": f"{summary[cond]['val']:.1%}",
+            "ood": f"{summary[cond]['ood']:.1%}",
+            "per_seed": " / ".join(
+                f"{r[cond]['ood']:.0%}" for r in per_seed.values() if isinstance(r.get(cond), dict)
+            ),
+        }
+        for cond, name in zip(summary, groups, strict=True)
+    ]
+    picks = [
+        {
+            "seed": seed,
+            "directions": [
+                {
+                    "candidate": p["candidate"],
+                    "label": p.get("label") or "",
+                    "confidence": f"{float(p.get('confidence') or 0):.2f}",
+                }
+                for p in r.get("selected", [])
+            ],
+        }
+        for seed, r in per_seed.items()
+    ]
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    template = env.from_string(
+        (resources.files("caft.app") / "templates" / "demo.html.j2").read_text(encoding="utf-8")
     )
-    title = f"caft demo: {report['task']}, {report['seeds']} seed(s)"
-    page = "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{esc(title)}</title>",
-            "<style>body{font-family:sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse}"
-            "th,td{border:1px solid #ccc;padding:4px 8px}th{background:#f3f3f3}</style></head><body>",
-            f"<h1>{esc(title)}</h1>",
-            "<p>Labels were not used to select directions: the offline judge read the task description and "
-            "the max/min windows of each candidate on a generic corpus. The oracle row uses cue labels and is a "
-            "reference only.</p>",
-            chart,
-            "<table><thead><tr><th>condition</th><th>ID acc</th><th>OOD acc (mean)</th><th>OOD per seed</th>"
-            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>",
-            "<h2>Directions the judge selected</h2>",
-            *picks,
-            "<h2>Wall time per stage (seconds, summed over seeds)</h2>",
-            f"<table><tbody>{timings}</tbody></table>",
-            f"<p>Total wall time: {esc(report.get('wall_s'))} s.</p>",
-            "</body></html>",
-        ]
+    page = template.render(
+        title=f"caft demo: {report['task']}, {report['seeds']} seed(s)",
+        chart=chart,
+        rows=rows,
+        picks=picks,
+        timings=list(report.get("timings_s", {}).items()),
+        wall_s=report.get("wall_s"),
     )
     path = Path(out) / "report.html"
     atomic_write_text(path, page)
