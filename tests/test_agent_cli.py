@@ -147,9 +147,9 @@ def test_bad_input_fails_cleanly(tmp_path: Path) -> None:
     res = runner.invoke(app, ["triage", "--evidence", str(ev), "--judge", "mock/x"])
     assert res.exit_code == 2 and "no task description: pass --task" in res.output
     res = runner.invoke(
-        app, ["triage", "--evidence", str(ev), "--task", "spurious-correlation", "--mode", "both"]
+        app, ["triage", "--evidence", str(ev), "--task", "spurious-correlation", "--kind", "both"]
     )
-    assert res.exit_code == 2 and "mode" in res.output and "single" in res.output
+    assert res.exit_code == 2 and "kind" in res.output and "single" in res.output
     res = runner.invoke(app, ["triage", "review", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no triage results" in res.output
     res = runner.invoke(app, ["triage"])

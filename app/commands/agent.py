@@ -1,6 +1,6 @@
 """`caft triage`: judge candidate directions, review the selection, apply an edited selection.
 
-    caft triage --evidence RUN/evidence --task emergent-misalignment --judge openai/gpt-4.1 [--mode agent]
+    caft triage --evidence RUN/evidence --task emergent-misalignment --judge openai/gpt-4.1 [--kind agent]
     caft triage review RUN            # writes RUN/triage/review.html
     caft triage apply selection.json  # builds the subspace from an (edited) selection
 
@@ -62,7 +62,14 @@ def triage(
         str | None, typer.Option(help="Judge model, e.g. openai/gpt-4.1, anthropic/<model>.")
     ] = None,
     base_url: Annotated[str | None, typer.Option(help="Server URL for openai-compatible judges.")] = None,
-    mode: Annotated[str | None, typer.Option(help="single (one verdict per candidate) or agent.")] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--kind",
+            "--mode",
+            help="single (one verdict per candidate), agent (tool-using) or offline-embedding (no API).",
+        ),
+    ] = None,
     budget: Annotated[
         str | None, typer.Option(help="Agent budgets: calls=N,tokens=N,live=N,usd=X (any subset).")
     ] = None,
@@ -113,7 +120,7 @@ def triage(
         return
     s = result.summary
     typer.echo(
-        f"triage ({s['mode']}, {s['judge']}): {s.get('judged', s.get('verdicts', 0))} judged, "
+        f"triage ({s.get('kind', s.get('mode'))}, {s['judge']}): {s.get('judged', s.get('verdicts', 0))} judged, "
         f"{s.get('unscored_total', 0)} unscored {s.get('unscored', {}) or ''}".rstrip()
     )
     usage = s.get("usage", {})
@@ -166,7 +173,7 @@ def _run(
     if base_url is not None:
         extra.append(f"judge.base_url={base_url}")
     if mode is not None:
-        extra.append(f"mode={mode}")
+        extra.append(f"kind={mode}")
     if budget is not None:
         extra += [f"budget.{k}={v}" for k, v in parse_budget(budget).items()]
     data = read_yaml(config) if config is not None else {}
@@ -177,7 +184,7 @@ def _run(
     steerer = None
     if live_model is not None:
         if cfg.kind != "agent":
-            raise ConfigError("--live-model is used in agent mode only; add --mode agent")
+            raise ConfigError("--live-model is used in agent mode only; add --kind agent")
         steerer = _load_steerer(evidence, directions, live_model, live_adapter)
     return run_triage(cfg, evidence, out, directions_path=directions, steerer=steerer)
 
