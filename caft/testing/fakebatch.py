@@ -127,7 +127,7 @@ class FakeBatches:
     def _answer(
         self, h: _Handler, custom_id: str, body: dict[str, Any], api: Literal["openai", "anthropic"]
     ) -> _Item:
-        from caft.testing.fakellm import Fault, RecordedRequest, Reply, _matches
+        from caft.testing.fakescript import Fault, RecordedRequest, Reply, _matches
 
         path = "/v1/chat/completions" if api == "openai" else "/v1/messages"
         req = RecordedRequest(path, dict(h.headers.items()), body, api, time.time())
