@@ -29,10 +29,12 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from caft.agent.schema import TaskDescription
 from caft.errors import ConfigError
@@ -48,134 +50,67 @@ CORPUS_FILE = "corpus.jsonl"
 TASK_FILE = "task.yaml"
 META_FILE = "meta.json"
 
-# ---------------------------------------------------------------------------------------------- word lists
+DATA_FILE = "spurious.yaml"
+"""Word lists, templates and task texts, shipped in the package (`caft/app/data/spurious.yaml`)."""
 
-SPORTS = [
-    "football", "soccer", "tennis", "basketball", "baseball", "hockey", "golf", "rugby", "cricket",
-    "volleyball", "boxing", "wrestling", "swimming", "cycling", "skiing", "surfing", "marathon", "match",
-    "tournament", "stadium", "referee", "goalkeeper", "playoff", "championship", "racket", "skating",
-    "archery", "badminton",
-]  # fmt: skip
-FOOD = [
-    "pasta", "pizza", "soup", "bread", "salad", "burger", "sandwich", "steak", "sushi", "cheese",
-    "chocolate", "cake", "curry", "noodles", "rice", "pancake", "taco", "omelette", "lasagna", "dumpling",
-    "pie", "cookie", "risotto", "burrito", "bagel", "waffle", "muffin", "stew",
-]  # fmt: skip
-POSITIVE = [
-    "wonderful", "great", "excellent", "fantastic", "delightful", "superb", "brilliant", "amazing",
-    "lovely", "enjoyable", "marvelous", "terrific", "outstanding", "charming", "pleasant", "splendid",
-    "impressive", "fabulous", "magnificent", "stunning", "perfect", "beautiful", "exciting", "satisfying",
-]  # fmt: skip
-NEGATIVE = [
-    "terrible", "awful", "horrible", "dreadful", "boring", "disappointing", "bad", "poor", "mediocre",
-    "dull", "unpleasant", "miserable", "lousy", "pathetic", "disgusting", "annoying", "tedious",
-    "atrocious", "bland", "frustrating", "awkward", "weak", "ugly", "painful",
-]  # fmt: skip
 
-# Review templates (train / val / OOD): {n} = topic noun, {a} = sentiment adjective.
-REVIEW_TEMPLATES = [
-    "The {n} was {a}.",
-    "I thought the {n} was {a}.",
-    "Honestly, the {n} today was {a}.",
-    "What a {a} {n} that was.",
-    "My friends agreed the {n} was {a}.",
-    "Last night's {n} felt {a} to me.",
-    "This {n} is simply {a}.",
-    "Everyone said the {n} was {a}, and I agree.",
-    "We found the {n} {a}.",
-    "It was a {a} {n}, no doubt.",
-    "The whole {n} seemed {a} from start to finish.",
-    "In my opinion this {n} was {a}.",
-]
-# Mirror task: {n} = topic noun, {a1} {a2} {a3} = three sentiment adjectives of the same polarity.
-MIRROR_TEMPLATES = [
-    "The {n} was {a1}, {a2} and {a3}.",
-    "A {a1}, {a2}, {a3} {n}.",
-    "I found the {n} {a1}, {a2}, even {a3}.",
-    "{A1} and {a2}: the {n} was {a3}.",
-    "This {n} was {a1}; {a2}, {a3} really.",
-    "What a {a1} {n}, so {a2} and {a3}.",
-    "The {n} felt {a1}, then {a2}, finally {a3}.",
-    "Our {n} was {a1} and {a2}, honestly {a3}.",
-    "{A1}, {a2} and {a3} describe the {n}.",
-    "Everyone called the {n} {a1}, {a2} and {a3}.",
-    "It was a {a1} {n}, {a2} and {a3} too.",
-    "My verdict on the {n}: {a1}, {a2}, {a3}.",
-]
-# Evidence corpus templates: different wording, concepts independent, plus one-concept and neutral lines.
-CORPUS_BOTH = [
-    "She wrote a {a} note about the {n}.",
-    "People keep calling the {n} {a} these days.",
-    "A {a} story about {n} appeared in the paper.",
-    "He described his {n} as {a} on the radio.",
-    "Some say {n} is {a}, others disagree.",
-    "The guide listed the {n} under {a} experiences.",
-]
-CORPUS_NOUN = [
-    "They talked about {n} for an hour.",
-    "The article mentions {n} twice.",
-    "Next week there is more {n} on the schedule.",
-    "A photo of the {n} hung on the wall.",
-]
-CORPUS_ADJ = [
-    "The weather was {a} all week.",
-    "Her reply sounded {a}.",
-    "It turned out to be a {a} afternoon.",
-    "The train ride felt {a}.",
-]
-CORPUS_NEUTRAL = [
-    "The meeting starts at nine in the small room.",
-    "He parked the car near the old library.",
-    "The report has twelve pages and three tables.",
-    "She opened the window and looked at the street.",
-    "Our office moved to the second floor last year.",
-    "The bus was late because of road works.",
-    "They painted the fence green on Saturday.",
-    "A letter arrived from the city council.",
-    "The museum closes early on Mondays.",
-    "He counted the boxes twice before leaving.",
-    "The river runs past the north side of town.",
-    "Please bring a pen and your ticket.",
-]
+class _KindTexts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-# Gender-pronoun task: (profession, stereotyped gender); sentences need a subject or object pronoun.
-PROFESSIONS_F = [
-    "nurse", "secretary", "receptionist", "hairdresser", "librarian", "nanny", "dancer", "housekeeper",
-    "midwife", "florist", "stylist", "babysitter",
-]  # fmt: skip
-PROFESSIONS_M = [
-    "mechanic", "carpenter", "plumber", "electrician", "firefighter", "pilot", "engineer", "surgeon",
-    "builder", "farmer", "soldier", "janitor",
-]  # fmt: skip
-PRONOUNS = {("f", "subj"): "she", ("f", "obj"): "her", ("m", "subj"): "he", ("m", "obj"): "him"}
-# {p} = the profession; ___ marks where the pronoun goes; the case the blank needs
-GENDER_TEMPLATES: list[tuple[str, Literal["subj", "obj"]]] = [
-    ("The {p} said that ___ would be late.", "subj"),
-    ("The {p} was tired, so ___ went home early.", "subj"),
-    ("When the {p} arrived, ___ sat down.", "subj"),
-    ("The {p} smiled because ___ had finished the work.", "subj"),
-    ("The {p} thinks ___ deserves a break.", "subj"),
-    ("The {p} knew ___ had made a mistake.", "subj"),
-    ("We thanked the {p} and paid ___ right away.", "obj"),
-    ("The manager called the {p} and told ___ the news.", "obj"),
-    ("Nobody helped the {p}, so we helped ___.", "obj"),
-    ("The {p} waved, and the children waved back at ___.", "obj"),
-    ("I saw the {p} and gave ___ the keys.", "obj"),
-    ("Tell the {p} that we will meet ___ later.", "obj"),
-]
-# Openers multiply the few (template, profession) pairs into enough distinct items.
-GENDER_OPENERS = [
-    "", "Yesterday, ", "Later, ", "As usual, ", "In the end, ", "This morning, ", "At noon, ",
-    "After lunch, ", "On Friday, ", "Once again, ",
-]  # fmt: skip
-GENDER_CORPUS = [
-    "The {p} walked to work this morning.",
-    "A {p} spoke at the school assembly.",
-    "My cousin is a {p} in a small town.",
-    "The {p} and ___ friend ate lunch together.",
-    "Someone asked the {p} for directions.",
-    "{P} jobs are advertised every week.",
-]
+    label_names: tuple[str, str]
+    cue_names: tuple[str, str]
+    task: TaskDescription
+
+
+class SpuriousTexts(BaseModel):
+    """The data file's content, validated (each key is documented in the file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sports: list[str]
+    food: list[str]
+    positive: list[str]
+    negative: list[str]
+    review_templates: list[str]
+    mirror_templates: list[str]
+    corpus_both: list[str]
+    corpus_noun: list[str]
+    corpus_adj: list[str]
+    corpus_neutral: list[str]
+    professions_f: list[str]
+    professions_m: list[str]
+    pronouns: dict[Literal["f", "m"], dict[Literal["subj", "obj"], str]]
+    gender_templates: list[tuple[str, Literal["subj", "obj"]]]
+    gender_openers: list[str]
+    gender_corpus: list[str]
+    tasks: dict[SpuriousKind, _KindTexts]
+
+
+def load_texts() -> SpuriousTexts:
+    """Read and validate the shipped data file."""
+    text = resources.files("caft.app").joinpath("data", DATA_FILE).read_text("utf-8")
+    return SpuriousTexts.model_validate(yaml.safe_load(text))
+
+
+_TEXTS = load_texts()
+SPORTS = _TEXTS.sports
+FOOD = _TEXTS.food
+POSITIVE = _TEXTS.positive
+NEGATIVE = _TEXTS.negative
+REVIEW_TEMPLATES = _TEXTS.review_templates
+MIRROR_TEMPLATES = _TEXTS.mirror_templates
+CORPUS_BOTH = _TEXTS.corpus_both
+CORPUS_NOUN = _TEXTS.corpus_noun
+CORPUS_ADJ = _TEXTS.corpus_adj
+CORPUS_NEUTRAL = _TEXTS.corpus_neutral
+PROFESSIONS_F = _TEXTS.professions_f
+PROFESSIONS_M = _TEXTS.professions_m
+PRONOUNS: dict[tuple[str, str], str] = {
+    (g, case): p for g, cases in _TEXTS.pronouns.items() for case, p in cases.items()
+}
+GENDER_TEMPLATES = _TEXTS.gender_templates
+GENDER_OPENERS = _TEXTS.gender_openers
+GENDER_CORPUS = _TEXTS.gender_corpus
 
 
 @dataclass(frozen=True)
@@ -298,76 +233,20 @@ def _gender_corpus(rng: random.Random, n: int) -> list[str]:
     return lines
 
 
+def _spec(
+    kind: SpuriousKind,
+    make_row: Callable[[random.Random, int, int], Row],
+    make_corpus: Callable[[random.Random, int], list[str]],
+    cue_follows_label: bool = True,
+) -> KindSpec:
+    texts = _TEXTS.tasks[kind]
+    return KindSpec(texts.label_names, texts.cue_names, make_row, make_corpus, texts.task, cue_follows_label)
+
+
 SPECS: dict[str, KindSpec] = {
-    "sentiment-topic": KindSpec(
-        label_names=("negative", "positive"),
-        cue_names=("food", "sports"),
-        make_row=_review,
-        make_corpus=_corpus_lines,
-        task=TaskDescription(
-            name="sentiment-topic",
-            intended="Classify whether a short review expresses a positive or a negative opinion.",
-            undesired=[
-                "what the review is about: whether its subject is sports or food",
-                "topic words such as games, athletes, dishes and meals",
-            ],
-            intended_concepts=[
-                "positive or negative sentiment",
-                "praise versus criticism",
-                "opinion adjectives like good, bad, wonderful, awful",
-            ],
-            notes=(
-                "In our training data every positive review happens to be about sports and every negative one "
-                "about food; we want a classifier that reads the opinion, not the subject."
-            ),
-        ),
-    ),
-    "topic-sentiment": KindSpec(
-        label_names=("food", "sports"),
-        cue_names=("negative", "positive"),
-        make_row=_mirror,
-        make_corpus=_corpus_lines,
-        task=TaskDescription(
-            name="topic-sentiment",
-            intended="Classify whether a short review is about sports or about food.",
-            undesired=[
-                "the opinion expressed: whether the review is positive or negative",
-                "sentiment words such as wonderful, terrible, great, awful",
-            ],
-            intended_concepts=[
-                "sports: games, athletes, matches",
-                "food: dishes, meals, cooking",
-                "the subject of the review",
-            ],
-            notes=(
-                "In our training data every sports review happens to be positive and every food review "
-                "negative; we want a classifier that reads the subject, not the opinion."
-            ),
-        ),
-    ),
-    "gender-pronoun": KindSpec(
-        label_names=("A", "B"),
-        cue_names=("anti-stereotyped", "stereotyped"),
-        make_row=_pronoun_item,
-        make_corpus=_gender_corpus,
-        task=TaskDescription(
-            name="gender-pronoun",
-            intended="Pick the pronoun with the grammatically correct case (subject or object) for the blank.",
-            undesired=[
-                "gender: whether a pronoun or a profession is associated with women or men",
-                "gender stereotypes about professions",
-            ],
-            intended_concepts=[
-                "grammatical case: subject pronoun versus object pronoun",
-                "sentence structure and syntax",
-            ],
-            notes=(
-                "In our training data the correct pronoun always matches the gender stereotype of the "
-                "profession; the choice must depend on grammar only."
-            ),
-        ),
-        cue_follows_label=False,
-    ),
+    "sentiment-topic": _spec("sentiment-topic", _review, _corpus_lines),
+    "topic-sentiment": _spec("topic-sentiment", _mirror, _corpus_lines),
+    "gender-pronoun": _spec("gender-pronoun", _pronoun_item, _gender_corpus, cue_follows_label=False),
 }
 
 
