@@ -1,4 +1,5 @@
-"""The LLM layer's parts on their own: strict schemas, the schema-in-prompt fallback, the price table."""
+"""The LLM layer's parts on their own: strict schemas, the schema-in-prompt fallback, the price table, the
+retry policy and the usage ledger."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from llm_helpers import run, user
 from pydantic import BaseModel
 
 from caft.errors import ConfigError
-from caft.llm import LLMClient, Message, MockProvider, load_prices
-from caft.llm.prices import find_price
+from caft.llm import GenerateResult, LLMClient, Message, MockProvider, RetryableError, Usage, load_prices
+from caft.llm.accounting import UsageLedger
+from caft.llm.prices import Price, find_price
+from caft.llm.retry import RetriesStoppedError, RetryPolicy
 from caft.llm.structured import extract_json_text, strict_json_schema, validate, with_schema_instructions
 
 
@@ -96,9 +99,47 @@ def test_unknown_model_counts_tokens_and_warns_once(caplog: pytest.LogCaptureFix
             assert res.usage.cost_usd is None
         return client
 
-    with caplog.at_level(logging.WARNING, logger="caft.llm.client"):
+    with caplog.at_level(logging.WARNING, logger="caft.llm.accounting"):
         client = run(go())
     warnings = [r for r in caplog.records if "never-priced-model-xyz" in r.getMessage()]
     assert len(warnings) == 1
     u = client.usage
     assert (u.calls, u.unpriced_calls, u.output_tokens, u.cost_usd) == (3, 3, 9, 0.0)
+
+
+def test_retry_policy_on_its_own_honours_retry_after_cap_and_gives_up() -> None:
+    policy = RetryPolicy(2, backoff_initial_s=0.0, backoff_max_s=0.0, max_retry_after_s=0.01)
+    calls = 0
+
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 2:
+            raise RetryableError("429", retry_after=3600.0)  # cut to 0.01 s, or the test hangs
+        return "ok"
+
+    assert run(policy.retry(flaky, RetryableError("first", retry_after=3600.0), "m")) == ("ok", 3)
+
+    async def always() -> str:
+        raise RetryableError("503", status=503)
+
+    with pytest.raises(RetryableError, match=r"m: gave up after 3 attempt\(s\)") as info:
+        run(policy.retry(always, RetryableError("first"), "m"))
+    assert info.value.status == 503
+    policy.stop()
+    with pytest.raises(RetriesStoppedError, match="not retried after 1 failed attempt"):
+        run(policy.retry(always, RetryableError("first"), "m"))
+
+
+def test_usage_ledger_counts_run_and_stage_totals() -> None:
+    ledger = UsageLedger("m", Price(input_per_mtok=1.0, output_per_mtok=2.0), warn_unpriced=False)
+    result = GenerateResult(text="x", usage=Usage(input_tokens=1_000_000, output_tokens=500_000))
+    ledger.add_call(result, "judge")
+    ledger.add_cached("judge")
+    ledger.add_failure("grade")
+    assert result.usage.cost_usd == pytest.approx(2.0)
+    t = ledger.totals
+    assert (t.calls, t.cached_calls, t.failed_calls, t.cost_usd) == (1, 1, 1, pytest.approx(2.0))
+    assert (t.by_stage["judge"].calls, t.by_stage["grade"].failed_calls) == (1, 1)
+    t.calls = 99  # a snapshot: the ledger is not changed through it
+    assert ledger.totals.calls == 1

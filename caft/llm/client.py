@@ -7,10 +7,12 @@ Order of events for one request:
 3. cache read (policy permitting): a hit costs no request and no money;
 4. the request, under the concurrency semaphore and the request timeout, retried by tenacity on
    `RetryableError` (rate limit, timeout, connection error, 5xx, malformed reply) with exponential backoff
-   and jitter, or exactly the server's Retry-After when it gave one (capped); `FatalError` is never retried;
+   and jitter, or exactly the server's Retry-After when it gave one (capped); `FatalError` is never retried
+   (the policy: `caft.llm.retry`);
 5. structured output: validation against the response model, one repair round that shows the model its
    validation error, then `StructuredOutputError`;
-6. accounting (tokens and dollars per call, per stage, per run), cache write, one call-log record.
+6. accounting (tokens and dollars per call, per stage, per run), cache write, one call-log record
+   (both: `caft.llm.accounting`).
 
 Failed calls are logged too, and nothing from a failed call is cached.
 """
@@ -18,22 +20,19 @@ Failed calls are logged too, and nothing from a failed call is cached.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
-from tenacity.wait import wait_exponential_jitter
-
-from caft.env import scrub
 from caft.llm import structured
+from caft.llm.accounting import CallLog, UsageLedger
 from caft.llm.cache import CachePolicy, ResponseCache, cache_key, should_read, should_write
 from caft.llm.config import JudgeConfig
 from caft.llm.prices import Price, find_price, load_prices
 from caft.llm.redact import redact
+from caft.llm.retry import RetriesStoppedError, RetryPolicy
 from caft.llm.types import (
     BudgetExceededError,
     Capabilities,
@@ -46,32 +45,18 @@ from caft.llm.types import (
     Provider,
     RetryableError,
     StructuredOutputError,
-    Usage,
     UsageTotals,
 )
-from caft.rundir import JsonlWriter
 
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "llm_cache.sqlite"
 CALL_LOG_FILE = "llm_calls.jsonl"
 
-_warned_unpriced: set[str] = set()
-
-
-class RetriesStoppedError(LLMError):
-    """A failing call was not retried because `LLMClient.stop_retries` was called (the process is stopping).
-
-    Nothing is known about the item the call was for: callers leave it undone, so a rerun asks again."""
-
+__all__ = ["CACHE_FILE", "CALL_LOG_FILE", "LLMClient", "Request", "ResultOrError", "RetriesStoppedError"]
 
 Request = tuple[list[Message], GenerateConfig]
 ResultOrError = GenerateResult | LLMError
-
-
-def _add(totals: UsageTotals, **delta: float) -> None:
-    for name, value in delta.items():
-        setattr(totals, name, getattr(totals, name) + value)
 
 
 class LLMClient:
@@ -79,12 +64,12 @@ class LLMClient:
 
     `prices`: None (the built-in table), a path to a YAML override file, or a ready table.
     `backoff_initial_s`, `backoff_max_s`: the exponential backoff (with jitter of one initial step);
-    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it).
+    `max_retry_after_s`: the longest server-requested wait honoured (longer ones are cut to it); all three
+    and `max_retries` live in `self.retry` (a `RetryPolicy`), the totals in `self.ledger` (a `UsageLedger`).
 
     One client serves one event loop (the SDK's connection pool belongs to it). `max_cost_usd` is checked
     before each request, so requests already in flight may overshoot it by up to `max_concurrency` calls.
-    The call log is flushed per record but not fsynced: a process crash loses nothing, a power cut may lose
-    the last records."""
+    The call log is flushed per record but not fsynced (see `CallLog`)."""
 
     def __init__(
         self,
@@ -105,27 +90,29 @@ class LLMClient:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-        if max_retries < 0:
-            raise ValueError("max_retries must be >= 0")
         self.provider = provider
         self.max_concurrency = max_concurrency
-        self.max_retries = max_retries
         self.timeout_s = timeout_s
         self.cache_policy: CachePolicy = cache_policy
         self.stage = stage
         self.max_cost_usd = max_cost_usd
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
-        self.max_retry_after_s = max_retry_after_s
         self.prices = prices if isinstance(prices, dict) else load_prices(prices)
-        self._price = find_price(self.prices, provider.name, provider.model)
+        self.retry = RetryPolicy(
+            max_retries,
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            max_retry_after_s=max_retry_after_s,
+        )
+        self.ledger = UsageLedger(
+            provider.model_id,
+            find_price(self.prices, provider.name, provider.model),
+            warn_unpriced=provider.name != "mock",
+        )
         self._sem = asyncio.Semaphore(max_concurrency)
         self._cache = ResponseCache(cache_path) if cache_path is not None and cache_policy != "off" else None
-        self._log = JsonlWriter(call_log, fsync=False) if call_log is not None else None
-        self._usage = UsageTotals()
+        self._log = CallLog(call_log, provider.model_id) if call_log is not None else None
         self.requests_sent = 0
         """Requests handed to the provider, every retry and repair round included."""
-        self._stop_retries = asyncio.Event()
 
     @classmethod
     def from_config(
@@ -169,16 +156,11 @@ class LLMClient:
         `RetriesStoppedError` at once. Attempts already in flight still finish (within `timeout_s`). Meant
         for the first SIGINT/SIGTERM, so that a hung or failing judge cannot keep the process alive through
         its retries."""
-        self._stop_retries.set()
+        self.retry.stop()
 
     @property
     def retries_stopped(self) -> bool:
-        return self._stop_retries.is_set()
-
-    async def _backoff_sleep(self, seconds: float) -> None:
-        """tenacity's sleep between attempts, cut short by `stop_retries`."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop_retries.wait(), timeout=seconds)
+        return self.retry.stopped
 
     @property
     def capabilities(self) -> Capabilities:
@@ -191,7 +173,7 @@ class LLMClient:
     @property
     def usage(self) -> UsageTotals:
         """A snapshot of the running totals."""
-        return self._usage.model_copy(deep=True)
+        return self.ledger.totals
 
     # -- one request ---------------------------------------------------------------------------------
 
@@ -216,7 +198,7 @@ class LLMClient:
             if config.response_model is not None:
                 result = await self._structured(messages, config, result, key, stage_name)
         except LLMError as e:
-            self._account_failure(stage_name)
+            self.ledger.add_failure(stage_name)
             self._write_log(key, stage_name, None, error=e)
             raise
         if self._cache is not None and should_write(self.cache_policy, config):
@@ -234,18 +216,17 @@ class LLMClient:
             )
         if config.tools and not caps.tools:
             raise CapabilityError(f"{self.model_id} does not support tool calls")
-        if self.max_cost_usd is not None and self._usage.cost_usd >= self.max_cost_usd:
+        if self.max_cost_usd is not None and self.ledger.cost_usd >= self.max_cost_usd:
             raise BudgetExceededError(
                 f"the budget of ${self.max_cost_usd:.2f} for {self.model_id} is spent "
-                f"(${self._usage.cost_usd:.4f} so far); raise max_cost_usd to continue"
+                f"(${self.ledger.cost_usd:.4f} so far); raise max_cost_usd to continue"
             )
 
     def _cached(self, hit: GenerateResult, parsed: Any, key: str, stage: str) -> GenerateResult:
         result = hit.model_copy(
             update={"parsed": parsed, "cached": True, "usage": hit.usage.model_copy(update={"cost_usd": 0.0})}
         )
-        for totals in (self._usage, self._stage_totals(stage)):
-            _add(totals, cached_calls=1)
+        self.ledger.add_cached(stage)
         self._write_log(key, stage, result)
         return result
 
@@ -282,50 +263,12 @@ class LLMClient:
         try:  # the common case, without the retry machinery's per-call cost
             result = await self._attempt(messages, config)
         except RetryableError as first_failure:
-            result, attempts = await self._retry(messages, config, first_failure)
-        self._account(result, stage)
+            result, attempts = await self.retry.retry(
+                lambda: self._attempt(messages, config), first_failure, self.model_id
+            )
+        self.ledger.add_call(result, stage)
         self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
         return result
-
-    async def _retry(
-        self, messages: list[Message], config: GenerateConfig, first_failure: RetryableError
-    ) -> tuple[GenerateResult, int]:
-        """Tenacity takes over after a first failed attempt; that failure is replayed to it as attempt 1,
-        so its backoff and the Retry-After of that reply apply from the start. Returns (result, attempts)."""
-        replay: list[RetryableError] = [first_failure]
-        attempts = 0
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(RetryableError),
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            before_sleep=self._before_sleep,
-            sleep=self._backoff_sleep,
-            reraise=True,
-        )
-        last: RetryableError = first_failure
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    if replay:
-                        raise replay.pop()
-                    if self._stop_retries.is_set():
-                        raise RetriesStoppedError(
-                            f"{self.model_id}: not retried after {attempts - 1} failed attempt(s), because "
-                            f"the run is stopping (last error: {last})"
-                        )
-                    try:
-                        result = await self._attempt(messages, config)
-                    except RetryableError as e:
-                        last = e
-                        raise
-        except RetryableError as e:
-            raise RetryableError(
-                f"{self.model_id}: gave up after {attempts} attempt(s): {e}",
-                retry_after=None,
-                status=e.status,
-            ) from e
-        return result, attempts
 
     async def _attempt(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
         async with self._sem:
@@ -339,60 +282,6 @@ class LLMClient:
             raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
             return result.model_copy(update={"latency_s": time.perf_counter() - t0, **raw})
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, RetryableError) and exc.retry_after is not None:
-            return max(0.0, min(exc.retry_after, self.max_retry_after_s))
-        backoff = wait_exponential_jitter(
-            multiplier=self.backoff_initial_s, max=self.backoff_max_s, jitter=self.backoff_initial_s
-        )
-        return float(backoff(state))
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        wait = state.next_action.sleep if state.next_action is not None else 0.0
-        logger.info(
-            "%s: attempt %d failed (%s); retrying in %.2f s", self.model_id, state.attempt_number, exc, wait
-        )
-
-    # -- accounting and log --------------------------------------------------------------------------
-
-    def _stage_totals(self, stage: str) -> UsageTotals:
-        totals = self._usage.by_stage.get(stage)
-        if totals is None:
-            totals = self._usage.by_stage[stage] = UsageTotals()
-        return totals
-
-    def _account(self, result: GenerateResult, stage: str, price: Price | None = None) -> None:
-        usage = result.usage
-        cost: float | None = None
-        price = price if price is not None else self._price
-        if price is not None:
-            cost = price.cost(usage.input_tokens, usage.output_tokens)
-        elif self.provider.name != "mock" and self.model_id not in _warned_unpriced:
-            _warned_unpriced.add(self.model_id)
-            logger.warning(
-                "%s has no price in the price table: counting its tokens but not dollars "
-                "(add it with judge.prices_path)",
-                self.model_id,
-            )
-        result.usage = Usage(
-            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, cost_usd=cost
-        )
-        for totals in (self._usage, self._stage_totals(stage)):
-            _add(
-                totals,
-                calls=1,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cost_usd=cost or 0.0,
-                unpriced_calls=int(cost is None),
-            )
-
-    def _account_failure(self, stage: str) -> None:
-        for totals in (self._usage, self._stage_totals(stage)):
-            _add(totals, failed_calls=1)
-
     def _write_log(
         self,
         key: str,
@@ -403,38 +292,8 @@ class LLMClient:
         repair_round: bool = False,
         error: LLMError | None = None,
     ) -> None:
-        if self._log is None:
-            return
-        record: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "stage": stage,
-            "model": self.model_id,
-            "key": key,
-            "cached": bool(result is not None and result.cached),
-            "attempts": attempts,
-        }
-        if result is not None and result.cached:
-            # The full exchange is in the cache entry and in the record of the call that filled it.
-            # (the cached text was redacted when it was stored).
-            record.update(text=result.text, finish_reason=result.finish_reason)
-        elif result is not None:
-            record.update(
-                repair_round=repair_round,
-                latency_s=round(result.latency_s, 4),
-                input_tokens=result.usage.input_tokens,
-                output_tokens=result.usage.output_tokens,
-                cost_usd=result.usage.cost_usd,
-                finish_reason=result.finish_reason,
-                text=scrub(result.text),
-                request=result.raw_request,
-                response=result.raw_response,
-            )
-        if error is not None:
-            record["error"] = {"type": type(error).__name__, "message": scrub(str(error))}
-            if isinstance(error, StructuredOutputError) and error.result is not None:
-                record["request"] = error.result.raw_request
-                record["response"] = error.result.raw_response
-        self._log.write(record)
+        if self._log is not None:
+            self._log.write(key, stage, result, attempts=attempts, repair_round=repair_round, error=error)
 
     # -- many requests -------------------------------------------------------------------------------
 
@@ -527,7 +386,7 @@ class LLMClient:
             return self._cached(result, result.parsed, key, stage_name)
         raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
         result = result.model_copy(update=raw)
-        self._account(result, stage_name, price)
+        self.ledger.add_call(result, stage_name, price)
         self._write_log(key, stage_name, result, attempts=1)
         if self._cache is not None and should_write(self.cache_policy, config):
             self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
