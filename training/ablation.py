@@ -16,6 +16,9 @@ Two ways to install it:
 * the trainer edits layer outputs inside an nnsight trace (see `caft.training.forward`);
 * `with ablated(model, abl): ...` registers plain torch forward hooks, for evaluation, test-time-only
   ablation baselines and generation. The hooks come off on exit, so a saved model never carries them.
+
+The autograd Functions of the linear modes live in `caft.training.projection`; the reference means of
+modes `mean` and `steer` in `caft.training.means`.
 """
 
 from __future__ import annotations
@@ -23,17 +26,19 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, get_args
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from caft.errors import ConfigError, SubspaceError
 from caft.sites import Sites
 from caft.subspace import Column, Subspace
 from caft.training.config import AblationMode
+
+# Their own modules now; still importable from here (__all__), where callers have always found them.
+from caft.training.means import compute_subspace_means, load_means, mean_coordinates, save_means
+from caft.training.projection import DetachedFn, ProjectFn, ProjectGradFn
 
 if TYPE_CHECKING:
     from torch import nn
@@ -64,58 +69,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODES: tuple[AblationMode, ...] = get_args(AblationMode)
-
-
-def _remove(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x - (xQ)Q^T as one fused matmul-and-subtract over the flattened positions, in x's dtype (under
-    autocast too: rounding all of x to bf16 would change more than its span(Q) part)."""
-    flat = x.reshape(-1, x.shape[-1])  # (N, d)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return torch.addmm(flat, flat @ q.to(x.dtype), q.T.to(x.dtype), alpha=-1).view(x.shape)
-
-
-# Autograd Functions for the linear edits. The projection P = I - QQ^T is symmetric, so its backward is P
-# applied to the incoming gradient: only Q needs saving, never the activation h. Plain autograd would keep
-# h (B, T, d) alive per ablated layer; these keep nothing of size B x T.
-class ProjectFn(torch.autograd.Function):
-    """Forward: h - (hQ)Q^T (+ shift). Backward: g - (gQ)Q^T."""
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(q)
-        out = _remove(h, q)  # (..., d)
-        return out.add_(shift) if shift is not None else out
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (q,) = ctx.saved_tensors
-        return _remove(g, q.to(g.dtype)), None, None
-
-
-class DetachedFn(torch.autograd.Function):
-    """Forward: h - (hQ)Q^T. Backward: identity (the projection is a constant offset to autograd)."""
-
-    @staticmethod
-    def forward(_ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return _remove(h, q)
-
-    @staticmethod
-    def backward(_ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return g, None
-
-
-class ProjectGradFn(torch.autograd.Function):
-    """Forward: identity. Backward: g - (gQ)Q^T."""
-
-    @staticmethod
-    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(q)
-        return h.view_as(h)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (q,) = ctx.saved_tensors
-        return _remove(g, q.to(g.dtype)), None
 
 
 class Ablation(ABC):
@@ -188,37 +141,6 @@ class DetachedAblation(Ablation):
     def _apply(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         out: torch.Tensor = DetachedFn.apply(h, self._q(h, layer))
         return out
-
-
-def mean_coordinates(layer: int, q: torch.Tensor, means: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """The reference mean of `layer` as span(Q) coordinates (k,), from coordinates or a full (d,) mean."""
-    if layer not in means:
-        raise SubspaceError(
-            f"no reference mean for layer {layer}; compute them with "
-            "caft.training.ablation.compute_subspace_means (the trainer does this for you)"
-        )
-    mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
-    d, k = q.shape
-    if mu.numel() == d:
-        mu = mu @ q  # full-space mean -> its coordinates in span(Q)
-    elif mu.numel() != k:
-        raise SubspaceError(
-            f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
-            f"or d_model={d} (a full-space mean)"
-        )
-    if not torch.isfinite(mu).all():
-        raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
-    return mu
-
-
-def save_means(path: str | Path, means: Mapping[int, torch.Tensor]) -> None:
-    """Reference means (`layer.<L>` tensors), as the trainer writes them next to a run."""
-    save_file({f"layer.{L}": m.contiguous() for L, m in means.items()}, str(path))
-
-
-def load_means(path: str | Path) -> dict[int, torch.Tensor]:
-    """Reference means written by `save_means` (the run's ablation_means.safetensors)."""
-    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
 
 
 class MeanAblation(Ablation):
@@ -400,59 +322,6 @@ def _hook(abl: Ablation, layer: int) -> Any:
         return Sites.replace_hidden(output, abl.apply(Sites.hidden(output), layer))
 
     return hook
-
-
-def compute_subspace_means(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    subspace: Subspace,
-) -> dict[int, torch.Tensor]:
-    """Mean of hQ (span(Q) coordinates, (k,) per layer) over the tokens of `batches`, in float64.
-
-    Each batch is a mapping of model inputs (`input_ids`, `attention_mask`, ...). Tokens are weighted by
-    `loss_mask` when a batch has one (e.g. assistant tokens), else by `attention_mask`, else all count.
-    Keys that are not model inputs (`labels`, `loss_mask`) are not passed to the model.
-    """
-    sites = Sites.of(model)
-    layers = sites.check_layers(subspace.layers)
-    sums: dict[int, torch.Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64)
-    weight: dict[str, torch.Tensor] = {}
-
-    def make_hook(L: int) -> Any:
-        def hook(_m: Any, _i: Any, output: Any) -> None:
-            h = Sites.hidden(output).detach()
-            q = subspace.bases[L].to(h.device, torch.float32)
-            coords = (h.float() @ q).double()  # (B, T, k)
-            w = weight["w"]
-            s = (coords * w[..., None]).sum(dim=(0, 1)).cpu()
-            sums[L] = sums[L] + s if L in sums else s
-
-        return hook
-
-    device = next(model.parameters()).device
-    handles = [sites.layer_module(model, L).register_forward_hook(make_hook(L)) for L in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = {
-                    k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")
-                }
-                ids = inputs["input_ids"]
-                mask = batch.get("loss_mask", batch.get("attention_mask"))
-                w = torch.ones(ids.shape, dtype=torch.float64) if mask is None else mask.to(torch.float64)
-                weight["w"] = w.to(device)
-                model(**inputs)
-                count += w.sum()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if count.item() == 0:
-        raise SubspaceError("no tokens to compute reference means from (empty batches or all-zero masks)")
-    return {L: (sums[L] / count).float() for L in layers}
 
 
 def random_subspace(spec: str | Mapping[int, int], d_model: int, seed: int, n_layers: int) -> Subspace:

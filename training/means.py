@@ -1,0 +1,104 @@
+"""Reference means of a subspace's coordinates over training data: what modes `mean` and `steer` of
+`caft.training.ablation` need, computed by the trainer and saved next to a run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from caft.errors import SubspaceError
+from caft.sites import Sites
+from caft.subspace import Subspace
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["compute_subspace_means", "load_means", "mean_coordinates", "save_means"]
+
+
+def mean_coordinates(layer: int, q: torch.Tensor, means: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """The reference mean of `layer` as span(Q) coordinates (k,), from coordinates or a full (d,) mean."""
+    if layer not in means:
+        raise SubspaceError(
+            f"no reference mean for layer {layer}; compute them with "
+            "caft.training.means.compute_subspace_means (the trainer does this for you)"
+        )
+    mu = means[layer].detach().to("cpu", torch.float32).reshape(-1)
+    d, k = q.shape
+    if mu.numel() == d:
+        mu = mu @ q  # full-space mean -> its coordinates in span(Q)
+    elif mu.numel() != k:
+        raise SubspaceError(
+            f"layer {layer}: the mean has {mu.numel()} values; expected k={k} (coordinates in span(Q)) "
+            f"or d_model={d} (a full-space mean)"
+        )
+    if not torch.isfinite(mu).all():
+        raise SubspaceError(f"layer {layer}: the reference mean holds NaN or inf values")
+    return mu
+
+
+def save_means(path: str | Path, means: Mapping[int, torch.Tensor]) -> None:
+    """Reference means (`layer.<L>` tensors), as the trainer writes them next to a run."""
+    save_file({f"layer.{L}": m.contiguous() for L, m in means.items()}, str(path))
+
+
+def load_means(path: str | Path) -> dict[int, torch.Tensor]:
+    """Reference means written by `save_means` (the run's ablation_means.safetensors)."""
+    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+
+
+def compute_subspace_means(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    subspace: Subspace,
+) -> dict[int, torch.Tensor]:
+    """Mean of hQ (span(Q) coordinates, (k,) per layer) over the tokens of `batches`, in float64.
+
+    Each batch is a mapping of model inputs (`input_ids`, `attention_mask`, ...). Tokens are weighted by
+    `loss_mask` when a batch has one (e.g. assistant tokens), else by `attention_mask`, else all count.
+    Keys that are not model inputs (`labels`, `loss_mask`) are not passed to the model.
+    """
+    sites = Sites.of(model)
+    layers = sites.check_layers(subspace.layers)
+    sums: dict[int, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64)
+    weight: dict[str, torch.Tensor] = {}
+
+    def make_hook(L: int) -> Any:
+        def hook(_m: Any, _i: Any, output: Any) -> None:
+            h = Sites.hidden(output).detach()
+            q = subspace.bases[L].to(h.device, torch.float32)
+            coords = (h.float() @ q).double()  # (B, T, k)
+            w = weight["w"]
+            s = (coords * w[..., None]).sum(dim=(0, 1)).cpu()
+            sums[L] = sums[L] + s if L in sums else s
+
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [sites.layer_module(model, L).register_forward_hook(make_hook(L)) for L in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {
+                    k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")
+                }
+                ids = inputs["input_ids"]
+                mask = batch.get("loss_mask", batch.get("attention_mask"))
+                w = torch.ones(ids.shape, dtype=torch.float64) if mask is None else mask.to(torch.float64)
+                weight["w"] = w.to(device)
+                model(**inputs)
+                count += w.sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count.item() == 0:
+        raise SubspaceError("no tokens to compute reference means from (empty batches or all-zero masks)")
+    return {L: (sums[L] / count).float() for L in layers}
