@@ -164,26 +164,12 @@ class TriageConfig(CaftConfig):
     @model_validator(mode="before")
     @classmethod
     def _renamed_mode(cls, data: Any) -> Any:
-        # `mode` was renamed `kind`; `caft triage --mode` still sets it
+        # `mode` was renamed `kind`: an old config fails here, saying what to write instead
         if isinstance(data, dict) and "mode" in data:
-            data = dict(data)
-            mode = data.pop("mode")
-            if "kind" in data and data["kind"] != mode:
-                raise ValueError(
-                    f"triage.mode ({mode!r}) and triage.kind ({data['kind']!r}) disagree; set kind only"
-                )
-            if mode not in ("single", "agent", OFFLINE_KIND):
-                raise ValueError(
-                    f"triage.mode (now triage.kind) is {mode!r}; use single, agent or {OFFLINE_KIND}"
-                )
-            log.info("triage.mode is now triage.kind")
-            data["kind"] = mode
+            raise ValueError(
+                f"triage.mode is now triage.kind: write `kind: {data['mode']}` in the triage section"
+            )
         return data
-
-    @property
-    def mode(self) -> str:
-        """The old name of `kind` (`caft triage` reads it; remove once the CLI reads `kind`)."""
-        return self.kind
 
     def resolved_controls(self) -> int:
         """Random control directions per layer the judge asks for (the default depends on the kind)."""

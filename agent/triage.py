@@ -154,8 +154,7 @@ async def run_triage_async(
         },
     )
     run = await judge.judge(dossiers, task, out, controls=controls, directions=directions)
-    # "mode" is what `caft triage` prints; "kind" is its name in the config
-    summary: dict[str, Any] = {"kind": cfg.kind, "mode": cfg.kind, "judge": judge.name, "task": task.name}
+    summary: dict[str, Any] = {"kind": cfg.kind, "judge": judge.name, "task": task.name}
     summary |= run.summary
     records = load_verdicts(out / VERDICTS_FILE) if (out / VERDICTS_FILE).is_file() else []
     control_ids = {d.candidate.id for d in controls}

@@ -127,7 +127,7 @@ def _build_controls(ctx: RunContext, n: int) -> Path:
     """`n` random directions per candidate layer, and their evidence; returns the controls' evidence folder.
 
     The evidence runs as its own small run rooted at `triage/controls/` (the evidence builder writes to
-    `<root>/evidence` and reads the corpus and diff inputs from `<root>/diff`, a link to the run's diff stage)."""
+    `<root>/evidence`), reading the corpus and diff inputs from the run's diff stage."""
     from caft.interp.evidence import build_dossiers
     from caft.interp.schema import load_candidate_set, write_random_candidates
 
@@ -138,12 +138,10 @@ def _build_controls(ctx: RunContext, n: int) -> Path:
     d_model = int(next(iter(directions.values())).shape[0])
     root = ctx.path / "triage" / CONTROLS_DIR
     cand_dir = write_random_candidates(root, d_model, sorted({c.layer for c in cands}), n, ctx.cfg.seed)
-    link = root / "diff"
-    diff = ctx.run.layout.stage("diff")
-    if diff.is_dir() and not link.is_symlink() and not link.exists():
-        link.symlink_to(Path("..", "..", "diff"), target_is_directory=True)
     cfg = ctx.cfg.evidence.model_copy(update={"candidates": [str(cand_dir)]})
-    return build_dossiers(cfg, root, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    return build_dossiers(
+        cfg, root, model=ctx.cfg.model, finetuned=ctx.finetuned(), diff_dir=ctx.run.layout.stage("diff")
+    )
 
 
 def _model_n_layers(ctx: RunContext) -> int | None:

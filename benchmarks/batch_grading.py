@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -41,22 +40,6 @@ ENV = {
 os.environ.update(ENV)
 
 TABLE = {"7": -0.1, "8": -2.5, **{str(k): -3.0 - k / 10 for k in range(18)}}
-
-CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    sys.path.insert(0, sys.argv[4])
-    from batch_grading import grader_requests
-    from caft.llm import LLMClient, get_provider
-    from caft.llm.batch import run_batch
-
-    async def main() -> None:
-        client = LLMClient(get_provider("openai/gpt-4.1", base_url=sys.argv[1]))
-        await run_batch(client, grader_requests(int(sys.argv[3]), True), sys.argv[2], poll_initial_s=0.1, poll_max_s=0.2)
-
-    asyncio.run(main())
-    """
-)
 
 
 def grader_requests(n: int, logprobs: bool) -> list[Request]:
@@ -85,10 +68,9 @@ def crash_and_resume(fake: FakeLLM, n: int) -> None:
     fake.batch.delay_s = 3600.0
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "state"
-        here = str(Path(__file__).resolve().parent)
         t0 = time.perf_counter()
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, fake.openai_base_url, str(state), str(n), here],
+            [sys.executable, __file__, "--child", fake.openai_base_url, str(state), str(n)],
             env=ENV,
             stderr=subprocess.PIPE,
         )
@@ -157,10 +139,24 @@ def cost_ratio(fake: FakeLLM, n: int) -> None:
         )
 
 
+def run_child(base_url: str, state: str, n: int) -> None:
+    """The process `crash_and_resume` kills mid-poll: one resumable batch of `n` grader requests."""
+
+    async def go() -> None:
+        client = LLMClient(get_provider("openai/gpt-4.1", base_url=base_url))
+        await run_batch(client, grader_requests(n, True), state, poll_initial_s=0.1, poll_max_s=0.2)
+
+    asyncio.run(go())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--child", nargs=3, metavar=("BASE_URL", "STATE", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        run_child(args.child[0], args.child[1], int(args.child[2]))
+        return
     with FakeLLM() as fake:
         crash_and_resume(fake, args.requests)
         cost_ratio(fake, args.requests)

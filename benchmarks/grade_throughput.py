@@ -31,11 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from caft.testing.fakellm import FakeLLM
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from evals_helpers import fake_judge  # noqa: E402
+from caft.testing.grading import fake_judge
 
 ENV = {**os.environ, "OPENAI_API_KEY": "sk-fake-benchmark-key-0000000000"}
 

@@ -18,15 +18,10 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from agent_helpers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
 
 from caft.agent.config import SelectionPolicy, TriageConfig
 from caft.agent.schema import VerdictRecord
@@ -36,6 +31,7 @@ from caft.agent.triage import run_triage_async
 from caft.interp.schema import Dossier
 from caft.llm import GenerateConfig, GenerateResult, JudgeConfig, Message, Provider
 from caft.llm.types import Capabilities, Usage
+from caft.testing.dossiers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 WORDS = [

@@ -264,11 +264,14 @@ def build_dossiers(
     finetuned: ModelConfig | None = None,
     source: ActivationSource | None = None,
     coherence: CoherenceCheck | None = None,
+    diff_dir: str | Path | None = None,
 ) -> Path:
     """Write `RUN/evidence/dossiers/<id>.json` for every candidate; returns the stage folder.
 
     Candidates come from `cfg.candidates` or the run's `diff/` and `sae/` stages. Resumable: finished
     passes and dossiers are kept. `coherence` replaces the perplexity proxy of the steering search.
+    `diff_dir`: the diff stage whose token inputs are the corpus fallback and the difference summary's
+    data (default `RUN/diff`; the triage's random controls, built in a folder of their own, pass the run's).
     """
     started = time.time()
     run = RunDir(run_dir)
@@ -276,7 +279,8 @@ def build_dossiers(
     if stage.done:
         return stage.path
     stage.ensure()
-    diff_dir, sae_dir = run.layout.stage("diff"), run.layout.stage("sae")
+    diff_dir = Path(diff_dir) if diff_dir is not None else run.layout.stage("diff")
+    sae_dir = run.layout.stage("sae")
 
     paths = _candidate_paths(cfg, run)
     cands, dirs = load_candidate_set(paths)

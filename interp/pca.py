@@ -37,9 +37,6 @@ from caft.interp.schema import Candidate, candidate_id, save_candidates
 from caft.interp.source import ActivationSource, default_layers, model_label, resolve_models
 from caft.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
-# The CLI's (app/commands/interp.py) old name for `caft.interp.source.resolve_models`.
-_resolve_models = resolve_models
-
 log = logging.getLogger(__name__)
 
 STATE_TENSORS = "state.safetensors"

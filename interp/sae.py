@@ -10,7 +10,6 @@ the evidence stage reloads), `rank_state.pt` (resume point while running), `cand
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError
 from caft.interp.answers import prepare_inputs
 from caft.interp.config import SAEConfig
-from caft.interp.inputs import INPUTS_FILE, TokenBatch, load_examples, make_batches, save_examples
+from caft.interp.inputs import INPUTS_FILE, load_examples, make_batches, save_examples
 from caft.interp.sae_load import LoadedSAE, check_site, load_sae_lens_dir, load_spec, save_registry
 from caft.interp.sae_rank import candidates_from_scores, rank_latents
 from caft.interp.sae_train import collect_training_acts, train_sae
@@ -28,22 +27,10 @@ from caft.interp.schema import Candidate, save_candidates
 from caft.interp.source import ActivationSource, resolve_models
 from caft.rundir import RunDir
 
-# train_sae is re-exported for the CLI (app/commands/interp.py), which imports it from here.
-__all__ = ["RANK_STATE", "TRAINED_DIR", "_collect_training_acts", "run_sae_rank", "train_sae"]
+__all__ = ["RANK_STATE", "TRAINED_DIR", "run_sae_rank"]
 
 TRAINED_DIR = "trained"
 RANK_STATE = "rank_state.pt"
-
-
-def _collect_training_acts(
-    source: ActivationSource,
-    batches: Sequence[TokenBatch],
-    layers: list[int],
-    max_tokens: int,
-    _collect: object = None,
-) -> dict[int, torch.Tensor]:
-    """The CLI's old name and signature for `caft.interp.sae_train.collect_training_acts`."""
-    return collect_training_acts(source, batches, layers, max_tokens)
 
 
 def run_sae_rank(

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from agent_helpers import concept_of_text, concept_set, verdict_for, write_evidence
 from typer.testing import CliRunner
 
 from caft.app.cli import app
 from caft.app.commands.agent import parse_budget
 from caft.errors import ConfigError
 from caft.subspace import Subspace
+from caft.testing.dossiers import concept_of_text, concept_set, verdict_for, write_evidence
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 runner = CliRunner()
@@ -86,7 +86,7 @@ def test_agent_mode_through_the_cli(tmp_path: Path) -> None:
                 "triage",
                 "--evidence",
                 str(ev),
-                "--mode",
+                "--kind",
                 "agent",
                 "--task",
                 "emergent-misalignment",

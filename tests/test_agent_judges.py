@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import concept_of_text, concept_set, make_dossier, verdict_for, write_evidence
 
 from caft.agent.config import OfflineJudgeConfig, TriageConfig
 from caft.agent.judges import JudgeRun, make_judge
@@ -24,6 +23,7 @@ from caft.interp.schema import Dossier, dossier_filename
 from caft.llm import GenerateConfig, Message, MockProvider
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
+from caft.testing.dossiers import concept_of_text, concept_set, make_dossier, verdict_for, write_evidence
 
 
 def _cfg(**kw: Any) -> TriageConfig:
@@ -38,8 +38,9 @@ def test_make_judge_follows_kind_and_controls_default_by_kind() -> None:
     assert offline.name == "offline-embedding"
     assert make_judge(_cfg(kind="single", controls_per_layer=3)).controls_per_layer == 3
     assert make_judge(_cfg(kind="offline-embedding", controls_per_layer=0)).controls_per_layer == 0
-    # the old switch still reads (the CLI's --mode), and the old run-config names say where they went
-    assert TriageConfig.model_validate({"mode": "agent"}).kind == "agent"
+    # the old names fail and say where they went
+    with pytest.raises(ValueError, match=r"triage\.mode is now triage\.kind: write `kind: agent`"):
+        TriageConfig.model_validate({"mode": "agent"})
     with pytest.raises(ValueError, match=r"triage_judge is now triage\.kind"):
         RunConfig.model_validate({"model": {"name_or_path": "m"}, "triage_judge": "offline-embedding"})
     with pytest.raises(ValueError, match=r"offline_judge is now triage\.offline"):

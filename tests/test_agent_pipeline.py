@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from agent_helpers import verdict_for
 from interp_helpers import chat_rows, make_pair, write_jsonl
 from typer.testing import CliRunner
 
@@ -13,6 +12,7 @@ from caft.agent.render import DATA_CLOSE
 from caft.app.cli import app
 from caft.interp.schema import load_directions, load_dossiers
 from caft.subspace import Subspace
+from caft.testing.dossiers import verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 

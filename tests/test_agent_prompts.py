@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from agent_helpers import INJECTIONS, injected_set, make_dossier
 
 from caft.agent.config import AgentBudget, RenderLimits, TriageConfig
 from caft.agent.loop import AgentSession
@@ -24,6 +23,7 @@ from caft.agent.task import bundled_tasks, load_task, parse_task
 from caft.agent.tools import TOOL_SPECS, tools_help
 from caft.errors import ConfigError
 from caft.llm import LLMClient, MockProvider
+from caft.testing.dossiers import INJECTIONS, injected_set, make_dossier
 
 # one sample value per placeholder used by any prompt file
 SAMPLE_VALUES = {

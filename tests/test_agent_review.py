@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from agent_browser import browser, chromedriver_binary, chromium_binary
-from agent_helpers import make_dossier, record, write_evidence
 
 from caft.agent.config import SelectionPolicy
 from caft.agent.review import build_review_html, write_review
@@ -18,6 +17,7 @@ from caft.agent.selection import read_selection, select, write_selection
 from caft.interp.schema import load_directions
 from caft.rundir import JsonlWriter, atomic_write_json
 from caft.subspace import Subspace
+from caft.testing.dossiers import make_dossier, record, write_evidence
 
 XSS = '</script><script>document.title="pwned"</script><img src=x onerror=alert(1)>'
 

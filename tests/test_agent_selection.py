@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from agent_helpers import make_dossier, record, write_evidence
 
 from caft.agent.config import SelectionPolicy
 from caft.agent.schema import JudgeVerdict, SelectedColumn, Selection, VerdictRecord
@@ -22,6 +21,7 @@ from caft.errors import DataError, SubspaceError
 from caft.interp.schema import Candidate, load_directions, load_dossiers
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
+from caft.testing.dossiers import make_dossier, record, write_evidence
 
 
 def cand(cid: str, layer: int, rank: int = 0) -> Candidate:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import concept_of_text, concept_set, injected_set, verdict_for
 
 from caft.agent.config import TriageConfig
 from caft.agent.render import DATA_CLOSE
@@ -19,6 +18,7 @@ from caft.agent.single import EXCHANGES_FILE, SingleJudge, build_messages, relev
 from caft.agent.task import load_task
 from caft.llm import BudgetExceededError, GenerateConfig, GenerateResult, LLMClient, Message, MockProvider
 from caft.llm.types import PositionLogprobs, RetryableError, TokenLogprob
+from caft.testing.dossiers import concept_of_text, concept_set, injected_set, verdict_for
 
 TASK = load_task("emergent-misalignment")
 

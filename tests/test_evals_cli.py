@@ -10,12 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from evals_helpers import fake_judge, write_answers
+from evals_helpers import write_answers
 from typer.testing import CliRunner
 
 from caft.app.cli import app
 from caft.rundir import read_jsonl
 from caft.testing.fakellm import FakeLLM
+from caft.testing.grading import fake_judge
 
 runner = CliRunner()
 

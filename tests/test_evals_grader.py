@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from evals_helpers import judge_reply, write_answers
+from evals_helpers import write_answers
 
 from caft.errors import RunDirError
 from caft.evals.agreement import agreement_markdown, compare
@@ -22,6 +22,7 @@ from caft.llm import LLMClient, MockProvider
 from caft.llm.prices import Price
 from caft.llm.types import Capabilities
 from caft.rundir import read_jsonl
+from caft.testing.grading import judge_reply
 
 
 def client(logprobs: bool = True, model: str = "judge", **kw: Any) -> tuple[LLMClient, MockProvider]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from evals_helpers import fake_judge, write_answers
+from evals_helpers import write_answers
 
 from caft.config import ModelConfig
 from caft.evals.config import EvalConfig, GradeConfig
@@ -17,6 +17,7 @@ from caft.llm import LLMClient, MockProvider
 from caft.llm.types import GenerateConfig, Message, RetryableError
 from caft.rundir import read_jsonl
 from caft.testing.fakellm import FakeLLM, Fault
+from caft.testing.grading import fake_judge
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from evals_helpers import fake_judge, judge_reply, write_answers
+from evals_helpers import write_answers
 
 from caft.errors import RunDirError
 from caft.evals.config import GradeConfig
@@ -24,6 +24,7 @@ from caft.evals.questions import load_judge_prompts
 from caft.llm import LLMClient, MockProvider
 from caft.rundir import LOCK_FILE, lock_dir, read_jsonl
 from caft.testing.fakellm import FakeLLM
+from caft.testing.grading import fake_judge, judge_reply
 
 
 @pytest.fixture

@@ -62,11 +62,10 @@ def triage(
         str | None, typer.Option(help="Judge model, e.g. openai/gpt-4.1, anthropic/<model>.")
     ] = None,
     base_url: Annotated[str | None, typer.Option(help="Server URL for openai-compatible judges.")] = None,
-    mode: Annotated[
+    kind: Annotated[
         str | None,
         typer.Option(
             "--kind",
-            "--mode",
             help="single (one verdict per candidate), agent (tool-using) or offline-embedding (no API).",
         ),
     ] = None,
@@ -106,7 +105,7 @@ def triage(
             task,
             judge,
             base_url,
-            mode,
+            kind,
             budget,
             out,
             directions,
@@ -120,7 +119,7 @@ def triage(
         return
     s = result.summary
     typer.echo(
-        f"triage ({s.get('kind', s.get('mode'))}, {s['judge']}): {s.get('judged', s.get('verdicts', 0))} judged, "
+        f"triage ({s['kind']}, {s['judge']}): {s.get('judged', s.get('verdicts', 0))} judged, "
         f"{s.get('unscored_total', 0)} unscored {s.get('unscored', {}) or ''}".rstrip()
     )
     usage = s.get("usage", {})
@@ -152,7 +151,7 @@ def _run(
     task: str | None,
     judge: str | None,
     base_url: str | None,
-    mode: str | None,
+    kind: str | None,
     budget: str | None,
     out: Path | None,
     directions: Path | None,
@@ -172,8 +171,8 @@ def _run(
         extra.append(f"judge.model={judge}")
     if base_url is not None:
         extra.append(f"judge.base_url={base_url}")
-    if mode is not None:
-        extra.append(f"kind={mode}")
+    if kind is not None:
+        extra.append(f"kind={kind}")
     if budget is not None:
         extra += [f"budget.{k}={v}" for k, v in parse_budget(budget).items()]
     data = read_yaml(config) if config is not None else {}

@@ -70,10 +70,10 @@ def sae_train_cmd(
 ) -> None:
     """Train a small sae-lens SAE on base + fine-tuned activations of the run's diff inputs."""
     from caft.errors import DataError
-    from caft.interp.collect import INPUTS_FILE, ActivationSource, collect_diffs, load_examples, make_batches
     from caft.interp.config import SAEConfig
-    from caft.interp.pca import _resolve_models
-    from caft.interp.sae import _collect_training_acts, train_sae
+    from caft.interp.inputs import INPUTS_FILE, load_examples, make_batches
+    from caft.interp.sae_train import collect_training_acts, train_sae
+    from caft.interp.source import ActivationSource, resolve_models
 
     loaded = load_stage_config(config, "sae", SAEConfig, set_ or [], run_dir=run_dir)
     cfg, where = loaded.cfg, require_run_dir(loaded)
@@ -82,11 +82,11 @@ def sae_train_cmd(
         raise DataError(f"{inputs} not found: run `caft diff` first (its inputs are the training tokens)")
     run_model = loaded.run.model if loaded.run is not None else None
     run_ft = loaded.run.finetuned if loaded.run is not None else None
-    base_cfg, ft_cfg = _resolve_models(cfg.model, cfg.finetuned, run_model, run_ft)
+    base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, run_model, run_ft)
     source = ActivationSource.load(base_cfg, ft_cfg)
     layer = source.sites.resolve_layer(layer)
     batches = make_batches(load_examples(inputs), cfg.batch_size, source.pad_id)
-    acts = _collect_training_acts(source, batches, [layer], cfg.train.max_tokens, collect_diffs)
+    acts = collect_training_acts(source, batches, [layer], cfg.train.max_tokens)
     sae = train_sae(acts[layer], cfg.train, out, layer, f"trained:L{layer}")
     typer.echo(f"{out}: SAE with {sae.d_sae} latents on layer {layer} ({acts[layer].shape[0]} activations)")
 
