@@ -179,7 +179,7 @@ def preflight(
         for p in cfg.diff.inputs.data:
             problems += check_jsonl(p, "diff.inputs.data", [("messages",), ("text",), ("prompt",)])
     if "evidence" in todo and cfg.evidence.corpus is not None:
-        problems += check_jsonl(cfg.evidence.corpus, "evidence.corpus", [("text",), ("messages",)])
+        problems += _check_corpus(cfg.evidence.corpus)
     if "sae" in todo and cfg.sae is not None:
         for i, spec in enumerate(cfg.sae.saes):
             if spec.path is not None and not Path(spec.path).exists():
@@ -206,6 +206,20 @@ def preflight(
                 if split is not None:
                     problems += check_jsonl(split, name, fields)
     return problems
+
+
+def _check_corpus(corpus: str) -> list[str]:
+    from caft.interp.corpus import BUILTIN_PREFIX, DIFF_INPUTS, builtin_text
+
+    if corpus == DIFF_INPUTS:
+        return []
+    if corpus.startswith(BUILTIN_PREFIX):
+        try:
+            builtin_text(corpus)
+        except CaftError as e:
+            return [str(e)]
+        return []
+    return check_jsonl(corpus, "evidence.corpus", [("text",), ("messages",)])
 
 
 def _uses_llm_triage(cfg: RunConfig) -> bool:

@@ -192,8 +192,10 @@ class EvidenceConfig(CaftConfig):
     candidates: list[str] = Field(default_factory=list)
     """candidates.jsonl files (default: the run's `diff/` and `sae/` candidates)."""
     corpus: str | None = None
-    """Reference corpus JSONL (`{"text": ...}` or chat rows) whose base-model activations give the max/min
-    windows. Default: the diff stage's inputs."""
+    """Reference corpus whose base-model activations give the max/min windows: a JSONL of `{"text": ...}` or
+    chat rows, `builtin:generic-v1` (a small generic corpus shipped with caft) or `diff-inputs` (the diff
+    stage's inputs, usually the fine-tuning data). Default: `builtin:generic-v1` for causal LMs, `diff-inputs`
+    for encoders. Dossiers record which corpus they came from (`corpus_source`, `corpus_sha256`)."""
     corpus_name: str | None = None
     """Name recorded in the provenance (default: the file name)."""
     max_corpus_docs: int | None = Field(default=None, gt=0)
