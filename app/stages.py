@@ -159,8 +159,21 @@ def stage_evidence(ctx: RunContext) -> dict[str, Any]:
 
     steering = ctx.cfg.evidence.steering
     overlap = prompt_overlap(ctx.cfg, list(steering.prompts), "evidence") if steering.enabled else {}
-    folder = build_dossiers(ctx.cfg.evidence, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    cfg = evidence_config(ctx.cfg, injected_judge=ctx.judge_provider is not None)
+    folder = build_dossiers(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
     return {**_marker_info(folder), **overlap}
+
+
+def evidence_config(cfg: RunConfig, injected_judge: bool = False) -> Any:
+    """The evidence section, with the triage judge as the steering search's coherence judge when none is
+    set, the search's coherence is `auto` and triage uses an LLM (not when tests or demos inject a
+    scripted triage provider: its replies are not coherence verdicts)."""
+    ev = cfg.evidence
+    if ev.coherence_judge is not None or ev.steering.coherence == "perplexity" or not ev.steering.enabled:
+        return ev
+    if uses_offline_judge(cfg) or injected_judge:
+        return ev
+    return ev.model_copy(update={"coherence_judge": cfg.triage.judge})
 
 
 def _build_controls(ctx: RunContext, n: int) -> Path:
@@ -182,7 +195,8 @@ def _build_controls(ctx: RunContext, n: int) -> Path:
     diff = ctx.run.layout.stage("diff")
     if diff.is_dir() and not link.is_symlink() and not link.exists():
         link.symlink_to(Path("..", "..", "diff"), target_is_directory=True)
-    cfg = ctx.cfg.evidence.model_copy(update={"candidates": [str(cand_dir)]})
+    ev = evidence_config(ctx.cfg, injected_judge=ctx.judge_provider is not None)
+    cfg = ev.model_copy(update={"candidates": [str(cand_dir)]})
     return build_dossiers(cfg, root, model=ctx.cfg.model, finetuned=ctx.finetuned())
 
 

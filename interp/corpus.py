@@ -75,8 +75,12 @@ def reference_corpus(
             ids = list(tok(text, add_special_tokens=True)["input_ids"])[: cfg.max_length]
             raw.append(Example(f"{choice}:{i}", ids, [True] * len(ids)))
         digest = hashlib.sha256(builtin_text(choice).encode("utf-8")).hexdigest()
-        info = {"corpus": cfg.corpus_name or choice, "corpus_source": choice, "corpus_sha256": digest}
-        info["corpus_is_training_data"] = False
+        info: dict[str, Any] = {
+            "corpus": cfg.corpus_name or choice,
+            "corpus_source": choice,
+            "corpus_sha256": digest,
+            "corpus_is_training_data": False,
+        }
     elif choice == DIFF_INPUTS:
         inputs = diff_dir / INPUTS_FILE if diff_dir is not None else None
         if inputs is None or not inputs.is_file():

@@ -54,7 +54,7 @@ from caft.interp.schema import (
     write_dossier,
 )
 from caft.interp.source import ActivationSource, model_label, resolve_models
-from caft.interp.steering import Steerer
+from caft.interp.steering import Steerer, llm_coherence
 from caft.interp.topk import Hit
 from caft.rundir import CANDIDATES_FILE, DOSSIER_DIR, RunDir
 
@@ -287,6 +287,9 @@ def build_dossiers(
         "corpus_docs": len(corpus),
         "corpus_tokens": n_tokens,
     }
+    own_check = None
+    if coherence is None and cfg.steering.enabled and source.is_causal_lm:
+        coherence = own_check = llm_coherence(cfg, run.path)
     assembler = _Assembler(
         cfg, source, corpus, corpus_docs, corpus_info, saes, cres, dres, get_batch, coherence
     )
@@ -301,12 +304,18 @@ def build_dossiers(
             continue
         write_dossier(path, assembler.dossier(g, col, c, digest))
         written += 1
+    checked = assembler.steerer.coherent if assembler.steerer is not None else None
+    describe = getattr(checked, "describe", None)
+    coherence_info = {"coherence": describe()} if callable(describe) else {}
+    if own_check is not None:
+        own_check.close()
     stage.mark_done(
         {
             "n_dossiers": len(todo),
             "written_now": written,
             **corpus_info,
             "layers": [g.layer for g in groups],
+            **coherence_info,
             "config": scrub_obj(cfg.model_dump(mode="json")),
         },
         started=started,
