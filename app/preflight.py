@@ -179,7 +179,9 @@ def preflight(
         for p in cfg.diff.inputs.data:
             problems += check_jsonl(p, "diff.inputs.data", [("messages",), ("text",), ("prompt",)])
     if "evidence" in todo and cfg.evidence.corpus is not None:
-        problems += check_jsonl(cfg.evidence.corpus, "evidence.corpus", [("text",), ("messages",)])
+        problems += _check_corpus(cfg.evidence.corpus)
+    if "evidence" in todo:
+        problems += _check_coherence(cfg, network, check_triage_judge, "triage" in todo)
     if "sae" in todo and cfg.sae is not None:
         for i, spec in enumerate(cfg.sae.saes):
             if spec.path is not None and not Path(spec.path).exists():
@@ -206,6 +208,40 @@ def preflight(
                 if split is not None:
                     problems += check_jsonl(split, name, fields)
     return problems
+
+
+def _check_coherence(cfg: RunConfig, network: bool, judge_checks: bool, triage_runs: bool) -> list[str]:
+    """The steering search's LLM coherence judge, when the evidence stage will use one (the triage judge,
+    unless the evidence section names another; not checked twice when triage runs too)."""
+    from caft.app.stages import evidence_config
+
+    ev = evidence_config(cfg, injected_judge=not judge_checks)
+    steering = ev.steering
+    if not steering.enabled or steering.coherence == "perplexity":
+        return []
+    if ev.coherence_judge is None:
+        if steering.coherence == "llm":
+            return [
+                "evidence.steering.coherence is `llm` but no judge is configured: set evidence.coherence_judge"
+            ]
+        return []
+    if ev is not cfg.evidence and triage_runs:
+        return []  # the triage judge, checked with the triage stage
+    return check_judge(ev.coherence_judge, "coherence", network=network)
+
+
+def _check_corpus(corpus: str) -> list[str]:
+    from caft.interp.corpus import BUILTIN_PREFIX, DIFF_INPUTS, builtin_text
+
+    if corpus == DIFF_INPUTS:
+        return []
+    if corpus.startswith(BUILTIN_PREFIX):
+        try:
+            builtin_text(corpus)
+        except CaftError as e:
+            return [str(e)]
+        return []
+    return check_jsonl(corpus, "evidence.corpus", [("text",), ("messages",)])
 
 
 def _uses_llm_triage(cfg: RunConfig) -> bool:

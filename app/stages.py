@@ -90,16 +90,54 @@ def stage_diff(ctx: RunContext) -> dict[str, Any]:
     if ctx.cfg.task_kind == "classification" and "tokens" not in inputs.model_fields_set:
         inputs = inputs.model_copy(update={"tokens": "all"})
     cfg = cfg.model_copy(update={"inputs": inputs})
+    overlap = prompt_overlap(ctx.cfg, inputs.prompts, "diff") if inputs.generate else {}
     folder = run_diff(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
-    return _marker_info(folder)
+    return {**_marker_info(folder), **overlap}
+
+
+def prompt_overlap(cfg: RunConfig, prompts: str | list[str] | None, stage: str) -> dict[str, Any]:
+    """`{"prompt_overlap": ...}`: which of a stage's direction-finding prompts (a prompt file, a list, or the
+    built-in generic prompts for None) are or nearly are questions of the run's misalignment eval; warns
+    when any is. Empty when the run has no question eval."""
+    if cfg.task_kind != "chat" or not cfg.eval.misalignment:
+        return {}
+    from caft.evals.questions import load_questions
+    from caft.interp.answers import overlap_with_questions, prompt_texts
+
+    texts = prompts if isinstance(prompts, list) else prompt_texts(prompts)
+    questions = [p for q in load_questions(cfg.eval.questions) for p in q.paraphrases]
+    found = overlap_with_questions(texts, questions)
+    if found:
+        log.warning(
+            "%s stage: %d of %d prompts used to find directions are evaluation questions (%s), so the eval "
+            "partly measures the selection set: set %s to other prompts",
+            stage,
+            len(found),
+            len(texts),
+            "; ".join(f"{o.prompt!r} ~ {o.question!r}" for o in found[:3]),
+            {"diff": "diff.inputs.prompts", "sae": "sae.inputs.prompts"}.get(
+                stage, "evidence.steering.prompts"
+            ),
+        )
+    source = prompts if isinstance(prompts, str) else ("builtin" if prompts is None else "config")
+    return {
+        "prompt_overlap": {
+            "prompts": source,
+            "questions": cfg.eval.questions or "builtin",
+            "n_prompts": len(texts),
+            "overlapping": [o.as_dict() for o in found],
+        }
+    }
 
 
 def stage_sae(ctx: RunContext) -> dict[str, Any]:
     from caft.interp.sae import run_sae_rank
 
     assert ctx.cfg.sae is not None
+    inputs = ctx.cfg.sae.inputs
+    overlap = prompt_overlap(ctx.cfg, inputs.prompts, "sae") if inputs is not None and inputs.generate else {}
     folder = run_sae_rank(ctx.cfg.sae, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
-    return _marker_info(folder)
+    return {**_marker_info(folder), **overlap}
 
 
 OFFLINE_JUDGE = OFFLINE_KIND
@@ -119,8 +157,23 @@ def _candidate_dirs(ctx: RunContext) -> list[Path]:
 def stage_evidence(ctx: RunContext) -> dict[str, Any]:
     from caft.interp.evidence import build_dossiers
 
-    folder = build_dossiers(ctx.cfg.evidence, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
-    return _marker_info(folder)
+    steering = ctx.cfg.evidence.steering
+    overlap = prompt_overlap(ctx.cfg, list(steering.prompts), "evidence") if steering.enabled else {}
+    cfg = evidence_config(ctx.cfg, injected_judge=ctx.judge_provider is not None)
+    folder = build_dossiers(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
+    return {**_marker_info(folder), **overlap}
+
+
+def evidence_config(cfg: RunConfig, injected_judge: bool = False) -> Any:
+    """The evidence section, with the triage judge as the steering search's coherence judge when none is
+    set, the search's coherence is `auto` and triage uses an LLM (not when tests or demos inject a
+    scripted triage provider: its replies are not coherence verdicts)."""
+    ev = cfg.evidence
+    if ev.coherence_judge is not None or ev.steering.coherence == "perplexity" or not ev.steering.enabled:
+        return ev
+    if uses_offline_judge(cfg) or injected_judge:
+        return ev
+    return ev.model_copy(update={"coherence_judge": cfg.triage.judge})
 
 
 def _build_controls(ctx: RunContext, n: int) -> Path:
@@ -138,7 +191,8 @@ def _build_controls(ctx: RunContext, n: int) -> Path:
     d_model = int(next(iter(directions.values())).shape[0])
     root = ctx.path / "triage" / CONTROLS_DIR
     cand_dir = write_random_candidates(root, d_model, sorted({c.layer for c in cands}), n, ctx.cfg.seed)
-    cfg = ctx.cfg.evidence.model_copy(update={"candidates": [str(cand_dir)]})
+    ev = evidence_config(ctx.cfg, injected_judge=ctx.judge_provider is not None)
+    cfg = ev.model_copy(update={"candidates": [str(cand_dir)]})
     return build_dossiers(
         cfg, root, model=ctx.cfg.model, finetuned=ctx.finetuned(), diff_dir=ctx.run.layout.stage("diff")
     )

@@ -19,6 +19,7 @@ writes `.output[0]` (which on a tensor silently takes batch row 0).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,35 @@ _LAYOUTS: dict[str, tuple[str, str | None]] = {
 _BASE_ATTRS = ("model", "transformer", "gpt_neox", "bert", "roberta", "distilbert", "")
 
 SUPPORTED = tuple(sorted(_LAYOUTS))
+
+_TL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_post)$")
+_MODULE_PATH = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)$")
+
+
+def hook_layer(hook_name: str) -> int:
+    """The layer, in caft's convention (layer L = the residual stream after decoder block L), whose residual
+    a hook reads: TransformerLens `blocks.N.hook_resid_post` is layer N and `blocks.N.hook_resid_pre` is
+    layer N-1 (the input of block N is the output of block N-1); a module path ending in `layers.N` is the
+    output of block N. Raises `SiteError` for every other hook (attention or MLP outputs, `resid_mid`, the
+    embeddings), which are not the residual caft reads and writes."""
+    m = _TL_HOOK.match(hook_name)
+    if m is not None:
+        n, kind = int(m.group(1)), m.group(2)
+        if kind == "resid_post":
+            return n
+        if n == 0:
+            raise SiteError(
+                f"hook {hook_name!r} reads the embeddings (the input of block 0), which is no layer output; "
+                "caft reads the residual after a decoder block (`blocks.N.hook_resid_post`)"
+            )
+        return n - 1
+    m = _MODULE_PATH.search(hook_name)
+    if m is not None and "hook_" not in hook_name:
+        return int(m.group(1))
+    raise SiteError(
+        f"hook {hook_name!r} is not the residual stream after a decoder block (caft reads and ablates "
+        "`blocks.N.hook_resid_post`, or equally `blocks.N+1.hook_resid_pre`); use an SAE trained there"
+    )
 
 
 def _get(root: Any, path: str) -> Any:

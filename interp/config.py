@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from caft.config import CaftConfig, ModelConfig
+from caft.llm.config import JudgeConfig
 
 TokenChoice = Literal["assistant", "all"]
 
@@ -174,10 +175,24 @@ class SteeringConfig(CaftConfig):
     alpha_max: float = Field(default=8.0, gt=0)
     """Largest steering strength tried."""
     search_steps: int = Field(default=4, ge=0)
-    """Bisection steps of the search (each generates once per prompt and sign)."""
+    """Bisection steps of the search (each samples `search_samples` generations per prompt and sign)."""
+    search_samples: int = Field(default=3, ge=1)
+    """Generations sampled per prompt and sign at each strength the search tries (seeded with `seed`)."""
+    search_temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature of the search's generations (the dossier's final generations are greedy)."""
+    coherence: Literal["auto", "perplexity", "llm"] = "auto"
+    """How the search judges coherence: `perplexity` (offline: the perplexity proxy and the repetition
+    check), `llm` (an LLM judge, `evidence.coherence_judge`, and the repetition check), `auto` (`llm` when
+    a coherence judge is configured; in `caft run` the triage judge serves when triage uses an LLM)."""
+    min_coherent_share: float = Field(default=0.75, gt=0, le=1)
+    """A strength is coherent when at least this share of its samples pass every per-sample check."""
+    repetition_ngram: int = Field(default=3, ge=1)
+    """Word n-gram length of the repetition check."""
+    max_repeated_share: float = Field(default=0.5, gt=0, le=1)
+    """A sample whose share of repeated n-grams exceeds this is a repetition loop, hence incoherent."""
     max_perplexity_ratio: float = Field(default=3.0, gt=1)
-    """Coherent = the mean perplexity of steered generations under the base model is at most this many
-    times that of the unsteered generations."""
+    """`perplexity` coherence: the mean perplexity of the steered samples under the base model is at most
+    this many times that of unsteered samples."""
     models: list[Literal["base", "ft"]] = Field(default_factory=lambda: list(_BOTH_MODELS))
     """Which models generate the final steered and unsteered samples."""
 
@@ -192,8 +207,10 @@ class EvidenceConfig(CaftConfig):
     candidates: list[str] = Field(default_factory=list)
     """candidates.jsonl files (default: the run's `diff/` and `sae/` candidates)."""
     corpus: str | None = None
-    """Reference corpus JSONL (`{"text": ...}` or chat rows) whose base-model activations give the max/min
-    windows. Default: the diff stage's inputs."""
+    """Reference corpus whose base-model activations give the max/min windows: a JSONL of `{"text": ...}` or
+    chat rows, `builtin:generic-v1` (a small generic corpus shipped with caft) or `diff-inputs` (the diff
+    stage's inputs, usually the fine-tuning data). Default: `builtin:generic-v1` for causal LMs, `diff-inputs`
+    for encoders. Dossiers record which corpus they came from (`corpus_source`, `corpus_sha256`)."""
     corpus_name: str | None = None
     """Name recorded in the provenance (default: the file name)."""
     max_corpus_docs: int | None = Field(default=None, gt=0)
@@ -219,6 +236,9 @@ class EvidenceConfig(CaftConfig):
     """Promoted and suppressed tokens listed."""
     steering: SteeringConfig = Field(default_factory=SteeringConfig)
     """Steered generations."""
+    coherence_judge: JudgeConfig | None = None
+    """The LLM that judges the coherence of steered samples (`steering.coherence`). In `caft run` the
+    triage judge serves when this is unset and triage uses an LLM."""
     batch_size: int = Field(default=8, gt=0)
     """Examples per forward pass."""
     checkpoint_every: int = Field(default=50, gt=0)

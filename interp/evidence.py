@@ -27,6 +27,7 @@ from caft.env import scrub_obj
 from caft.errors import DataError
 from caft.interp.coherence import CoherenceCheck
 from caft.interp.config import EvidenceConfig
+from caft.interp.corpus import reference_corpus
 from caft.interp.evidence_passes import (
     CORPUS_PASS,
     DIFF_PASS,
@@ -38,7 +39,7 @@ from caft.interp.evidence_passes import (
     direction_digest,
     group_by_layer,
 )
-from caft.interp.inputs import INPUTS_FILE, Example, TokenBatch, load_examples, make_batches, read_examples
+from caft.interp.inputs import INPUTS_FILE, Example, TokenBatch, load_examples, make_batches
 from caft.interp.lens import logit_lens, token_text
 from caft.interp.sae_load import REGISTRY_FILE, LoadedSAE, load_registry
 from caft.interp.schema import (
@@ -53,7 +54,7 @@ from caft.interp.schema import (
     write_dossier,
 )
 from caft.interp.source import ActivationSource, model_label, resolve_models
-from caft.interp.steering import Steerer
+from caft.interp.steering import Steerer, llm_coherence
 from caft.interp.topk import Hit
 from caft.rundir import CANDIDATES_FILE, DOSSIER_DIR, RunDir
 
@@ -122,35 +123,10 @@ def _token_scores(
 
 def prepare_corpus(
     cfg: EvidenceConfig, source: ActivationSource, diff_dir: Path | None
-) -> tuple[list[Example], str]:
-    """The reference corpus (examples keep their original doc ids) and its name for the provenance."""
-    if cfg.corpus is not None:
-        raw = read_examples(
-            cfg.corpus,
-            source.tokenizer,
-            prefix="corpus",
-            causal=source.is_causal_lm,
-            tokens="all",
-            max_length=cfg.max_length,
-            max_examples=cfg.max_corpus_docs,
-            template=source.base.config.chat.template,
-        )
-        name = cfg.corpus_name or Path(cfg.corpus).name
-    elif diff_dir is not None and (diff_dir / INPUTS_FILE).is_file():
-        raw = load_examples(diff_dir / INPUTS_FILE)[: cfg.max_corpus_docs]
-        raw = [
-            Example(e.doc, e.input_ids[: cfg.max_length], [True] * min(len(e.input_ids), cfg.max_length))
-            for e in raw
-        ]
-        name = cfg.corpus_name or "diff-inputs"
-    else:
-        raise DataError(
-            "no reference corpus: set `evidence.corpus` to a JSONL of text (or chat) rows, or run the diff "
-            "stage first so that its inputs can serve as the corpus"
-        )
-    if not raw:
-        raise DataError(f"the reference corpus {name!r} is empty (no rows with tokens)")
-    return raw, name
+) -> tuple[list[Example], dict[str, Any]]:
+    """The reference corpus (examples keep their original doc ids) and its provenance
+    (`caft.interp.corpus.reference_corpus`)."""
+    return reference_corpus(cfg, source, diff_dir)
 
 
 def _candidate_paths(cfg: EvidenceConfig, run: RunDir) -> list[str | Path]:
@@ -294,7 +270,7 @@ def build_dossiers(
     groups = group_by_layer(cands, dirs, sites.d_model, sites.n_layers)
     saes = _load_saes(cands, sae_dir, paths, source)
 
-    corpus, corpus_name = prepare_corpus(cfg, source, diff_dir)
+    corpus, corpus_prov = prepare_corpus(cfg, source, diff_dir)
     corpus_docs = [e.doc for e in corpus]
     for i, e in enumerate(corpus):
         e.doc = f"corpus:{i}"
@@ -311,10 +287,13 @@ def build_dossiers(
 
     n_tokens = sum(len(e.input_ids) for e in corpus)
     corpus_info: dict[str, Any] = {
-        "corpus": corpus_name,
+        **corpus_prov,
         "corpus_docs": len(corpus),
         "corpus_tokens": n_tokens,
     }
+    own_check = None
+    if coherence is None and cfg.steering.enabled and source.is_causal_lm:
+        coherence = own_check = llm_coherence(cfg, run.path)
     assembler = _Assembler(
         cfg, source, corpus, corpus_docs, corpus_info, saes, cres, dres, get_batch, coherence
     )
@@ -329,12 +308,18 @@ def build_dossiers(
             continue
         write_dossier(path, assembler.dossier(g, col, c, digest))
         written += 1
+    checked = assembler.steerer.coherent if assembler.steerer is not None else None
+    describe = getattr(checked, "describe", None)
+    coherence_info = {"coherence": describe()} if callable(describe) else {}
+    if own_check is not None:
+        own_check.close()
     stage.mark_done(
         {
             "n_dossiers": len(todo),
             "written_now": written,
             **corpus_info,
             "layers": [g.layer for g in groups],
+            **coherence_info,
             "config": scrub_obj(cfg.model_dump(mode="json")),
         },
         started=started,

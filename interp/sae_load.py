@@ -21,6 +21,7 @@ from caft.errors import ModelError, SiteError
 from caft.interp.config import SAESpec
 from caft.interp.sae_dl import DL_CLASSES, DL_KINDS, DLJumpReLU
 from caft.rundir import atomic_write_json
+from caft.sites import hook_layer
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,40 @@ def load_dictionary_learning(path: str | Path, layer: int, name: str | None = No
 # ---- sae-lens --------------------------------------------------------------------------------------------
 
 
+def sae_lens_hook_name(sae: Any) -> str | None:
+    """The hook an sae-lens SAE was trained on: `cfg.metadata.hook_name` (sae-lens 6), else `cfg.hook_name`
+    (earlier versions); None when neither is recorded (SAEs built in code)."""
+    cfg = getattr(sae, "cfg", None)
+    meta = getattr(cfg, "metadata", None)
+    for value in (getattr(meta, "hook_name", None), getattr(cfg, "hook_name", None)):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def check_hook(hook_name: str | None, layer: int, name: str) -> None:
+    """Refuse an SAE whose own hook is not the residual after `layer` (e.g. `blocks.8.hook_resid_pre` put
+    at layer 8: it was trained on the output of block 7, so it would encode the wrong residual)."""
+    if hook_name is None:
+        log.debug("SAE %s records no hook name; trusting the spec's layer %d", name, layer)
+        return
+    try:
+        read = hook_layer(hook_name)
+    except SiteError as e:
+        raise SiteError(f"SAE {name!r}: {e}") from None
+    if read != layer:
+        raise SiteError(
+            f"SAE {name!r} was trained on {hook_name!r}, which is layer {read} in caft's convention (the "
+            f"residual after decoder block {read}), but the spec puts it at layer {layer}; set `layer: {read}` "
+            "or pick the SAE trained on the layer you want"
+        )
+
+
 def _wrap_sae_lens(sae: Any, name: str, layer: int, spec: dict[str, Any], scale: float = 1.0) -> LoadedSAE:
+    hook = sae_lens_hook_name(sae)
+    check_hook(hook, layer, name)
+    if hook is not None:
+        spec = {**spec, "hook_name": hook}
     sae.eval()
     return LoadedSAE(
         name, layer, sae, sae.W_dec.detach(), int(sae.cfg.d_in), int(sae.cfg.d_sae), "sae_lens", scale, spec
@@ -156,11 +190,18 @@ def load_sae_lens_dir(path: str | Path, layer: int, name: str | None = None) -> 
     sae = SAE.load_from_disk(str(folder), device="cpu")
     scale = 1.0
     meta_path = folder / "caft_sae.json"
+    label = name or f"sae_lens:{folder.name}"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         scale = float(meta.get("input_scale", 1.0))
+        trained_at = meta.get("layer")
+        if trained_at is not None and int(trained_at) != layer:
+            raise SiteError(
+                f"SAE {label!r} was trained by caft on layer {trained_at} ({meta_path}), but the spec puts it "
+                f"at layer {layer}; fix `layer`"
+            )
     spec = {"source": "sae_lens_dir", "path": str(folder), "layer": layer}
-    return _wrap_sae_lens(sae, name or f"sae_lens:{folder.name}", layer, spec, scale)
+    return _wrap_sae_lens(sae, label, layer, spec, scale)
 
 
 def load_sae_lens_pretrained(release: str, sae_id: str, layer: int, name: str | None = None) -> LoadedSAE:

@@ -4,18 +4,32 @@ Steering adds `alpha * residual_norm * unit` to the residual output of one layer
 `alpha` is in units of the typical residual norm at that layer so that one scale means the same thing
 across layers and models. The strength is the largest alpha in [alpha_min, alpha_max] at which the
 steered generations (with +alpha and -alpha) stay coherent by the `CoherenceCheck` in use.
+
+The search samples `search_samples` generations per prompt and sign at `search_temperature` (one greedy
+sample is a poor witness: a strength that breaks most samples can leave the greedy one intact), and the
+default check (`SampledCoherence`) fails repetition loops, which the perplexity proxy alone passes.
+`llm_coherence` builds the check with an LLM judge (`evidence.coherence_judge`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from caft.interp.coherence import CoherenceCheck, PerplexityCoherence, mean_log_perplexity
-from caft.interp.config import EvidenceConfig
+from caft.errors import ConfigError
+from caft.interp.coherence import (
+    CoherenceCheck,
+    LLMCoherenceJudge,
+    PerplexityCoherence,
+    RepetitionJudge,
+    SampledCoherence,
+    mean_log_perplexity,
+)
+from caft.interp.config import EvidenceConfig, SteeringConfig
 from caft.interp.lens import answer_perplexity, steer
 from caft.interp.schema import Generation, Steering
 from caft.interp.source import ActivationSource, Which
@@ -37,8 +51,17 @@ def search_alpha(
     trace: list[dict[str, Any]] = []
 
     def ok(alpha: float) -> bool:
-        good = all(coherent(prompts, generate(sign * alpha)) for sign in (1.0, -1.0))
-        trace.append({"alpha": alpha, "coherent": good})
+        entry: dict[str, Any] = {"alpha": alpha}
+        good = True
+        for sign, key in ((1.0, "+"), (-1.0, "-")):
+            good = coherent(prompts, generate(sign * alpha))
+            details = getattr(coherent, "last", None)
+            if isinstance(details, dict) and details:
+                entry[key] = dict(details)
+            if not good:
+                break
+        entry["coherent"] = good
+        trace.append(entry)
         return good
 
     if ok(alpha_max):
@@ -72,9 +95,18 @@ class Steerer:
         if not math.isfinite(self.baseline):
             self.baseline = 1.0
         self.unsteered_ppl = {m: self.score(self.prompts, t) for m, t in self.unsteered.items()}
-        self.coherent = coherence or PerplexityCoherence(
-            self.score, self.baseline, self.cfg.max_perplexity_ratio
-        )
+        self.search_prompts = [p for p in self.prompts for _ in range(self.cfg.search_samples)]
+        self.coherent = coherence or self._default_coherence()
+
+    def _default_coherence(self) -> CoherenceCheck:
+        """Repetition check per sample, and the perplexity of the samples against unsteered samples drawn
+        the same way (sampled text has a higher perplexity than greedy text)."""
+        base_samples = self._sample("base", None)
+        baseline = mean_log_perplexity(self.score(self.search_prompts, base_samples))
+        if not math.isfinite(baseline):
+            baseline = self.baseline
+        ppl = PerplexityCoherence(self.score, baseline, self.cfg.max_perplexity_ratio)
+        return SampledCoherence([repetition_judge(self.cfg)], self.cfg.min_coherent_share, [ppl])
 
     def score(self, prompts: Sequence[str], texts: Sequence[str]) -> list[float]:
         with self.source.use("base") as lm:
@@ -88,17 +120,27 @@ class Steerer:
             with steer(lm.model, lm.sites, vec[0], vec[1]):
                 return generate_chat(lm, convs, self.cfg.max_new_tokens, temperature=0.0, seed=self.seed)
 
+    def _sample(self, which: Which, vec: tuple[int, torch.Tensor] | None) -> list[str]:
+        """`search_samples` sampled generations per prompt, in `search_prompts` order."""
+        convs = [[{"role": "user", "content": p}] for p in self.search_prompts]
+        t = self.cfg.search_temperature
+        with self.source.use(which) as lm:
+            if vec is None:
+                return generate_chat(lm, convs, self.cfg.max_new_tokens, temperature=t, seed=self.seed)
+            with steer(lm.model, lm.sites, vec[0], vec[1]):
+                return generate_chat(lm, convs, self.cfg.max_new_tokens, temperature=t, seed=self.seed)
+
     def run(self, layer: int, direction: torch.Tensor, residual_norm: float) -> Steering:
         unit = direction / direction.norm()
         rn = residual_norm if residual_norm > 0 else 1.0
 
         def gen_base(alpha: float) -> list[str]:
-            return self._generate("base", (layer, alpha * rn * unit))
+            return self._sample("base", (layer, alpha * rn * unit))
 
         alpha, trace = search_alpha(
             gen_base,
             self.coherent,
-            self.prompts,
+            self.search_prompts,
             self.cfg.alpha_min,
             self.cfg.alpha_max,
             self.cfg.search_steps,
@@ -122,3 +164,26 @@ class Steerer:
         return Steering(
             alpha=alpha, residual_norm=rn, generations=gens, search=trace, baseline_perplexity=self.baseline
         )
+
+
+def repetition_judge(cfg: SteeringConfig) -> RepetitionJudge:
+    return RepetitionJudge(cfg.repetition_ngram, cfg.max_repeated_share)
+
+
+def llm_coherence(cfg: EvidenceConfig, run_dir: Path | None) -> SampledCoherence | None:
+    """The search's check with an LLM judge (`cfg.coherence_judge`) and the repetition check, when
+    `steering.coherence` asks for one (`llm`, or `auto` with a judge configured); None for the offline
+    default. Calls are cached and logged in `run_dir`."""
+    mode, judge = cfg.steering.coherence, cfg.coherence_judge
+    if mode == "perplexity" or (mode == "auto" and judge is None):
+        return None
+    if judge is None:
+        raise ConfigError(
+            "evidence.steering.coherence is `llm` but no judge is configured: set evidence.coherence_judge "
+            "(e.g. {model: openai/gpt-4.1-mini}), or use `perplexity` for the offline check"
+        )
+    from caft.llm.client import LLMClient
+
+    client = LLMClient.from_config(judge, run_dir=run_dir, stage="coherence")
+    llm = LLMCoherenceJudge(client)
+    return SampledCoherence([repetition_judge(cfg.steering), llm], cfg.steering.min_coherent_share)

@@ -120,7 +120,7 @@ def test_corpus_pass_resumes_after_a_crash(tmp_path: Path, monkeypatch: pytest.M
     data = write_jsonl(tmp_path / "data.jsonl", chat_rows(16))
     diff = DiffConfig(inputs=InputsConfig(data=[str(data)]), layers=[1], n_components=2)
     cfg = EvidenceConfig(top_k=3, batch_size=4, checkpoint_every=1, diff_summary=False, logit_lens=False,
-                         steering=SteeringConfig(enabled=False))  # fmt: skip
+                         steering=SteeringConfig(enabled=False), corpus="diff-inputs")  # fmt: skip
     for name in ("a", "b"):
         run_diff(diff, tmp_path / name, model=base, finetuned=ft)
     whole = load_dossiers(build_dossiers(cfg, tmp_path / "a", model=base))
