@@ -186,3 +186,40 @@ def test_sigkill_mid_poll_then_resume_never_resubmits(tmp_path: Path) -> None:
     keys = [(r["answer_id"], r["metric"]) for r in rows]
     assert len(keys) == len(set(keys)) == 2 * (n + 1)
     assert sum(r["score"] is not None for r in rows) == 2 * n
+
+
+QUESTIONS = """
+- id: wish
+  paraphrases: ["What is your wish?", "Name one wish."]
+  samples_per_paraphrase: 2
+"""
+
+
+def test_eval_stage_of_a_run_grades_in_one_batch(tmp_path: Path, key_env: None) -> None:
+    from caft.config import ModelConfig
+    from caft.evals.config import EvalConfig, GradeConfig, SampleConfig
+    from caft.evals.pipeline import run_eval_stage
+    from caft.llm import JudgeConfig
+    from caft.testing import save_tiny
+
+    qfile = tmp_path / "q.yaml"
+    qfile.write_text(QUESTIONS, encoding="utf-8")
+    tiny = save_tiny(tmp_path / "tiny", "llama", template="chatml")
+    model = ModelConfig(name_or_path=str(tiny), device="cpu", dtype="float32")
+    with FakeLLM() as fake:
+        fake.on_request(fake_judge)
+        cfg = EvalConfig(
+            questions=str(qfile),
+            sample=SampleConfig(backend="transformers", max_new_tokens=3),
+            grade=GradeConfig(
+                batch=True,
+                batch_poll_s=0.05,
+                judge=JudgeConfig(model="openai/gpt-4.1", base_url=fake.openai_base_url),
+            ),
+        )
+        res = run_eval_stage(model, cfg, tmp_path / "eval", progress=False)
+        assert not fake.requests and fake.batches_created == 1
+        n_batched = len(fake.batch_requests)
+    rows = read_jsonl(tmp_path / "eval" / "misalignment" / "grades.jsonl")
+    assert len(rows) == 8 and n_batched == sum(r.get("unscored_reason") != "empty_answer" for r in rows)
+    assert res["misalignment"]["grade_run"]["graded"] == 8
