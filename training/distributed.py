@@ -10,9 +10,12 @@ accelerate sets up the process group (NCCL on GPUs, gloo on CPU) and wraps the m
   whatever the number of ranks; each micro-batch is split across the ranks, and each rank's loss is weighted
   by its share of the micro-batch's loss units (label tokens, or examples), so the averaged gradient is the
   one-process gradient (up to float summation order);
-- the ablation: attached with forward hooks to the layers of the wrapped model on every rank (DDP calls the
-  inner model's modules, so the hooks run in each rank's forward, and again on gradient-checkpoint
-  recomputation); the one-process loop uses the nnsight trace, which computes the same edit;
+- the ablation: attached with forward hooks to the layers of the wrapped model on every rank, for the whole
+  loop (DDP calls the inner model's modules, so the hooks run in each rank's forward); the one-process loop
+  uses the nnsight trace, which computes the same edit. Under gradient checkpointing transformers recomputes
+  a layer's `forward` only, so the hook on its output stays outside the recomputed region: the edit's own
+  backward (the projection, which keeps only Q) is reused and the next layer recomputes from the ablated
+  output saved at the boundary;
 - the files: rank 0 writes the log, checkpoints and `final/` (the same plain peft adapter or model); every
   rank loads the checkpoint on resume. A run killed on any rank resumes from its newest checkpoint, with any
   number of ranks.
@@ -140,7 +143,7 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
 @contextlib.contextmanager
 def attach_ablation(model: nn.Module, sites: Sites, abl: Ablation | None) -> Iterator[None]:
     """`abl` on the residual stream of its layers through forward hooks, for the forwards run inside (a DDP
-    wrapper's forward included, and gradient-checkpoint recomputations during their backward)."""
+    wrapper's forward included)."""
     if abl is None or not abl.layers:
         yield
         return

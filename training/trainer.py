@@ -134,8 +134,8 @@ def train(
         if prep.subspace is not None and not (out / SUBSPACE_DIR).exists():
             prep.subspace.save(out / SUBSPACE_DIR)
 
-    # with several ranks or gradient checkpointing the ablation hooks stay on the layers for the whole loop
-    # (recomputation in backward runs them again); else one nnsight trace per forward
+    # with several ranks (a DDP wrapper to call) or gradient checkpointing the ablation is hooked onto the
+    # layers for the whole loop; else one nnsight trace per forward
     hooked = dist.enabled or cfg.optim.gradient_checkpointing
     wrapped = dist.wrap(prep.model)
     forward = _make_forward(cfg, prep, objective, None if hooked else abl, wrapped)
