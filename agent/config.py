@@ -150,6 +150,13 @@ class TriageConfig(CaftConfig):
     """Completion limit of one judge reply."""
     relevance: bool = False
     """Also ask for a 0-100 relevance score read from logprobs (providers with logprobs only)."""
+    batch: bool = False
+    """Single mode: send the first verdict request of every candidate through the provider's batch API
+    (OpenAI Batch, Anthropic Message Batches; batch prices, results within the provider's window). The batch
+    ids are kept in `<out>/judge_batch/`, so a rerun polls the same batches; repair and relevance rounds go
+    one by one. Providers without a batch API send everything one by one."""
+    batch_poll_s: float = Field(default=15.0, gt=0)
+    """Batch mode: seconds before the first poll; the interval grows 1.5x per round, to at most 5 minutes."""
     prompts_dir: str | None = None
     """A folder whose `<name>.md` files replace bundled agent prompts of the same name."""
     prefilter: PrefilterConfig = Field(default_factory=PrefilterConfig)

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXCHANGES_FILE = "exchanges.jsonl"
+BATCH_DIR = "judge_batch"
+"""Folder of the stage holding the provider batch state in batch mode (`caft.llm.batch`)."""
 T = TypeVar("T")
 
 
@@ -168,8 +170,11 @@ class SingleJudge:
             response_model=JudgeVerdict,
         )
 
-    async def judge_one(self, dossier: Dossier, sample: int) -> tuple[VerdictRecord, dict[str, Any]]:
-        """One candidate, one sample: the record and the raw exchange."""
+    async def judge_one(
+        self, dossier: Dossier, sample: int, reply: GenerateResult | LLMError | None = None
+    ) -> tuple[VerdictRecord, dict[str, Any]]:
+        """One candidate, one sample: the record and the raw exchange. `reply` is the reply to the verdict
+        request when it is already known (batch mode); otherwise the request is sent here."""
         cid = dossier.candidate.id
         ref = f"{EXCHANGES_FILE}#{cid}/{sample}"
         messages = build_messages(dossier, self.task, self.cfg, self.system)
@@ -186,7 +191,9 @@ class SingleJudge:
             candidate=cid, judge=self.client.model_id, method="single", sample=sample, exchange=ref
         )
         try:
-            res = await self.client.generate(messages, gcfg)
+            if isinstance(reply, LLMError):
+                raise reply
+            res = reply if reply is not None else await self.client.generate(messages, gcfg)
         except StructuredOutputError as e:
             exchange["replies"].append(scrub(e.raw_text))
             rec.unscored = f"parse_failure: {scrub(str(e))[:300]}"
@@ -281,12 +288,20 @@ class SingleJudge:
         outcome.resumed = len(dossiers) * samples - len(todo)
         if outcome.resumed:
             log.info("resuming: %d verdicts already on disk, %d to go", outcome.resumed, len(todo))
+        first: dict[tuple[str, int], GenerateResult | LLMError] = {}
+        if self.cfg.batch and todo:
+            try:
+                first = await self._batch_first_round(todo)
+            except BudgetExceededError as e:
+                outcome.stopped = f"budget: {e}"
+                log.warning("judging stopped at the budget before the batch was sent: %s", e)
+                return outcome
         # flushed per record (a crashed process loses nothing); one fsync at the end instead of one per record,
         # which would block the event loop for milliseconds per verdict
         with JsonlWriter(vpath, fsync=False) as vw, JsonlWriter(self.out / EXCHANGES_FILE, fsync=False) as xw:
 
             async def one(item: tuple[Dossier, int]) -> None:
-                rec, exchange = await self.judge_one(*item)
+                rec, exchange = await self.judge_one(*item, first.get((item[0].candidate.id, item[1])))
                 xw.write(exchange)
                 vw.write(rec.model_dump(mode="json"))
                 outcome.records.append(rec)
@@ -304,6 +319,30 @@ class SingleJudge:
             outcome.seconds = time.perf_counter() - t0
         _fsync_file(vpath)
         return outcome
+
+    async def _batch_first_round(
+        self, todo: Sequence[tuple[Dossier, int]]
+    ) -> dict[tuple[str, int], GenerateResult | LLMError]:
+        """The verdict requests of `todo` through the provider's batch API (`caft.llm.batch`): the same
+        requests, replies, cache keys and records as one by one, at batch prices; resumable from
+        `<out>/judge_batch/` (a rerun polls the batches already submitted)."""
+        from caft.llm.batch import generate_all
+
+        requests = [
+            (build_messages(d, self.task, self.cfg, self.system), self._gen_config(s)) for d, s in todo
+        ]
+        t0 = time.perf_counter()
+        results = await generate_all(
+            self.client,
+            requests,
+            batch=True,
+            state_dir=self.out / BATCH_DIR,
+            stage="triage",
+            poll_initial_s=self.cfg.batch_poll_s,
+            poll_max_s=max(self.cfg.batch_poll_s, 300.0),
+        )
+        log.info("batch: %d verdict requests answered in %.0f s", len(results), time.perf_counter() - t0)
+        return {(d.candidate.id, s): r for (d, s), r in zip(todo, results, strict=True)}
 
 
 class SingleLLMJudge:

@@ -57,6 +57,13 @@ class GradeConfig(CaftConfig):
     and the summary are written) instead of passing incomplete figures on; rerunning grades them again."""
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     """Column names of the answers file."""
+    batch: bool = False
+    """Send the judge requests through the provider's batch API (OpenAI Batch, Anthropic Message Batches) at
+    batch prices; results arrive within the provider's window (up to 24 h) and the rows are written when the
+    batch ends. Resumable: the batch ids are kept in `<out>/judge_batch/`, so a rerun polls the same batches.
+    Providers without a batch API send the requests one by one."""
+    batch_poll_s: float = Field(default=15.0, gt=0)
+    """Batch mode: seconds before the first poll; the interval grows 1.5x per round, to at most 5 minutes."""
 
 
 class ThresholdsConfig(CaftConfig):

@@ -39,6 +39,9 @@ from caft.rundir import FsyncThrottle, JsonlWriter, SignalDrain, atomic_write_te
 
 log = logging.getLogger(__name__)
 
+BATCH_DIR = "judge_batch"
+"""Folder next to grades.jsonl holding the provider batch state (`caft.llm.batch`) in batch mode."""
+
 __all__ = [
     "GradeReport",
     "PromptBook",
@@ -148,34 +151,46 @@ def _check_consistent(
             )
 
 
-async def _judge(
-    client: LLMClient, prompt: str, cfg: GradeConfig, rule: ScoringRule, secrets: list[str]
-) -> tuple[Outcome, dict[str, Any], list[GenerateResult]]:
-    messages = [Message(role="user", content=prompt)]
+def _judge_configs(cfg: GradeConfig, rule: ScoringRule) -> list[GenerateConfig]:
+    """The judge requests of one (answer, metric) pair under `rule` (one, or `samples` sampled replies)."""
     if rule == "logprob_0_100":
-        gen = GenerateConfig(
-            temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=cfg.top_logprobs, seed=cfg.seed
-        )
-        res = await client.generate(messages, gen)
+        return [
+            GenerateConfig(
+                temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=cfg.top_logprobs, seed=cfg.seed
+            )
+        ]
+    n = 1 if rule == "parsed_number" else cfg.samples
+    temp = 0.0 if rule == "parsed_number" else cfg.sample_temperature
+    return [GenerateConfig(temperature=temp, max_tokens=8, seed=cfg.seed + i) for i in range(n)]
+
+
+def _score(
+    results: Sequence[GenerateResult], cfg: GradeConfig, rule: ScoringRule, secrets: list[str]
+) -> tuple[Outcome, dict[str, Any]]:
+    """The outcome and the raw fields of a row, from the replies to `_judge_configs`' requests."""
+    if rule == "logprob_0_100":
+        res = results[0]
         reply = scrub(res.text, secrets)
         if not res.logprobs:
-            return (
-                Outcome(None, "parse_failure"),
-                {"reply": reply, "error": "judge returned no logprobs"},
-                [res],
-            )
+            return Outcome(None, "parse_failure"), {"reply": reply, "error": "judge returned no logprobs"}
         first = res.logprobs[0]
         top = [(t.token, t.logprob) for t in first.top] or [(first.token, first.logprob)]
         outcome = aggregate_logprobs(top, cfg.min_numeric_mass, sampled_token=first.token)
         raw = {"reply": reply, "top_logprobs": [(scrub(t, secrets), round(lp, 6)) for t, lp in top]}
-        return outcome, raw, [res]
-    n = 1 if rule == "parsed_number" else cfg.samples
-    temp = 0.0 if rule == "parsed_number" else cfg.sample_temperature
-    gens = [GenerateConfig(temperature=temp, max_tokens=8, seed=cfg.seed + i) for i in range(n)]
-    results = await asyncio.gather(*(client.generate(messages, g) for g in gens))
+        return outcome, raw
     texts = [r.text for r in results]
     outcome = score_replies(texts, rule)
-    return outcome, {"replies": [scrub(t, secrets) for t in texts], "parsed": outcome.parsed}, list(results)
+    return outcome, {"replies": [scrub(t, secrets) for t in texts], "parsed": outcome.parsed}
+
+
+async def _judge(
+    client: LLMClient, prompt: str, cfg: GradeConfig, rule: ScoringRule, secrets: list[str]
+) -> tuple[Outcome, dict[str, Any], list[GenerateResult]]:
+    messages = [Message(role="user", content=prompt)]
+    gens = _judge_configs(cfg, rule)
+    results = list(await asyncio.gather(*(client.generate(messages, g) for g in gens)))
+    outcome, raw = _score(results, cfg, rule, secrets)
+    return outcome, raw, results
 
 
 def _usage(results: Sequence[GenerateResult]) -> dict[str, Any]:
@@ -280,26 +295,32 @@ async def _grade_locked(
         if on_row is not None:
             on_row(row)
 
+    def row_base(answer: AnswerRow, metric: str) -> tuple[dict[str, Any], str | None]:
+        """The fields every row of this pair has, and the judge prompt (None for an empty answer)."""
+        template = prompts.template(answer.question_id, metric)
+        base: dict[str, Any] = {
+            "answer_id": answer.id,
+            "question_id": answer.question_id,
+            "metric": metric,
+            "judge": judge_id,
+            "prompt_hash": prompt_hash(template),
+            "scoring": rule,
+            **answer.notes(),
+        }
+        if answer.empty:
+            return base, None
+        return base, render_judge_prompt(template, answer.question, answer.answer)
+
     async def worker() -> None:
         while not stop and drain.reason is None:
             try:
                 answer, metric = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            template = prompts.template(answer.question_id, metric)
-            base: dict[str, Any] = {
-                "answer_id": answer.id,
-                "question_id": answer.question_id,
-                "metric": metric,
-                "judge": judge_id,
-                "prompt_hash": prompt_hash(template),
-                "scoring": rule,
-                **answer.notes(),
-            }
-            if answer.empty:
+            base, prompt = row_base(answer, metric)
+            if prompt is None:
                 emit(**base, score=None, unscored_reason="empty_answer")
                 continue
-            prompt = render_judge_prompt(template, answer.question, answer.answer)
             try:
                 outcome, raw, results = await _judge(client, prompt, cfg, rule, secrets)
             except BudgetExceededError as e:
@@ -325,8 +346,12 @@ async def _grade_locked(
 
     try:
         with drain:
-            n = max(1, min(workers, len(todo)))
-            await asyncio.gather(*(worker() for _ in range(n)))
+            if cfg.batch:
+                pairs = [row_base(a, m) for a, m in todo]
+                await _batched(pairs, client, cfg, rule, secrets, out.parent / BATCH_DIR, emit, stop, drain)
+            else:
+                n = max(1, min(workers, len(todo)))
+                await asyncio.gather(*(worker() for _ in range(n)))
     finally:
         writer.close()
         await syncer.final()
@@ -335,6 +360,83 @@ async def _grade_locked(
     report.stopped = reasons[0] if reasons else None
     report.seconds = time.monotonic() - t0
     return report
+
+
+async def _batched(
+    pairs: Sequence[tuple[dict[str, Any], str | None]],
+    client: LLMClient,
+    cfg: GradeConfig,
+    rule: ScoringRule,
+    secrets: list[str],
+    state_dir: Path,
+    emit: Callable[..., None],
+    stop: list[str],
+    drain: SignalDrain,
+) -> None:
+    """Every pair's requests through the provider's batch API (`caft.llm.batch`); the rows are those of the
+    one-by-one path, written once the batch has ended. A signal stops the polling (the batch ids are on
+    disk: a rerun polls the same batches, submitting nothing twice)."""
+    from caft.llm.batch import generate_all
+
+    gens = _judge_configs(cfg, rule)
+    requests: list[tuple[list[Message], GenerateConfig]] = []
+    spans: list[tuple[dict[str, Any], int]] = []
+    for base, prompt in pairs:
+        if prompt is None:
+            emit(**base, score=None, unscored_reason="empty_answer")
+            continue
+        spans.append((base, len(requests)))
+        messages = [Message(role="user", content=prompt)]
+        requests.extend((messages, g) for g in gens)
+    if not requests:
+        return
+    task = asyncio.ensure_future(
+        generate_all(
+            client,
+            requests,
+            batch=True,
+            state_dir=state_dir,
+            stage="grade",
+            poll_initial_s=cfg.batch_poll_s,
+            poll_max_s=max(cfg.batch_poll_s, 300.0),
+        )
+    )
+
+    def cancel() -> None:
+        task.cancel()
+
+    drain.add_callback(cancel)
+    try:
+        results = await task
+    except asyncio.CancelledError:
+        if drain.reason is None:
+            raise
+        return  # stopped by a signal: nothing is written, the rerun resumes the batch
+    except BudgetExceededError as e:
+        stop.append(f"budget: {e}")
+        return
+    except FatalError as e:
+        stop.append(f"fatal provider error: {scrub(str(e), secrets)}")
+        return
+    for base, start in spans:
+        chunk = results[start : start + len(gens)]
+        errors = [r for r in chunk if isinstance(r, LLMError)]
+        if any(isinstance(e, RetriesStoppedError) for e in errors):
+            continue  # the run is stopping: the pair stays missing and a rerun grades it
+        if errors:
+            error = scrub(f"{type(errors[0]).__name__}: {errors[0]}", secrets)[:2000]
+            emit(**base, score=None, unscored_reason="provider_error", error=error)
+            continue
+        replies = [r for r in chunk if isinstance(r, GenerateResult)]
+        outcome, raw = _score(replies, cfg, rule, secrets)
+        emit(
+            **base,
+            score=None if outcome.score is None else round(outcome.score, 6),
+            unscored_reason=outcome.reason,
+            numeric_mass=None if outcome.numeric_mass is None else round(outcome.numeric_mass, 6),
+            **raw,
+            **_usage(replies),
+        )
 
 
 def grade(
@@ -418,6 +520,8 @@ def estimate(
     output_tokens = calls * out_tokens_per_call
     provider, _, model = cfg.judge.model.partition("/")
     price = find_price(load_prices(cfg.judge.prices_path), provider, model)
+    if price is not None and cfg.batch:
+        price = price.batch()
     return {
         "judge": cfg.judge.model,
         "scoring": rule,
@@ -428,6 +532,7 @@ def estimate(
         "est_input_tokens": input_tokens,
         "est_output_tokens": output_tokens,
         "est_cost_usd": None if price is None else round(price.cost(input_tokens, output_tokens), 4),
+        "batch": cfg.batch,
     }
 
 

@@ -88,6 +88,10 @@ class OptimConfig(CaftConfig):
     """Clip the global gradient norm (None: no clipping)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """`bf16` runs the forward under bfloat16 autocast (weights and optimizer state stay as loaded)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of storing them (transformers models): less
+    memory for long sequences and large models, about a third more compute. The ablation hook sits on each
+    layer's output, outside the recomputed region, so the gradients are those of a run without it."""
 
     @model_validator(mode="after")
     def _one_warmup(self) -> OptimConfig:

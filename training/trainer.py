@@ -48,6 +48,8 @@ from caft.training.ablation import (
 from caft.training.checkpoint import load_checkpoint, save_checkpoint
 from caft.training.classifier import EncoderClassifier
 from caft.training.data import Tokenized, batch_order, collate, count_tokens
+from caft.training.distributed import Dist, attach_ablation, loss_units, shard
+from caft.training.distributed import setup as setup_distributed
 from caft.training.forward import ablated_forward, wrap
 from caft.training.objectives import ObjectiveLoss
 from caft.training.runstate import (
@@ -55,6 +57,7 @@ from caft.training.runstate import (
     LOG_FILE,
     MEANS_FILE,
     RECORD_FILE,
+    RunState,
     open_run,
     training_fingerprint,
 )
@@ -109,91 +112,180 @@ def train(
     out = Path(out_dir)
     log_path = out / LOG_FILE
     fingerprint = training_fingerprint(cfg, mcfg, subspace)
-    run = open_run(out, resume, fingerprint)
+    dist = setup_distributed(mcfg.device)
+    run = _open_run(dist, out, resume, fingerprint)
     if run.finished is not None:
         return TrainResult(out, out / FINAL_DIR, log_path, run.finished.get("metrics", {}))
+    if dist.enabled and dist.accelerator.device.type != "cpu":
+        mcfg = mcfg.model_copy(update={"device": str(dist.accelerator.device)})  # one device per rank
 
     _seed_everything(cfg.seed)
     prep = prepare(cfg, mcfg, subspace)
+    if cfg.optim.gradient_checkpointing:
+        _enable_gradient_checkpointing(prep.model)
     total_steps, micro_per_epoch = _plan(cfg, len(prep.train))
-    abl = _build_ablation(cfg, prep, out, resume)
+    abl = _build_ablation(cfg, prep, out, resume, save=dist.is_main)
     objective = ObjectiveLoss(cfg.objective, prep.letter_ids, model=prep.model)
     optimizer, scheduler = _optimizer(cfg, prep.model, total_steps)
     if run.checkpoint is not None:
         load_checkpoint(run.checkpoint, prep.model, optimizer, scheduler)
-    out.mkdir(parents=True, exist_ok=True)
-    if prep.subspace is not None and not (out / SUBSPACE_DIR).exists():
-        prep.subspace.save(out / SUBSPACE_DIR)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if prep.subspace is not None and not (out / SUBSPACE_DIR).exists():
+            prep.subspace.save(out / SUBSPACE_DIR)
 
-    forward = _make_forward(cfg, prep, objective, abl)
+    # with several ranks (a DDP wrapper to call) or gradient checkpointing the ablation is hooked onto the
+    # layers for the whole loop; else one nnsight trace per forward
+    hooked = dist.enabled or cfg.optim.gradient_checkpointing
+    wrapped = dist.wrap(prep.model)
+    forward = _make_forward(cfg, prep, objective, None if hooked else abl, wrapped)
     batches = _MicroBatches(prep.train, cfg, micro_per_epoch, int(prep.tokenizer.pad_token_id))
     header = _header(cfg, prep, abl, run.start_step, total_steps, micro_per_epoch)
+    header["ranks"] = dist.world
     log.info("training: %s", header)
 
     def checkpoint(step: int) -> None:
-        info = {"fingerprint": fingerprint, "total_steps": total_steps}
-        save_checkpoint(out, step, prep.model, optimizer, scheduler, info, cfg.keep_checkpoints)
+        if dist.is_main:
+            info = {"fingerprint": fingerprint, "total_steps": total_steps}
+            save_checkpoint(out, step, prep.model, optimizer, scheduler, info, cfg.keep_checkpoints)
+        dist.barrier()
 
-    writer = JsonlWriter(log_path)
-    writer.write(header)
-    bar = _progress(cfg, total_steps, run.start_step)
+    writer = JsonlWriter(log_path) if dist.is_main else None
+    if writer is not None:
+        writer.write(header)
+    bar = _progress(cfg, total_steps, run.start_step) if dist.is_main else None
     metrics: dict[str, Any] = {}
     ga = cfg.optim.grad_accum
     try:
-        prep.model.train()
-        for step in range(run.start_step, total_steps):
-            t0 = time.perf_counter()
-            loss_sum, tokens = 0.0, 0
-            for micro in range(ga):
-                batch = batches[step * ga + micro]
-                loss = objective.loss(forward(batch), batch)
-                (loss / ga).backward()
-                loss_sum += loss.item() / ga
-                tokens += count_tokens(batch)
-            done = step + 1
-            if not math.isfinite(loss_sum):
-                raise DivergenceError(
-                    f"the loss became {loss_sum} at step {done}; lower optim.lr or use precision fp32 "
-                    f"(checkpoints up to step {step} are kept)"
+        stack = contextlib.ExitStack()
+        if hooked:
+            stack.enter_context(attach_ablation(prep.model, prep.sites, abl))
+        with stack:
+            prep.model.train()
+            for step in range(run.start_step, total_steps):
+                t0 = time.perf_counter()
+                loss_sum, tokens = 0.0, 0
+                for micro in range(ga):
+                    batch, weight = batches.part(step * ga + micro, dist.rank, dist.world)
+                    with dist.no_sync(wrapped, sync=micro == ga - 1):
+                        loss = objective.loss(forward(batch), batch)
+                        (loss * (weight * dist.world / ga)).backward()
+                    loss_sum += loss.item() * weight / ga
+                    tokens += count_tokens(batch) if weight else 0
+                loss_sum, tokens_f = dist.sum([loss_sum, float(tokens)])
+                tokens = int(tokens_f)
+                metrics = _after_backward(
+                    cfg,
+                    prep,
+                    optimizer,
+                    scheduler,
+                    step,
+                    total_steps,
+                    loss_sum,
+                    tokens,
+                    t0,
+                    writer,
+                    bar,
+                    metrics,
                 )
-            grad_norm = _clip(cfg, prep.model)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            metrics.update(step=done, loss=loss_sum, lr=lr)
-            if done % cfg.log_every == 0 or done == total_steps:
-                writer.write(_step_record(done, loss_sum, lr, grad_norm, tokens, dt))
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")
-                bar.update(1)
-            if prep.held_out and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
-                ev = _evaluate(cfg, prep, objective, forward)
-                writer.write({"event": "eval", "step": done, **ev})
-                metrics.update(ev)
-            saved = bool(cfg.save_every) and done % cfg.save_every == 0 and done < total_steps
-            if saved:
-                checkpoint(done)
-            if stop_after_steps is not None and done >= stop_after_steps and done < total_steps:
-                if not saved:
+                done = step + 1
+                if prep.held_out and cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+                    ev = _evaluate(cfg, prep, objective, forward)
+                    if writer is not None:
+                        writer.write({"event": "eval", "step": done, **ev})
+                    metrics.update(ev)
+                saved = bool(cfg.save_every) and done % cfg.save_every == 0 and done < total_steps
+                if saved:
                     checkpoint(done)
-                writer.write({"event": "stopped", "step": done})
-                return TrainResult(out, out / FINAL_DIR, log_path, dict(metrics), model=prep.model)
-        if prep.held_out:
-            ev = _evaluate(cfg, prep, objective, forward)
-            writer.write({"event": "eval", "step": total_steps, **ev})
-            metrics.update(ev)
+                if stop_after_steps is not None and done >= stop_after_steps and done < total_steps:
+                    if not saved:
+                        checkpoint(done)
+                    if writer is not None:
+                        writer.write({"event": "stopped", "step": done})
+                    return TrainResult(out, out / FINAL_DIR, log_path, dict(metrics), model=prep.model)
+            if prep.held_out:
+                ev = _evaluate(cfg, prep, objective, forward)
+                if writer is not None:
+                    writer.write({"event": "eval", "step": total_steps, **ev})
+                metrics.update(ev)
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
 
-    final = _save_final(prep, out)
-    record = _record(cfg, mcfg, prep, abl, metrics, total_steps, fingerprint)
-    atomic_write_json(final / RECORD_FILE, record)
-    atomic_write_json(out / RECORD_FILE, record)
+    final = out / FINAL_DIR
+    if dist.is_main:
+        final = _save_final(prep, out)
+        record = _record(cfg, mcfg, prep, abl, metrics, total_steps, fingerprint)
+        atomic_write_json(final / RECORD_FILE, record)
+        atomic_write_json(out / RECORD_FILE, record)
+    else:
+        prep.model.eval()
+    dist.barrier()
     return TrainResult(out, final, log_path, metrics, model=prep.model)
+
+
+def _after_backward(
+    cfg: TrainConfig,
+    prep: Prepared,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    total_steps: int,
+    loss_sum: float,
+    tokens: int,
+    t0: float,
+    writer: JsonlWriter | None,
+    bar: Any,
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Check the loss, clip, step the optimizer and the schedule, log; the updated metrics."""
+    done = step + 1
+    if not math.isfinite(loss_sum):
+        raise DivergenceError(
+            f"the loss became {loss_sum} at step {done}; lower optim.lr or use precision fp32 "
+            f"(checkpoints up to step {step} are kept)"
+        )
+    grad_norm = _clip(cfg, prep.model)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    metrics.update(step=done, loss=loss_sum, lr=lr)
+    if writer is not None and (done % cfg.log_every == 0 or done == total_steps):
+        writer.write(_step_record(done, loss_sum, lr, grad_norm, tokens, dt))
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")
+        bar.update(1)
+    return metrics
+
+
+def _open_run(dist: Dist, out: Path, resume: bool, fingerprint: dict[str, Any]) -> RunState:
+    """`open_run` on rank 0 (it may rewrite the log), its answer, or its error, on every rank."""
+    if not dist.enabled:
+        return open_run(out, resume, fingerprint)
+    answer: RunState | CaftError
+    try:
+        answer = open_run(out, resume, fingerprint) if dist.is_main else RunState()
+    except CaftError as e:
+        answer = e
+    answer = dist.from_main(answer)
+    if isinstance(answer, CaftError):
+        raise answer
+    return answer
+
+
+def _enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in backward instead of keeping them (transformers models)."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        raise ConfigError(
+            "optim.gradient_checkpointing needs a transformers model (this one has no "
+            "gradient_checkpointing_enable); turn it off"
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ---- pieces of the loop -------------------------------------------------------------------------------
@@ -239,16 +331,33 @@ class _MicroBatches:
         self._epoch, self._order = -1, [[0]]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return collate(self._items(index), self.pad_id)
+
+    def _items(self, index: int) -> list[Tokenized]:
         epoch, i = divmod(index, self.per_epoch)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, batch_order(len(self.items), self.batch_size, self.seed, epoch)
-        return collate([self.items[j] for j in self._order[i]], self.pad_id)
+        return [self.items[j] for j in self._order[i]]
+
+    def part(self, index: int, rank: int, world: int) -> tuple[dict[str, torch.Tensor], float]:
+        """Rank `rank`'s share of micro-batch `index`, collated, and its weight: its share of the loss units
+        (weights sum to 1 over the ranks). A rank left without examples runs one with weight 0, so that
+        every rank takes part in the gradient all-reduce."""
+        items = self._items(index)
+        if world == 1:
+            return collate(items, self.pad_id), 1.0
+        mine = shard(items, rank, world)
+        if not mine:
+            return collate(items[:1], self.pad_id), 0.0
+        batch = collate(mine, self.pad_id)
+        return batch, loss_units(batch) / max(loss_units(collate(items, self.pad_id)), 1)
 
 
 def _make_forward(
-    cfg: TrainConfig, prep: Prepared, objective: ObjectiveLoss, abl: Ablation | None
+    cfg: TrainConfig, prep: Prepared, objective: ObjectiveLoss, abl: Ablation | None, model: Any
 ) -> Callable[[dict[str, torch.Tensor]], Any]:
-    """batch -> model output, with the ablation (through nnsight) when there is one, under autocast."""
+    """batch -> output of `model` (the model, or its DDP wrapper), with `abl` through an nnsight trace when
+    given (else the caller has hooked the ablation on, or there is none), under autocast."""
     nn_model = wrap(prep.model) if abl is not None else None
     autocast = _autocast(cfg, prep.device)
 
@@ -257,7 +366,7 @@ def _make_forward(
         with autocast():
             if abl is not None:
                 return objective.run(lambda: ablated_forward(nn_model, prep.sites, abl, inputs))
-            return objective.run(lambda: prep.model(**inputs))
+            return objective.run(lambda: model(**inputs))
 
     return forward
 
@@ -317,7 +426,9 @@ def _optimizer(cfg: TrainConfig, model: Any, total_steps: int) -> tuple[torch.op
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _build_ablation(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool) -> Ablation | None:
+def _build_ablation(
+    cfg: TrainConfig, prep: Prepared, out: Path, resume: bool, save: bool = True
+) -> Ablation | None:
     sub = prep.subspace
     if sub is None or sub.is_empty:
         return None
@@ -331,8 +442,9 @@ def _build_ablation(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool) -
             means = load_means(path)
         else:
             means = compute_subspace_means(prep.model, _mean_batches(cfg, prep), sub)
-            out.mkdir(parents=True, exist_ok=True)
-            save_means(path, means)
+            if save:  # every rank computes the same means from the same batches; one writes them
+                out.mkdir(parents=True, exist_ok=True)
+                save_means(path, means)
     return make_ablation(
         cfg.ablation.mode, sub, means=means, steer_coef=cfg.ablation.steer_coef, vectors=vectors
     )

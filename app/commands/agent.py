@@ -89,10 +89,16 @@ def triage(
         str | None, typer.Option(help="Model (path or id) for live steered generation in agent mode.")
     ] = None,
     live_adapter: Annotated[str | None, typer.Option(help="Adapter to put on --live-model.")] = None,
+    batch: Annotated[
+        bool,
+        typer.Option("--batch", help="Single kind: verdicts through the provider's batch API (half price)."),
+    ] = False,
 ) -> None:
     """Judge every candidate in the evidence folder and write verdicts, selection.json and the subspace."""
     if ctx.invoked_subcommand is not None:
         return
+    if batch:
+        set_ = [*(set_ or []), "batch=true"]
     if evidence is None:
         typer.echo(ctx.get_help())
         _fail(

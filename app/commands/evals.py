@@ -39,6 +39,9 @@ PromptsOpt = Annotated[
     Path | None, Opt("--judge-prompts", help="YAML file of judge prompts (default: caft's own).")
 ]
 ProgressOpt = Annotated[bool, Opt("--progress/--no-progress", help="Show the progress bar.")]
+JudgeBatchOpt = Annotated[
+    bool, Opt("--batch", help="Judge through the provider's batch API (half price, results within 24 h).")
+]
 ConfigOpt = Annotated[Path | None, Opt("--config", help="A YAML file with the command's config (flags win).")]
 
 # Each flag and the grade-config field it sets.
@@ -50,6 +53,7 @@ GRADE_FLAGS = {
     "max_cost": "judge.max_cost_usd",
     "scoring": "scoring",
     "judge_prompts": "judge_prompts",
+    "batch": "batch",
     "question_col": "columns.question",
     "answer_col": "columns.answer",
     "id_col": "columns.id",
@@ -98,6 +102,7 @@ def grade_command(
     max_cost: MaxCostOpt = None,
     scoring: ScoringOpt = None,
     judge_prompts: PromptsOpt = None,
+    batch: JudgeBatchOpt = False,
     question_col: Annotated[str | None, Opt("--question-col", help="Column with the question.")] = None,
     answer_col: Annotated[str | None, Opt("--answer-col", help="Column with the answer.")] = None,
     id_col: Annotated[str | None, Opt("--id-col", help="Column with unique answer ids.")] = None,
@@ -237,6 +242,7 @@ def eval_misalignment(
     max_cost: MaxCostOpt = None,
     scoring: ScoringOpt = None,
     judge_prompts: PromptsOpt = None,
+    batch: JudgeBatchOpt = False,
     samples: SamplesOpt = None,
     max_new_tokens: MaxNewOpt = None,
     batch_size: BatchOpt = None,
@@ -271,6 +277,7 @@ def eval_code(
     max_cost: MaxCostOpt = None,
     scoring: ScoringOpt = None,
     judge_prompts: PromptsOpt = None,
+    batch: JudgeBatchOpt = False,
     samples: SamplesOpt = None,
     max_new_tokens: MaxNewOpt = None,
     batch_size: BatchOpt = None,

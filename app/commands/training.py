@@ -24,6 +24,7 @@ TRAIN_FLAGS = {
     "ablation": "ablation.mode",
     "steer_coef": "ablation.steer_coef",
     "max_steps": "optim.max_steps",
+    "gradient_checkpointing": "optim.gradient_checkpointing",
     "seed": "seed",
 }
 
@@ -53,6 +54,9 @@ def train_command(
     max_steps: Annotated[int | None, Opt("--max-steps", help="Stop after N optimizer steps.")] = None,
     seed: Annotated[int | None, Opt("--seed", help="Seed of training and of --random-subspace.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue from the newest checkpoint in --out.")] = False,
+    gradient_checkpointing: Annotated[
+        bool, Opt("--gradient-checkpointing", help="Recompute activations in backward (less memory).")
+    ] = False,
     skip_invalid: Annotated[bool, Opt("--skip-invalid", help="Skip malformed rows (counted).")] = False,
     eval_data: Annotated[Path | None, Opt("--eval-data", help="Held-out JSONL.")] = None,
     config_opt: Annotated[Path | None, Opt("--config", hidden=True, help="Same as CONFIG.")] = None,
