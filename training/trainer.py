@@ -50,6 +50,13 @@ from caft.training.classifier import EncoderClassifier
 from caft.training.data import Tokenized, batch_order, collate, count_tokens
 from caft.training.forward import ablated_forward, wrap
 from caft.training.objectives import ObjectiveLoss
+from caft.training.penalty import (
+    PENALTY_FILE,
+    load_reference,
+    reference_magnitudes,
+    save_reference,
+    take_penalty,
+)
 from caft.training.runstate import (
     FINAL_DIR,
     LOG_FILE,
@@ -146,7 +153,7 @@ def train(
             loss_sum, tokens = 0.0, 0
             for micro in range(ga):
                 batch = batches[step * ga + micro]
-                loss = objective.loss(forward(batch), batch)
+                loss = take_penalty(abl, objective.loss(forward(batch), batch))
                 (loss / ga).backward()
                 loss_sum += loss.item() / ga
                 tokens += count_tokens(batch)
@@ -333,9 +340,30 @@ def _build_ablation(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool) -
             means = compute_subspace_means(prep.model, _mean_batches(cfg, prep), sub)
             out.mkdir(parents=True, exist_ok=True)
             save_means(path, means)
+    reference = _penalty_reference(cfg, prep, out, resume) if cfg.ablation.mode == "penalty" else None
     return make_ablation(
-        cfg.ablation.mode, sub, means=means, steer_coef=cfg.ablation.steer_coef, vectors=vectors
+        cfg.ablation.mode,
+        sub,
+        means=means,
+        steer_coef=cfg.ablation.steer_coef,
+        vectors=vectors,
+        penalty_coef=cfg.ablation.penalty_coef,
+        reference=reference,
     )
+
+
+def _penalty_reference(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool) -> dict[int, torch.Tensor]:
+    """Mode `penalty`: the base model's reference magnitudes, computed once and kept next to the run."""
+    assert prep.subspace is not None
+    path = out / PENALTY_FILE
+    if resume and path.is_file():
+        return load_reference(path)
+    ref = reference_magnitudes(
+        prep.model, _mean_batches(cfg, prep), prep.subspace, cfg.ablation.penalty_quantile
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_reference(path, ref)
+    return ref
 
 
 def _mean_batches(cfg: TrainConfig, prep: Prepared) -> list[dict[str, torch.Tensor]]:
