@@ -212,9 +212,10 @@ def _task_cell(t: dict[str, Any] | None) -> str:
     return f"{t['metric']} {t['value']:.4g}{ci}"
 
 
-def markdown(runs: Sequence[RunResults], reference: str | None = None) -> str:
+def markdown(runs: Sequence[RunResults], reference: str | None = None, notes: Sequence[str] = ()) -> str:
     header, rows = table_rows(runs, reference)
     lines = ["# caft eval report", ""]
+    lines += [*(_md_escape(n) for n in notes), ""] if notes else []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
@@ -275,7 +276,10 @@ def _template() -> jinja2.Template:
 
 
 def html_page(
-    runs: Sequence[RunResults], title: str = "caft eval report", reference: str | None = None
+    runs: Sequence[RunResults],
+    title: str = "caft eval report",
+    reference: str | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     header, rows = table_rows(runs, reference)
     series = [r.label for r in runs]
@@ -370,6 +374,7 @@ def html_page(
         if r.agreement
     ]
     return _template().render(
+        notes=list(notes),
         per_question=per_question,
         per_question_header=["question", *(h for _, h in rs.FIGURE_COLUMNS), "coverage", "flag"],
         agreement=agreement,
@@ -433,9 +438,11 @@ def write_report(
     out: str | Path,
     labels: Sequence[str] | None = None,
     reference: str | None = None,
+    notes: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write `report.md` and `report.html` into `out`; returns their paths. With `reference` (a run label),
-    every other run gets its paired difference from that run over the same questions."""
+        every other run gets its paired difference from that run over the same questions. `notes` are lines shown
+    above the table (e.g. which baselines ran)."""
     if not dirs:
         raise DataError("give at least one eval output folder to report on")
     if labels and len(labels) != len(dirs):
@@ -454,6 +461,6 @@ def write_report(
             f"reference run {reference!r} is not among the runs ({', '.join(r.label for r in runs)}); "
             "give one of their labels"
         )
-    md = atomic_write_text(out_dir / "report.md", markdown(runs, reference))
-    page = atomic_write_text(out_dir / "report.html", html_page(runs, reference=reference))
+    md = atomic_write_text(out_dir / "report.md", markdown(runs, reference, notes))
+    page = atomic_write_text(out_dir / "report.html", html_page(runs, reference=reference, notes=notes))
     return md, page
