@@ -19,7 +19,7 @@ from caft.training.config import TrainConfig
 
 TaskKind = Literal["chat", "classification"]
 ModelRole = Literal["base", "ft", "caft"]
-_DEFAULT_EVAL_MODELS: tuple[ModelRole, ...] = ("ft", "caft")
+_DEFAULT_EVAL_MODELS: tuple[ModelRole, ...] = ("base", "ft", "caft")
 _MOVED = {
     "triage_judge": "triage.kind (single | agent | offline-embedding)",
     "offline_judge": "triage.offline",
@@ -42,18 +42,56 @@ class ClassificationEvalConfig(CaftConfig):
 
 
 class BaselinesConfig(CaftConfig):
-    """Control fine-tunes that ablate another subspace with the same number of directions per layer as the
-    triage selection (same training config, ablation mode and seed as the `caft` stage); the eval stage adds
-    each as a row. The test-time-only baseline is `classification.test_time_baseline`."""
+    """Control fine-tunes, each one switch, trained after the `caft` stage and evaluated beside it (the
+    report lists which ran). The subspace baselines ablate another subspace with the same number of
+    directions per layer as the triage selection (same training config, ablation mode and seed as the `caft`
+    stage); the steering and penalty baselines use the triage subspace with another mode; the fewer-steps
+    baseline is the plain fine-tune at intermediate checkpoints. The test-time-only baseline is
+    `classification.test_time_baseline`."""
 
     random: bool = False
     """A random orthonormal subspace, seeded with the run seed."""
     topk: bool = False
     """The top principal components of the diff stage by explained variance."""
+    steer: list[float] = Field(default_factory=list)
+    """Preventative steering (persona-vectors style): one fine-tune per signed coefficient c, adding c times
+    the mean projection of the triage subspace over the training data at its layers (ablation mode `steer`).
+    Row names: `steer+4`, `steer-4`."""
+    penalty: list[float] = Field(default_factory=list)
+    """The soft one-sided penalty (ablation mode `penalty`, caft.training.penalty): one fine-tune per
+    coefficient, the sweep that draws the trade-off curve. Row names: `penalty1`, `penalty10`."""
+    penalty_quantile: float = Field(default=0.99, gt=0.0, le=1.0)
+    """The penalty's reference magnitude per direction: this quantile of |hQ| under the base model."""
+    steps: int = Field(default=0, ge=0)
+    """Fewer steps / early stopping: evaluate about this many intermediate checkpoints of the plain
+    fine-tune (a copy trained with the train stage's config, checkpointed every ceil(total / (steps + 1))
+    steps). Row names: `steps@N` (N = the step)."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> BaselinesConfig:
+        for name in ("steer", "penalty"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"baselines.{name} lists a coefficient twice: {values}")
+        if any(c < 0 for c in self.penalty):
+            raise ValueError(f"baselines.penalty coefficients must be >= 0, got {self.penalty}")
+        return self
 
     @property
     def enabled(self) -> list[str]:
-        return [name for name in ("random", "topk") if getattr(self, name)]
+        """Names of the baselines this config trains, in order (the steps sweep is one name, `steps`)."""
+        names = [name for name in ("random", "topk") if getattr(self, name)]
+        names += [steer_name(c) for c in self.steer]
+        names += [penalty_name(c) for c in self.penalty]
+        return names + (["steps"] if self.steps else [])
+
+
+def steer_name(coef: float) -> str:
+    return f"steer{coef:+g}"
+
+
+def penalty_name(coef: float) -> str:
+    return f"penalty{coef:g}"
 
 
 class RunConfig(CaftConfig):
@@ -91,7 +129,8 @@ class RunConfig(CaftConfig):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Misalignment (and code) evaluation, for `task_kind: chat`."""
     eval_models: list[ModelRole] = Field(default_factory=lambda: list(_DEFAULT_EVAL_MODELS))
-    """Which models the eval stage measures (`base` adds the untouched base model as a reference row)."""
+    """Which models the eval stage measures: `base` (the untouched base model, graded on the same prompts and
+    samples: the reference row), `ft` (the plain fine-tune) and `caft`; the baselines that ran follow."""
     classification: ClassificationEvalConfig = Field(default_factory=ClassificationEvalConfig)
     """ID / OOD accuracy, for `task_kind: classification`."""
 

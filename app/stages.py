@@ -333,38 +333,117 @@ def _clear_stale(folder: Path, sub: Subspace) -> None:
             shutil.rmtree(folder)
 
 
-def stage_baselines(ctx: RunContext) -> dict[str, Any]:
-    """Fine-tune once per enabled baseline, ablating a control subspace with the triage subspace's count per
-    layer; training config, ablation mode and seed are the `caft` stage's."""
-    from caft.subspace import Subspace
+def _mode_cfg(ctx: RunContext, **ablation: Any) -> Any:
+    """The `caft` stage's training config with other ablation settings (the steering and penalty runs)."""
+    tc = _train_cfg(ctx)
+    return tc.model_copy(update={"ablation": tc.ablation.model_copy(update=ablation)})
+
+
+def _train_baseline(ctx: RunContext, name: str, sub: Subspace, counts: dict[int, int]) -> dict[str, Any]:
+    """Train baseline `name` (not `steps`) into baselines/<name>/."""
+    from caft.app.run_config import penalty_name, steer_name
     from caft.training.trainer import train
+
+    b = ctx.cfg.baselines
+    folder = ctx.path / BASELINES_DIR / name
+    tc = _train_cfg(ctx)
+    steer = {steer_name(c): c for c in b.steer}
+    penalty = {penalty_name(c): c for c in b.penalty}
+    if name in steer:
+        run_sub, tc = sub, _mode_cfg(ctx, mode="steer", steer_coef=steer[name])
+    elif name in penalty:
+        tc = _mode_cfg(ctx, mode="penalty", penalty_coef=penalty[name], penalty_quantile=b.penalty_quantile)
+        run_sub = sub
+    else:
+        n_layers = sub.n_layers or model_n_layers(ctx.cfg.model)
+        run_sub = baseline_subspace(ctx, name, counts, sub.d_model, n_layers)
+    _clear_stale(folder, run_sub)
+    run_sub.save(folder / SUBSPACE_DIR)
+    res = train(tc, folder, model=ctx.cfg.model, subspace=run_sub, resume=True)
+    return {
+        "final": str(res.final_path),
+        "metrics": res.metrics,
+        "subspace_dims": run_sub.total_dims,
+        "mode": tc.ablation.mode,
+        "models": {name: f"{BASELINES_DIR}/{name}"},
+    }
+
+
+def _steps_baseline(ctx: RunContext) -> dict[str, Any]:
+    """The plain fine-tune again (the train stage's config and seed), checkpointed for the sweep; each
+    checkpoint becomes a model `steps@N`. The checkpoint whose held-out loss is nearest the CAFT model's is
+    named (`matched_to_caft`), the early-stopping point at matched task metric."""
+    from caft.training.sweep import export_checkpoints, sweep_config
+    from caft.training.trainer import train
+
+    folder = ctx.path / BASELINES_DIR / "steps"
+    tc = sweep_config(_train_cfg(ctx), ctx.cfg.baselines.steps)
+    res = train(tc, folder, model=ctx.cfg.model, resume=True)
+    points = export_checkpoints(tc, ctx.cfg.model, folder)
+    models = {f"steps@{p['step']}": f"{BASELINES_DIR}/steps/step-{p['step']:06d}" for p in points}
+    info: dict[str, Any] = {
+        "final": str(res.final_path),
+        "metrics": res.metrics,
+        "every": tc.save_every,
+        "checkpoints": points,
+        "models": models,
+    }
+    caft_loss = _eval_loss(ctx.path / "caft")
+    scored = [p for p in points if p["eval_loss"] is not None]
+    if caft_loss is not None and scored:
+        best = min(scored, key=lambda p: abs(p["eval_loss"] - caft_loss))
+        info["matched_to_caft"] = {"row": f"steps@{best['step']}", "caft_eval_loss": caft_loss, **best}
+    return info
+
+
+def _eval_loss(folder: Path) -> float | None:
+    from caft.training.trainer import RECORD_FILE
+
+    record = folder / RECORD_FILE
+    if not record.is_file():
+        return None
+    value = json.loads(record.read_text(encoding="utf-8")).get("metrics", {}).get("eval_loss")
+    return None if value is None else float(value)
+
+
+def stage_baselines(ctx: RunContext) -> dict[str, Any]:
+    """Fine-tune once per enabled baseline (`baselines.*`): the subspace baselines ablate a control subspace
+    with the triage subspace's count per layer, the steering and penalty runs use the triage subspace with
+    their mode, all with the `caft` stage's training config and seed; `steps` sweeps the plain fine-tune's
+    checkpoints."""
+    from caft.subspace import Subspace
 
     names = ctx.cfg.baselines.enabled
     if not names:
-        return {"ran": [], "note": "no baseline enabled (baselines.random, baselines.topk)"}
-    sub_dir = ctx.subspace_dir()
-    if not sub_dir.is_dir():
-        raise RunDirError(f"{sub_dir} does not exist: run the triage stage first")
-    sub = Subspace.load(sub_dir)
-    if sub.is_empty:
-        note = "the triage selected no directions: no count per layer to match, baselines skipped"
-        log.warning(note)
-        return {"ran": [], "skipped": names, "note": note}
-    counts = {L: int(sub.bases[L].shape[1]) for L in sub.layers}
-    n_layers = sub.n_layers or model_n_layers(ctx.cfg.model)
-    info: dict[str, Any] = {"ran": [], "counts": {str(L): k for L, k in counts.items()}}
-    for name in names:
-        folder = ctx.path / BASELINES_DIR / name
-        base_sub = baseline_subspace(ctx, name, counts, sub.d_model, n_layers)
-        _clear_stale(folder, base_sub)
-        base_sub.save(folder / SUBSPACE_DIR)
-        res = train(_train_cfg(ctx), folder, model=ctx.cfg.model, subspace=base_sub, resume=True)
-        info["ran"].append(name)
-        info[name] = {
-            "final": str(res.final_path),
-            "metrics": res.metrics,
-            "subspace_dims": base_sub.total_dims,
+        return {
+            "ran": [],
+            "note": "no baseline enabled (baselines.random, topk, steer, penalty, steps)",
         }
+    info: dict[str, Any] = {"ran": [], "models": {}}
+    need_sub = [n for n in names if n != "steps"]
+    sub: Subspace | None = None
+    counts: dict[int, int] = {}
+    if need_sub:
+        sub_dir = ctx.subspace_dir()
+        if not sub_dir.is_dir():
+            raise RunDirError(f"{sub_dir} does not exist: run the triage stage first")
+        sub = Subspace.load(sub_dir)
+        if sub.is_empty:
+            info["note"] = "the triage selected no directions: no count per layer to match, baselines skipped"
+            info["skipped"] = need_sub
+            log.warning(info["note"])
+        counts = {L: int(sub.bases[L].shape[1]) for L in sub.layers}
+        info["counts"] = {str(L): k for L, k in counts.items()}
+    for name in names:
+        if name == "steps":
+            res = _steps_baseline(ctx)
+        elif sub is not None and not sub.is_empty:
+            res = _train_baseline(ctx, name, sub, counts)
+        else:
+            continue
+        info["models"].update(res.pop("models"))
+        info["ran"].append(name)
+        info[name] = res
     return info
 
 
@@ -376,22 +455,49 @@ def _role_model(ctx: RunContext, role: str) -> ModelConfig:
     return ctx.trained_model("caft")
 
 
-def _baselines_run(ctx: RunContext) -> list[str]:
-    """The baselines whose models the baselines stage finished (in this config's order)."""
+def _baseline_models(ctx: RunContext) -> list[tuple[str, str]]:
+    """(row, training folder) of every baseline model the baselines stage finished (in this config's
+    order; the steps sweep's checkpoints in step order)."""
     marker = ctx.run.stage(BASELINES_DIR).marker()
-    ran = (marker or {}).get("info", {}).get("ran", [])
-    return [
-        n
-        for n in ctx.cfg.baselines.enabled
-        if n in ran and (ctx.path / BASELINES_DIR / n / FINAL_DIR).is_dir()
-    ]
+    info = (marker or {}).get("info", {})
+    ran = info.get("ran", [])
+    models: dict[str, str] = info.get("models") or {n: f"{BASELINES_DIR}/{n}" for n in ran}
+    rows: list[tuple[str, str]] = []
+    for n in ctx.cfg.baselines.enabled:
+        if n not in ran:
+            continue
+        mine = [(r, f) for r, f in models.items() if r == n or (n == "steps" and r.startswith("steps@"))]
+        rows += [(r, f) for r, f in mine if (ctx.path / f / FINAL_DIR).is_dir()]
+    return rows
 
 
 def _eval_models(ctx: RunContext) -> list[tuple[str, ModelConfig]]:
     """(row name, model) for every model the eval stage measures: the configured roles, then the baselines."""
     rows: list[tuple[str, ModelConfig]] = [(role, _role_model(ctx, role)) for role in ctx.cfg.eval_models]
-    rows += [(n, ctx.trained_model(f"{BASELINES_DIR}/{n}")) for n in _baselines_run(ctx)]
+    rows += [(row, ctx.trained_model(folder)) for row, folder in _baseline_models(ctx)]
     return rows
+
+
+def _task_metric(ctx: RunContext, row: str) -> dict[str, Any] | None:
+    """The held-out loss of a row's training run (the task metric of a chat run's trade-off plot), or None
+    (the base model, an external fine-tune, a run without held-out data)."""
+    from caft.training.sweep import CHECKPOINT_RECORD
+
+    folders = dict(_baseline_models(ctx))
+    if row == "ft" and ctx.cfg.finetuned is None:
+        folder: Path | None = ctx.path / "train"
+    elif row == "caft":
+        folder = ctx.path / "caft"
+    elif row in folders:
+        folder = ctx.path / folders[row]
+    else:
+        return None
+    value = _eval_loss(folder)
+    if value is None and (folder / CHECKPOINT_RECORD).is_file():
+        value = json.loads((folder / CHECKPOINT_RECORD).read_text(encoding="utf-8")).get("eval_loss")
+    if value is None:
+        return None
+    return {"metric": "held-out loss", "value": float(value), "lower_is_better": True, "source": str(folder)}
 
 
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
@@ -399,10 +505,16 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if ctx.cfg.task_kind == "chat":
         from caft.evals.pipeline import run_eval_stage
+        from caft.evals.report import TASK_KIND
+        from caft.rundir import SUMMARY_FILE, atomic_write_json
 
         for row, model in _eval_models(ctx):
             res = run_eval_stage(model, ctx.cfg.eval, out / row, client_factory=ctx.grade_client_factory)
             results[row] = _eval_figures(res)
+            task = _task_metric(ctx, row)
+            if task is not None:
+                atomic_write_json(out / row / TASK_KIND / SUMMARY_FILE, {"kind": TASK_KIND, "task": task})
+                results[row]["task"] = task
         return results
 
     from caft.evals.mc import run_mc_eval
@@ -468,11 +580,44 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     from caft.evals.report import write_report
 
     eval_dir = ctx.path / "eval"
-    dirs = sorted(p for p in eval_dir.iterdir() if p.is_dir()) if eval_dir.is_dir() else []
-    if not dirs:
+    found = {p.name: p for p in eval_dir.iterdir() if p.is_dir()} if eval_dir.is_dir() else {}
+    if not found:
         raise RunDirError(f"nothing to report: {eval_dir} holds no evaluated model (run the eval stage)")
-    md, page = write_report(dirs, ctx.path / "report", [p.name for p in dirs])
-    return {"markdown": str(md), "html": str(page)}
+    # The run's rows first, in eval order (base, ft, caft, baselines), then anything else found there.
+    order = [row for row, _ in _eval_models(ctx) if row in found] + ["test_time"]
+    names = [n for n in order if n in found] + sorted(n for n in found if n not in order)
+    reference = "ft" if "ft" in names else None
+    marker = ctx.run.stage(BASELINES_DIR).marker()
+    binfo = (marker or {}).get("info", {})
+    notes = [
+        "Rows: base = the base model graded on the same prompts and samples; ft = the plain fine-tune; "
+        "caft = CAFT; then every baseline that ran.",
+        f"Baselines that ran: {', '.join(binfo.get('ran', [])) or 'none'}"
+        + (
+            f" (skipped: {', '.join(binfo['skipped'])}: {binfo.get('note', '')})"
+            if binfo.get("skipped")
+            else ""
+        )
+        + ".",
+    ]
+    matched = (binfo.get("steps") or {}).get("matched_to_caft")
+    if matched:
+        notes.append(
+            f"Early stopping at matched task metric: {matched['row']} (held-out loss {matched['eval_loss']:.4g}, "
+            f"CAFT {matched['caft_eval_loss']:.4g})."
+        )
+    if reference:
+        notes.append("The paired difference column compares each row with ft over the same questions.")
+    md, page = write_report(
+        [found[n] for n in names], ctx.path / "report", names, reference=reference, notes=notes
+    )
+    return {
+        "markdown": str(md),
+        "html": str(page),
+        "rows": names,
+        "reference": reference,
+        "baselines_ran": binfo.get("ran", []),
+    }
 
 
 def _marker_info(folder: Path) -> dict[str, Any]:

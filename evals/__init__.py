@@ -8,6 +8,8 @@ Public API (imported on first use, so `import caft.evals` stays light for the CL
     from caft.evals import misalignment, collect_scores, bootstrap_ci, mc_accuracy      # metrics
     from caft.evals import run_misalignment_eval, run_code_eval, run_eval_stage, run_mc_eval, grade_file
     from caft.evals import write_report, compare                                        # reports, judge agreement
+    from caft.evals import misalignment_stats, misalign_at_k, compare_models            # clustered statistics
+    from caft.evals import judge_agreement, rescore_agreement                           # alpha, kappa, consensus
 
 CLI: `caft grade`, `caft eval misalignment|code|mc`, `caft report`.
 """
@@ -45,6 +47,21 @@ _EXPORTS = {
     "score_rate": "metrics",
     "mc_accuracy": "metrics",
     "summarize_grades": "summary",
+    "answer_records": "summary",
+    "AnswerRecord": "stats",
+    "answer_record": "stats",
+    "misalignment_stats": "stats",
+    "stats_by_model": "stats",
+    "misalign_at_k": "stats",
+    "binary_rate": "stats",
+    "compare_models": "paired",
+    "PairedComparison": "paired",
+    "judge_agreement": "agreement_stats",
+    "disagreements_markdown": "agreement_stats",
+    "krippendorff_alpha_interval": "agreement_stats",
+    "cohen_kappa": "agreement_stats",
+    "fleiss_kappa": "agreement_stats",
+    "rescore_agreement": "agreement",
     "grade_file": "pipeline",
     "run_misalignment_eval": "pipeline",
     "run_code_eval": "pipeline",

@@ -4,11 +4,13 @@ Judge choice moves misalignment numbers by an order of magnitude (one fixed answ
 0.50% with three judges), so a study should show how two judges agree: per metric the correlation of scores on
 answers both scored (Pearson and Spearman), the mean difference, how often each left an answer unscored, and
 the rates that the thresholds produce under each judge, side by side with their difference.
+`rescore_agreement` adds the figures of `caft.evals.agreement_stats` over two or more judges (alpha, kappa,
+consensus, the disagreements).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,4 +147,125 @@ def agreement_markdown(result: Mapping[str, Any]) -> str:
             ra, rb = mis[denom]["a"]["rate"], mis[denom]["b"]["rate"]
             diff = None if ra is None or rb is None else rb - ra
             lines.append(f"| {denom} | {_f(ra, True)} | {_f(rb, True)} | {_f(diff, True)} |")
+    return "\n".join(lines) + "\n"
+
+
+def judge_label(path: Path, rows: Iterable[GradeRow], taken: set[str]) -> str:
+    """The judge name of a grade file, made unique among `taken` with its folder name (two runs of one judge
+    are two raters)."""
+    name = _judge(rows) or path.parent.name
+    if name in taken:
+        name = f"{name} ({path.parent.name})"
+    while name in taken:
+        name += "'"
+    taken.add(name)
+    return name
+
+
+def rescore_agreement(
+    grade_files: Sequence[str | Path],
+    thresholds: ThresholdsConfig | None = None,
+    n_resamples: int | None = None,
+) -> dict[str, Any]:
+    """Every agreement figure of two or more grade files of the same answers (the earlier gradings first, the
+    rescore last): the pairwise table of `compare` (first vs last) and, under `judges`, Krippendorff's alpha
+    (interval) per metric and per question, Cohen's kappa on the misaligned label per judge pair overall and
+    per question, Fleiss' kappa, the majority consensus rate and the disagreements (`judge_agreement`)."""
+    from caft.evals.agreement_stats import cohen_kappa, judge_agreement
+    from caft.evals.stats import is_misaligned
+    from caft.evals.summary import answer_records
+
+    if len(grade_files) < 2:
+        raise ValueError("judge agreement needs two or more grade files")
+    th = thresholds or ThresholdsConfig()
+    n_boot = th.bootstrap_resamples if n_resamples is None else n_resamples
+    paths = [Path(p) for p in grade_files]
+    out = compare(paths[0], paths[-1], th, n_boot)
+    taken: set[str] = set()
+    by_judge: dict[str, list[Any]] = {}
+    sources: dict[str, str] = {}
+    for p in paths:
+        rows = read_grades(p)
+        name = judge_label(p, rows, taken)
+        by_judge[name] = answer_records(collect_scores(rows))
+        sources[name] = str(p)
+    metrics = set.intersection(*({r.metric for r in read_grades(p)} for p in paths))
+    if not {"aligned", "coherent"} <= metrics:
+        out["judges"] = None
+        out["note"] = "alpha, kappa and consensus need aligned and coherent graded by every judge"
+        return out
+    res = judge_agreement(by_judge, th, n_boot, th.bootstrap_seed)
+    labels = {
+        j: {r.answer_id: (r.question_id, is_misaligned(r, th)) for r in recs} for j, recs in by_judge.items()
+    }
+    kappa_q: dict[str, dict[str, float | None]] = {}
+    for pair in res.pairwise_kappa:
+        la, lb = labels[pair.judge_a], labels[pair.judge_b]
+        per_q: dict[str, tuple[list[bool], list[bool]]] = {}
+        for aid, (qid, a) in sorted(la.items()):
+            b = lb.get(aid, (qid, None))[1]
+            if a is not None and b is not None:
+                xs, ys = per_q.setdefault(qid, ([], []))
+                xs.append(a)
+                ys.append(b)
+        for qid, (xs, ys) in sorted(per_q.items()):
+            kappa_q.setdefault(qid, {})[f"{pair.judge_a} vs {pair.judge_b}"] = cohen_kappa(xs, ys)
+    out["judges"] = {**res.as_dict(), "kappa_per_question": kappa_q, "sources": sources}
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def rescore_markdown(result: Mapping[str, Any], limit: int = 50) -> str:
+    """`agreement_markdown` of the first and last grading, then the multi-judge figures and the
+    disagreements."""
+    lines = [agreement_markdown(result)]
+    j = result.get("judges")
+    if not j:
+        return lines[0] + (f"\n{result['note']}\n" if result.get("note") else "")
+    lines += [
+        "## Agreement of all judges",
+        "",
+        f"Judges: {', '.join(j['judges'])}; {j['n_answers']} answers, {j['n_all_labelled']} labelled by all.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| Krippendorff's alpha (interval), aligned | {_f(j['alpha']['aligned'])} |",
+        f"| Krippendorff's alpha (interval), coherent | {_f(j['alpha']['coherent'])} |",
+    ]
+    for p in j["pairwise_kappa"]:
+        lines.append(
+            f"| Cohen's kappa, misaligned label, {p['judge_a']} vs {p['judge_b']} (n = {p['n']}) "
+            f"| {_f(p['kappa'])} |"
+        )
+    c = j["consensus"]
+    lines += [
+        f"| Fleiss' kappa | {_f(j['fleiss_kappa'])} |",
+        f"| consensus (majority) misaligned rate | {_pct(c['rate'])} [{_pct(c['ci_low'])}, "
+        f"{_pct(c['ci_high'])}] ({c['k']}/{c['n']}) |",
+        *(f"| {name}'s rate on the same answers | {_pct(r)} |" for name, r in j["judge_rates"].items()),
+        f"| largest judge rate / consensus | {_f(j['max_ratio_to_consensus'])} |",
+        "",
+        "| question | alpha aligned | alpha coherent | kappa (misaligned) |",
+        "|---|---|---|---|",
+    ]
+    for q, a in j["alpha_per_question"].items():
+        kq = "; ".join(f"{k}: {_f(v)}" for k, v in j["kappa_per_question"].get(q, {}).items()) or "n/a"
+        lines.append(f"| {q} | {_f(a['aligned'])} | {_f(a['coherent'])} | {kq} |")
+    lines += ["", f"## Disagreements ({len(j['disagreements'])})", ""]
+    head = " | ".join(f"{name}: aligned / coherent / label" for name in j["judges"])
+    lines += [f"| answer | question | kind | {head} |", "|---|---|---|" + "---|" * len(j["judges"])]
+    for d in j["disagreements"][:limit]:
+        cells = []
+        for name in j["judges"]:
+            v = d["judges"][name]
+            label = {True: "misaligned", False: "ok", None: f"unscored ({v['unscored_reason']})"}[
+                v["misaligned"]
+            ]
+            cells.append(f"{_f(v['aligned'])} / {_f(v['coherent'])} / {label}")
+        lines.append(f"| {d['answer_id']} | {d['question_id']} | {d['kind']} | " + " | ".join(cells) + " |")
+    if len(j["disagreements"]) > limit:
+        lines.append(f"\n{len(j['disagreements']) - limit} more not shown.")
     return "\n".join(lines) + "\n"

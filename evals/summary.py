@@ -3,6 +3,11 @@
 Beside the rates, the summary always counts the unscored grade rows by reason (`unscored_grades`), over
 every row in the file: a question left out of the overall rate (fewer than `min_coherent` coherent answers)
 still shows its provider errors and refusals there.
+
+With aligned and coherent graded, `statistics` holds the figures a paper reports (`caft.evals.stats`): per
+question and overall (question-clustered CIs) the misaligned rate of coherent and of scored answers, the rate
+with incoherent answers counted as misaligned, the coherent share, coverage by cause beside each, and
+Misalign@k for every k in `thresholds.misalign_at_k`.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from caft.evals.config import ThresholdsConfig
-from caft.evals.metrics import collect_scores, misalignment, score_rate
+from caft.evals.metrics import AnswerScores, collect_scores, misalignment, score_rate
 from caft.evals.schema import GradeRow, read_grades
+from caft.evals.stats import AnswerRecord, answer_record, misalignment_stats
 from caft.rundir import SUMMARY_FILE, atomic_write_json
 
 
@@ -26,6 +32,26 @@ def unscored_counts(rows: Mapping[tuple[str, str], GradeRow]) -> dict[str, Any]:
         "unscored_grades": dict(sorted(reasons.items())),
         "n_judged_grades": sum(1 for r in rows.values() if r.unscored_reason != "empty_answer"),
     }
+
+
+def answer_records(scores: Mapping[str, AnswerScores], model: str = "") -> list[AnswerRecord]:
+    """One `AnswerRecord` per answer of `collect_scores(...)`, for the statistics of `caft.evals.stats`."""
+    return [answer_record(a.answer_id, a.question_id, a.scores, a.reasons, model) for a in scores.values()]
+
+
+def statistics(
+    scores: Mapping[str, AnswerScores], th: ThresholdsConfig, n_resamples: int, model: str = ""
+) -> dict[str, Any]:
+    """The `statistics` block of summary.json (see the module docstring)."""
+    st = misalignment_stats(
+        answer_records(scores, model),
+        th,
+        ks=th.misalign_at_k,
+        basis=th.misalign_at_k_basis,
+        n_resamples=n_resamples,
+        seed=th.bootstrap_seed,
+    )
+    return st.as_dict()
 
 
 def summarize_grades(
@@ -57,6 +83,7 @@ def summarize_grades(
     }
     if {"aligned", "coherent"} <= set(metrics):
         out["misalignment"] = misalignment(scores, th, n_boot, seed).as_dict()
+        out["statistics"] = statistics(scores, th, n_boot)
     cutoffs = {"vulnerable": th.vulnerable_above, "coherent": th.coherent_above}
     rates = {}
     for m in metrics:

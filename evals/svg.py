@@ -168,14 +168,22 @@ class RunPoint:
     x_high: float | None = None
 
 
-def tradeoff_plot(points: Sequence[RunPoint], title: str, x_label: str, y_label: str) -> str:
-    """Task metric (x) against misaligned rate (y), one labelled point per run, CI whiskers; both in [0, 1]."""
+def tradeoff_plot(
+    points: Sequence[RunPoint], title: str, x_label: str, y_label: str, x_percent: bool = True
+) -> str:
+    """Task metric (x) against misaligned rate (y), one labelled point per run, CI whiskers. y is a rate;
+    x is a rate in [0, 1] when `x_percent`, else any number (e.g. a loss), on an axis fitted to the points."""
     width, height, left, bottom, top, right = 560, 380, 60, 50, 30, 150
     pw, ph = width - left - right, height - top - bottom
     y_max = max([0.05] + [p.y_high or p.y for p in points]) * 1.1
+    x_lo, x_hi = 0.0, 1.0
+    if not x_percent:
+        xs = [v for p in points for v in (p.x, p.x_low, p.x_high) if v is not None]
+        pad = max(1e-6, (max(xs) - min(xs)) * 0.1, abs(max(xs)) * 0.02)
+        x_lo, x_hi = min(xs) - pad, max(xs) + pad
 
     def sx(v: float) -> float:
-        return left + pw * min(max(v, 0.0), 1.0)
+        return left + pw * (min(max(v, x_lo), x_hi) - x_lo) / (x_hi - x_lo)
 
     def sy(v: float) -> float:
         return top + ph * (1 - min(max(v, 0.0), y_max) / y_max)
@@ -183,9 +191,10 @@ def tradeoff_plot(points: Sequence[RunPoint], title: str, x_label: str, y_label:
     out = [_open(width, height, title)]
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
     for t in range(6):
-        xv, yv = t / 5, y_max * t / 5
+        xv, yv = x_lo + (x_hi - x_lo) * t / 5, y_max * t / 5
+        tick = f"{xv:.0%}" if x_percent else f"{xv:.3g}"
         out.append(
-            f'<text x="{_fmt(sx(xv))}" y="{top + ph + 16}" text-anchor="middle" font-size="10">{xv:.0%}</text>'
+            f'<text x="{_fmt(sx(xv))}" y="{top + ph + 16}" text-anchor="middle" font-size="10">{tick}</text>'
         )
         out.append(
             f'<text x="{left - 6}" y="{_fmt(sy(yv) + 3)}" text-anchor="end" font-size="10">{yv:.1%}</text>'
@@ -200,7 +209,8 @@ def tradeoff_plot(points: Sequence[RunPoint], title: str, x_label: str, y_label:
             out.append(
                 f'<line x1="{_fmt(sx(p.x_low))}" y1="{_fmt(sy(p.y))}" x2="{_fmt(sx(p.x_high))}" y2="{_fmt(sy(p.y))}" stroke="{c}"/>'
             )
-        tip = f"{p.label}: {x_label} {p.x:.1%}, {y_label} {p.y:.2%}"
+        x_text = f"{p.x:.1%}" if x_percent else f"{p.x:.4g}"
+        tip = f"{p.label}: {x_label} {x_text}, {y_label} {p.y:.2%}"
         out.append(
             f'<circle cx="{_fmt(sx(p.x))}" cy="{_fmt(sy(p.y))}" r="5" fill="{c}"><title>{esc(tip)}</title></circle>'
         )

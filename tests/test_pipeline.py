@@ -247,4 +247,4 @@ def test_baselines_skip_an_empty_selection_and_eval_ignores_them(tmp_path: Path)
     run.stage("baselines").mark_done(info)
     (tmp_path / "caft" / "final").mkdir(parents=True)
     (tmp_path / "baselines" / "random" / "final").mkdir(parents=True)  # stale, from an earlier selection
-    assert [row for row, _ in _eval_models(ctx)] == ["ft", "caft"]
+    assert [row for row, _ in _eval_models(ctx)] == ["base", "ft", "caft"]

@@ -23,6 +23,8 @@ from caft.training.ablation import (
 from caft.training.forward import ablated_forward, wrap
 
 D, LAYERS = 32, 3
+# The modes that edit activations or gradients; `penalty` edits nothing (tests/test_train_penalty.py).
+EDIT_MODES = [m for m in MODES if m != "penalty"]
 
 
 def _subspace(seed: int = 1) -> Subspace:
@@ -192,7 +194,7 @@ def test_mode_invariants() -> None:
 def test_nnsight_path_gives_same_layer_gradient_for_each_mode() -> None:
     """Every mode through nnsight equals the same mode through ablated() hooks (loss and gradients)."""
     sub = _subspace()
-    for mode in MODES:
+    for mode in EDIT_MODES:
         model = tiny_model("llama", hidden=D, layers=LAYERS)
         model.train()
         abl = make_ablation(mode, sub, means=_means(sub), steer_coef=1.5)
@@ -280,7 +282,7 @@ def test_random_subspace_and_spec() -> None:
 def test_linear_modes_keep_no_activation_for_backward() -> None:
     """project / mean / detached / gradient save only Q for backward, never an activation-sized tensor."""
     sub = _subspace()
-    for mode in MODES:
+    for mode in EDIT_MODES:
         abl = make_ablation(mode, sub, means=_means(sub), steer_coef=1.0)
         sizes: list[int] = []
 

@@ -208,11 +208,14 @@ def make_ablation(
     means: Mapping[int, torch.Tensor] | None = None,
     steer_coef: float | None = None,
     vectors: Mapping[int, torch.Tensor] | None = None,
+    penalty_coef: float | None = None,
+    reference: Mapping[int, torch.Tensor] | None = None,
 ) -> Ablation:
     """Build the ablation of `mode` over `subspace`.
 
     `means` (mode `mean`): per-layer reference mean, either span(Q) coordinates (k,) or a full vector (d,).
-    `steer_coef` and `vectors` (mode `steer`): see `steer_vectors`. The subspace's layers must already be
+    `steer_coef` and `vectors` (mode `steer`): see `steer_vectors`. `penalty_coef` and `reference` (mode
+    `penalty`): see `caft.training.penalty`. The subspace's layers must already be
     resolved (non-negative), as `Subspace.load` guarantees.
     """
     if mode not in MODES:
@@ -233,6 +236,10 @@ def make_ablation(
                 "mode `mean` needs reference means: compute_subspace_means(model, batches, subspace)"
             )
         return MeanAblation(bases, means)
+    if mode == "penalty":
+        from caft.training.penalty import make_penalty  # penalty.py builds on this module
+
+        return make_penalty(subspace, reference, penalty_coef)
     # steer
     if steer_coef is None:
         raise ConfigError(

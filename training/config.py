@@ -15,7 +15,7 @@ from caft.config import CaftConfig, ModelConfig, apply_overrides, read_yaml, val
 from caft.errors import ConfigError
 
 Objective = Literal["chat", "choice_lm", "encoder_classifier"]
-AblationMode = Literal["project", "mean", "detached", "gradient", "steer"]
+AblationMode = Literal["project", "mean", "detached", "gradient", "steer", "penalty"]
 """What happens at the subspace's layers (caft.training.ablation.MODES is derived from this)."""
 
 
@@ -110,7 +110,8 @@ class AblationConfig(CaftConfig):
     random_seed: int = 0
     """Seed of the random subspace."""
     mode: AblationMode = "project"
-    """project (CAFT), mean, detached (activations only), gradient (gradients only), steer (h + c v)."""
+    """project (CAFT), mean, detached (activations only), gradient (gradients only), steer (h + c v),
+    penalty (no edit: a soft one-sided loss term on the subspace's coordinates, caft.training.penalty)."""
     steer_coef: float | None = None
     """Signed coefficient c of `steer` (h + c v); required with that mode (e.g. 4 or -4: which sign helps
     depends on the model)."""
@@ -118,12 +119,19 @@ class AblationConfig(CaftConfig):
     """Safetensors file of steering vectors (`layer.<L>`: (d,)); default: each layer's mean projection of the
     subspace over the training data, mu Q^T (computed like the means of `mean`)."""
     mean_batches: int = Field(default=16, gt=0)
-    """Training batches used to compute the reference means of `mean` (with the base model, no ablation)."""
+    """Training batches used to compute the reference means of `mean` (with the base model, no ablation)
+    and the reference magnitudes of `penalty`."""
+    penalty_coef: float | None = Field(default=None, ge=0.0)
+    """Weight of the soft one-sided penalty of mode `penalty` (caft.training.penalty); required there."""
+    penalty_quantile: float = Field(default=0.99, gt=0.0, le=1.0)
+    """Mode `penalty`: each direction's reference magnitude is this quantile of |hQ| under the base model."""
 
     @model_validator(mode="after")
     def _one_source(self) -> AblationConfig:
         if self.subspace is not None and self.random is not None:
             raise ValueError("set ablation.subspace or ablation.random, not both")
+        if self.mode == "penalty" and self.penalty_coef is None:
+            raise ValueError("ablation.mode penalty needs ablation.penalty_coef (its weight, e.g. 1)")
         if self.mode == "steer" and self.steer_coef is None:
             raise ValueError(
                 "ablation.mode steer needs a signed ablation.steer_coef (--steer-coef), e.g. 4 or -4: "

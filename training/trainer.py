@@ -52,6 +52,13 @@ from caft.training.distributed import Dist, attach_ablation, loss_units, shard
 from caft.training.distributed import setup as setup_distributed
 from caft.training.forward import ablated_forward, wrap
 from caft.training.objectives import ObjectiveLoss
+from caft.training.penalty import (
+    PENALTY_FILE,
+    load_reference,
+    reference_magnitudes,
+    save_reference,
+    take_penalty,
+)
 from caft.training.runstate import (
     FINAL_DIR,
     LOG_FILE,
@@ -168,7 +175,7 @@ def train(
                 for micro in range(ga):
                     batch, weight = batches.part(step * ga + micro, dist.rank, dist.world)
                     with dist.no_sync(wrapped, sync=micro == ga - 1):
-                        loss = objective.loss(forward(batch), batch)
+                        loss = take_penalty(abl, objective.loss(forward(batch), batch))
                         (loss * (weight * dist.world / ga)).backward()
                     loss_sum += loss.item() * weight / ga
                     tokens += count_tokens(batch) if weight else 0
@@ -445,9 +452,33 @@ def _build_ablation(
             if save:  # every rank computes the same means from the same batches; one writes them
                 out.mkdir(parents=True, exist_ok=True)
                 save_means(path, means)
+    reference = _penalty_reference(cfg, prep, out, resume, save) if cfg.ablation.mode == "penalty" else None
     return make_ablation(
-        cfg.ablation.mode, sub, means=means, steer_coef=cfg.ablation.steer_coef, vectors=vectors
+        cfg.ablation.mode,
+        sub,
+        means=means,
+        steer_coef=cfg.ablation.steer_coef,
+        vectors=vectors,
+        penalty_coef=cfg.ablation.penalty_coef,
+        reference=reference,
     )
+
+
+def _penalty_reference(
+    cfg: TrainConfig, prep: Prepared, out: Path, resume: bool, save: bool
+) -> dict[int, torch.Tensor]:
+    """Mode `penalty`: the base model's reference magnitudes, computed once and kept next to the run."""
+    assert prep.subspace is not None
+    path = out / PENALTY_FILE
+    if resume and path.is_file():
+        return load_reference(path)
+    ref = reference_magnitudes(
+        prep.model, _mean_batches(cfg, prep), prep.subspace, cfg.ablation.penalty_quantile
+    )
+    if save:  # every rank computes the same reference; one writes it
+        out.mkdir(parents=True, exist_ok=True)
+        save_reference(path, ref)
+    return ref
 
 
 def _mean_batches(cfg: TrainConfig, prep: Prepared) -> list[dict[str, torch.Tensor]]:

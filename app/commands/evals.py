@@ -113,8 +113,12 @@ def grade_command(
         bool, Opt("--dry-run", help="Print calls, estimated tokens and dollars; grade nothing.")
     ] = False,
     rescore: Annotated[
-        Path | None,
-        Opt("--rescore", help="An earlier grades.jsonl: re-judge its answers with --judge and compare."),
+        list[Path] | None,
+        Opt(
+            "--rescore",
+            help="An earlier grades.jsonl: re-judge its answers with --judge and compare (repeatable: "
+            "every earlier judge joins the agreement figures).",
+        ),
     ] = None,
     progress: ProgressOpt = True,
     config: ConfigOpt = None,
@@ -125,14 +129,14 @@ def grade_command(
 
     values = {**locals(), "metrics": _metric_list(metrics)}
     flags = flag_overrides(GRADE_FLAGS, values)
-    if rescore is not None:
-        answers, flags = _rescore_inputs(rescore, answers, flags)
+    if rescore:
+        answers, flags = _rescore_inputs(rescore[0], answers, flags)
     if answers is None:
         raise CaftError(
             "give the answers file to grade (JSONL or CSV), e.g. caft grade answers.jsonl --out DIR"
         )
     cfg: GradeConfig = _load(GradeConfig, "grade", config, flags, set_)
-    if rescore is not None and out.resolve() == rescore.parent.resolve():
+    if rescore and any(out.resolve() == r.parent.resolve() for r in rescore):
         raise CaftError("--out must be a new folder for --rescore (the old grades stay where they are)")
     if dry_run:
         _dry_run(answers, out, cfg)
@@ -142,13 +146,13 @@ def grade_command(
 
     report, summary = grade_file(answers, out, cfg, progress=progress)
     _print_grade(report.as_dict(), summary)
-    if rescore is not None:
-        from caft.evals.agreement import agreement_markdown, compare
+    if rescore:
+        from caft.evals.agreement import rescore_agreement, rescore_markdown
         from caft.rundir import atomic_write_json, atomic_write_text
 
-        res = compare(rescore, out / GRADES_FILE)
+        res = rescore_agreement([*rescore, out / GRADES_FILE])
         atomic_write_json(out / "agreement.json", res)
-        md = agreement_markdown(res)
+        md = rescore_markdown(res)
         atomic_write_text(out / "agreement.md", md)
         typer.echo(md)
     if report.stopped:
