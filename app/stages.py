@@ -354,6 +354,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         return results
 
     from caft.evals.mc import run_mc_eval
+    from caft.training.runstate import MEANS_FILE
 
     cc = ctx.cfg.classification
     if cc.val is None:
@@ -374,6 +375,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
             subspace=ctx.subspace_dir(),
             ablation_mode=ctx.cfg.train.ablation.mode,
             batch_size=cc.batch_size,
+            ablation_means=ctx.path / "caft" / MEANS_FILE,  # read by mode `mean` only
         )
         results["test_time"] = res["mc"]
     return results
