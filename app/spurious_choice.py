@@ -84,8 +84,10 @@ def _names(meta: dict[str, Any], key: str, where: Path) -> tuple[str, str]:
 
 def resolve_wording(meta: dict[str, Any], wording: Wording | None, where: Path) -> Resolved:
     """The wording of `wording`, falling back to meta.json's `choice` block, then the defaults."""
-    block = meta.get("choice") if isinstance(meta.get("choice"), dict) else {}
-    questions = block.get("questions") if isinstance(block.get("questions"), dict) else {}
+    raw = meta.get("choice")
+    block: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    raw_q = block.get("questions")
+    questions: dict[str, Any] = raw_q if isinstance(raw_q, dict) else {}
     w = wording or Wording()
     item = w.item or block.get("item") or DEFAULT_ITEM
     label_q = w.label_question or questions.get("label") or DEFAULT_QUESTION
