@@ -213,3 +213,30 @@ def write_choice(
     }
     atomic_write_text(out / META_FILE, json.dumps(new_meta, indent=2) + "\n")
     return new_meta
+
+
+CHAT_REQUEST = "Write a one-sentence {item}."
+CHAT_REQUEST_PLAIN = "Write one sentence."
+
+
+def write_chat(src: str | Path, out: str | Path, split: str = "train", n: int | None = None) -> Path:
+    """A narrow chat data set from a spurious split: each row's text as the assistant's answer to a request
+    for one (`Write a one-sentence review.` with meta.json's `choice.item` `review`; else `Write one
+    sentence.`), as OpenAI fine-tuning rows `{"messages": [...]}`. Returns the JSONL path."""
+    src, out = Path(src), Path(out)
+    meta_path = src / META_FILE
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    raw = meta.get("choice")
+    item = (raw if isinstance(raw, dict) else {}).get("item")
+    rows = _read_split(src / f"{split}.jsonl")[:n]
+    request = CHAT_REQUEST.format(item=item) if item else CHAT_REQUEST_PLAIN
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": request}, {"role": "assistant", "content": r["text"]}]},
+            ensure_ascii=False,
+        )
+        + "\n"
+        for r in rows
+    ]
+    atomic_write_text(out, "".join(lines))
+    return out

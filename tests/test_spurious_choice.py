@@ -119,3 +119,20 @@ def test_a_folder_without_meta_or_with_bad_rows_is_refused(tmp_path: Path) -> No
     (tmp_path / "train.jsonl").write_text(json.dumps({"text": "t", "label": 2}) + "\n")
     with pytest.raises(DataError, match="train.jsonl:1"):
         write_choice(tmp_path, tmp_path / "out")
+
+
+def test_chat_form_is_a_narrow_chat_data_set(tmp_path: Path) -> None:
+    from caft.app.spurious_choice import write_chat
+    from caft.training.data import read_chat_jsonl
+
+    write_spurious("sentiment-topic", tmp_path / "src", seed=0, sizes=SIZES)
+    path = write_chat(tmp_path / "src", tmp_path / "chat.jsonl", n=12)
+    rows = read_chat_jsonl(path)
+    assert len(rows) == 12
+    first = json.loads(path.read_text().splitlines()[0])["messages"]
+    assert first[0] == {"role": "user", "content": "Write one sentence."}
+    assert first[1]["content"] == _rows(tmp_path / "src", "train")[0]["text"]
+    meta = json.loads((tmp_path / "src" / "meta.json").read_text())
+    (tmp_path / "src" / "meta.json").write_text(json.dumps({**meta, "choice": {"item": "review"}}))
+    again = write_chat(tmp_path / "src", tmp_path / "chat2.jsonl", n=1)
+    assert json.loads(again.read_text())["messages"][0]["content"] == "Write a one-sentence review."
