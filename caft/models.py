@@ -138,16 +138,7 @@ def load_model(
     dtype = resolve_dtype(cfg.dtype, device)
     path = resolve_model_path(cfg.name_or_path)  # a built-in name becomes its converted folder
     tok = load_tokenizer(path, padding_side, cfg.revision, cfg.trust_remote_code)
-    try:
-        model = _auto_class(cfg.kind).from_pretrained(
-            path,
-            dtype=dtype,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            **(model_kwargs or {}),
-        )
-    except (OSError, ValueError) as e:
-        raise _not_found(cfg.name_or_path, e) from e
+    model = load_weights(cfg, dtype, model_kwargs)
     model.to(device)
     if cfg.adapter:
         model = attach_adapter(model, cfg.adapter, trainable=adapter_trainable)
@@ -156,6 +147,55 @@ def load_model(
     return LoadedModel(
         model=model, tokenizer=tok, sites=Sites.of(model), device=device, dtype=dtype, config=cfg
     )
+
+
+def load_weights(
+    cfg: ModelConfig, dtype: torch.dtype, model_kwargs: dict[str, Any] | None = None
+) -> nn.Module:
+    """The weights of `cfg.name_or_path` (a built-in name resolves to its folder) as `cfg.kind`, on the CPU,
+    without tokenizer or adapter (also for folders that hold weights only)."""
+    from caft.builtin_models import resolve_model_path
+
+    path = resolve_model_path(cfg.name_or_path)
+    try:
+        model: nn.Module = _auto_class(cfg.kind).from_pretrained(
+            path,
+            dtype=dtype,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **(model_kwargs or {}),
+        )
+    except (OSError, ValueError) as e:
+        raise _not_found(cfg.name_or_path, e) from e
+    return model
+
+
+def load_model_config(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a hub id, a local folder or a built-in name (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from caft.builtin_models import resolve_model_path
+
+    try:
+        return AutoConfig.from_pretrained(
+            resolve_model_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise _not_found(name_or_path, e) from e
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model ids / paths / built-in names name the same model (a built-in name equals its
+    converted folder)."""
+    from caft.builtin_models import resolve_model_path
+
+    if a == b:
+        return True
+    ra, rb = resolve_model_path(a), resolve_model_path(b)
+    pa, pb = Path(ra), Path(rb)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return ra == rb
 
 
 def is_peft_model(model: Any) -> bool:

@@ -36,20 +36,29 @@ def _is_classifier_dir(path: str) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def _load_ablation(model: nn.Module, subspace_dir: str | Path | None, mode: str) -> Ablation | None:
+def _load_ablation(
+    model: nn.Module, subspace_dir: str | Path | None, mode: str, means: str | Path | None = None
+) -> Ablation | None:
     if subspace_dir is None:
         return None
-    if mode not in ("project", "detached"):
+    if mode not in ("project", "detached", "mean"):
         raise ConfigError(
-            f"test-time ablation mode {mode!r} is not available here; use `project` (at test time "
-            "`detached` is the same and `gradient` changes nothing in a forward pass)"
+            f"test-time ablation mode {mode!r} is not available here; use `project` or `mean` (at test time "
+            "`detached` is the same as `project` and `gradient` changes nothing in a forward pass)"
         )
     from caft.sites import Sites
     from caft.subspace import Subspace
-    from caft.training.ablation import make_ablation
+    from caft.training.ablation import load_means, make_ablation
 
     sites = Sites.of(model)
     sub = Subspace.load(subspace_dir, sites.d_model, sites.n_layers)
+    if mode == "mean":
+        if means is None or not Path(means).is_file():
+            raise ConfigError(
+                f"test-time ablation mode `mean` needs the reference means of the subspace (got {means}); "
+                "pass the ablation_means.safetensors a `mean` fine-tune wrote next to its output"
+            )
+        return make_ablation("mean", sub, means=load_means(means))
     return make_ablation("project", sub)
 
 
@@ -59,6 +68,7 @@ def _predict_classifier(
     subspace: str | Path | None,
     mode: str,
     batch_size: int,
+    means: str | Path | None = None,
 ) -> tuple[list[int], list[int], dict[str, Any]]:
     from transformers import AutoTokenizer
 
@@ -74,7 +84,7 @@ def _predict_classifier(
                 f"line {ex.line}: an encoder classifier reads {{'text', 'label'}} rows, not multiple choice"
             )
     gold = [space.index(ex.label, ex.line) for ex in examples]
-    abl = _load_ablation(clf, subspace, mode)
+    abl = _load_ablation(clf, subspace, mode, means)
     preds = predict(clf, tok, [ex.text or "" for ex in examples], ablation=abl, batch_size=batch_size)
     return preds, gold, {"kind": "encoder_classifier", "labels": clf.label_names}
 
@@ -86,6 +96,7 @@ def _predict_causal(
     mode: str,
     batch_size: int,
     max_length: int,
+    means: str | Path | None = None,
 ) -> tuple[list[int], list[int], dict[str, Any]]:
     """Letter scoring at the last prompt token, exactly as `caft.training` trains it (`choice_scores`);
     a row with fewer options than the widest row can only pick one of its own."""
@@ -93,7 +104,7 @@ def _predict_causal(
     from caft.training.choice import choice_scores
 
     loaded = load_model(cfg)
-    abl = _load_ablation(loaded.model, subspace, mode)
+    abl = _load_ablation(loaded.model, subspace, mode, means)
     scores, gold = choice_scores(
         loaded.model, loaded.tokenizer, examples, ablation=abl, batch_size=batch_size, max_length=max_length
     )  # (N, n_options)
@@ -113,8 +124,10 @@ def run_mc_eval(
     ablation_mode: str = "project",
     batch_size: int = 32,
     max_length: int = 512,
+    ablation_means: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Accuracy on the ID (and OOD) sets, with bootstrap CIs; predictions per example in predictions.jsonl."""
+    """Accuracy on the ID (and OOD) sets, with bootstrap CIs; predictions per example in predictions.jsonl.
+    `ablation_means`: the reference means file of `ablation_mode` `mean` (a `mean` fine-tune writes one)."""
     from caft.training.data import read_classification_jsonl
 
     out_dir = Path(out)
@@ -128,11 +141,11 @@ def run_mc_eval(
             raise DataError(f"{path}: no examples")
         if _is_classifier_dir(model.name_or_path):
             preds, gold, info = _predict_classifier(
-                model.name_or_path, examples, subspace, ablation_mode, batch_size
+                model.name_or_path, examples, subspace, ablation_mode, batch_size, ablation_means
             )
         else:
             preds, gold, info = _predict_causal(
-                model, examples, subspace, ablation_mode, batch_size, max_length
+                model, examples, subspace, ablation_mode, batch_size, max_length, ablation_means
             )
         for ex, p, g in zip(examples, preds, gold, strict=True):
             records.append({"split": split, "line": ex.line, "label": g, "pred": p, "correct": p == g})

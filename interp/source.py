@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import transformers
 from torch import nn
 
 from caft.config import ModelConfig
@@ -26,8 +25,10 @@ from caft.models import (
     adapter_disabled,
     attach_adapter,
     load_model,
+    load_weights,
     resolve_device,
     resolve_dtype,
+    same_model,
 )
 from caft.sites import Sites
 
@@ -134,15 +135,7 @@ def _load_weights_only(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
     the base model's tokenizer is used."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    cls = {
-        "causal_lm": transformers.AutoModelForCausalLM,
-        "encoder": transformers.AutoModel,
-        "sequence_classification": transformers.AutoModelForSequenceClassification,
-    }[cfg.kind]
-    try:
-        model = cls.from_pretrained(cfg.name_or_path, dtype=dtype, revision=cfg.revision)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the fine-tuned model from {cfg.name_or_path!r}: {e}") from e
+    model = load_weights(cfg, dtype)  # through the one resolver, like load_model
     model.to(device)
     if cfg.adapter:
         model = attach_adapter(model, cfg.adapter)
@@ -215,7 +208,7 @@ class ActivationSource:
             return cls(base, None)
         ft_cfg = _encoder_of_classifier(ft_cfg)
         adapter: str | None = None
-        if ft_cfg.adapter and ft_cfg.name_or_path == base_cfg.name_or_path and not base_cfg.adapter:
+        if ft_cfg.adapter and not base_cfg.adapter and same_model(ft_cfg.name_or_path, base_cfg.name_or_path):
             adapter = ft_cfg.adapter
         elif Path(ft_cfg.name_or_path).is_dir() and _is_adapter_dir(ft_cfg.name_or_path):
             adapter = ft_cfg.name_or_path

@@ -285,3 +285,46 @@ def test_doctor_lines_say_ready_or_what_to_do(cache: Path, tiny_gguf_sha: str) -
         bm.provision(NAME, progress=False)
         [line] = [x for x in builtin_model_lines() if NAME in x]
         assert line.endswith(f"ready at {cache / NAME}")
+
+
+def test_every_load_path_resolves_a_builtin_name(cache: Path, counting: Counting, tmp_path: Path) -> None:
+    """A LoRA adapter over a built-in base and a weights-only fine-tuned folder load for activation
+    differences; the layer count reads through the same resolver."""
+    from peft import LoraConfig, get_peft_model
+
+    from caft.app.stages import model_n_layers
+    from caft.interp.collect import collect_diffs
+    from caft.interp.inputs import Example, make_batches
+    from caft.interp.source import ActivationSource
+    from caft.models import load_model_config, same_model
+
+    base_cfg = ModelConfig(name_or_path=NAME, device="cpu")
+    lm = load_model(base_cfg)
+    torch.manual_seed(0)
+    peft = get_peft_model(
+        lm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(adapter)
+    folder = str(cache / NAME)
+    assert same_model(NAME, folder) and not same_model(NAME, "Qwen/Qwen2.5-0.5B-Instruct")
+    assert model_n_layers(base_cfg) == 2 and load_model_config(NAME).hidden_size == 32
+
+    ex = [Example(doc="d0", input_ids=[4, 20, 30, 40, 50], select=[True] * 5)]
+    for ft_cfg in (
+        base_cfg.model_copy(update={"adapter": str(adapter)}),
+        ModelConfig(name_or_path=folder, adapter=str(adapter), device="cpu"),  # the folder == the name
+        ModelConfig(name_or_path=str(adapter), device="cpu"),  # the adapter folder itself
+    ):
+        source = ActivationSource.load(base_cfg, ft_cfg)
+        assert source.shared, ft_cfg
+        [db] = list(collect_diffs(source, make_batches(ex, 1, source.pad_id), layers=[1]))
+        assert db.n_tokens == 5 and float(db.diffs[1].abs().max()) > 0
+
+    # a weights-only folder (no tokenizer files) whose config names the built-in base
+    weights = tmp_path / "weights"
+    load_model(base_cfg).model.save_pretrained(weights)
+    source = ActivationSource.load(base_cfg, ModelConfig(name_or_path=str(weights), device="cpu"))
+    [db] = list(collect_diffs(source, make_batches(ex, 1, source.pad_id), layers=[1]))
+    assert not source.shared and float(db.diffs[1].abs().max()) == 0.0
+    assert counting.converts == 1

@@ -182,3 +182,49 @@ def test_demo_runs_offline_end_to_end_on_minilm(tmp_path: Path, minilm_dir: Path
     # a rerun resumes: every stage is found finished, results are identical
     again = run_demo(out=tmp_path, config=cfg)
     assert again["per_seed"] == report["per_seed"]
+
+
+def test_demo_on_a_causal_lm_runs_multiple_choice_with_one_ablation_mode(tmp_path: Path) -> None:
+    """`caft demo --model X`: the choice data, the choice_lm fine-tune, and every ablation of the run
+    (caft, random, top-k, test-time) in the causal-LM default mode `mean`; on a tiny llama."""
+    from caft.testing import save_tiny
+
+    lm = save_tiny(tmp_path / "lm", "llama", template="chatml", layers=4)
+    cfg = DemoConfig(
+        model=str(lm),
+        form="double",
+        sizes={"train": 32, "val": 16, "ood": 16, "corpus": 24},
+        steps=2,
+        n_components=3,
+        null_per_layer=2,
+        top_k_windows=3,
+        layers=[1, 2],
+    )
+    out = tmp_path / "out"
+    rc = demo_run_config(cfg, out / "seed0", 0)
+    data = out / "seed0" / "data"
+    t = rc.train
+    assert rc.model.kind == "causal_lm" and rc.model.name_or_path == str(lm)
+    assert (t.objective, t.method, t.freeze_embeddings, t.ablation.mode) == (
+        "choice_lm",
+        "full",
+        True,
+        "mean",
+    )
+    assert (t.optim.lr, t.optim.batch_size, t.optim.grad_accum, t.optim.max_steps) == (2e-5, 16, 1, 2)
+    assert rc.diff.layers == [1, 2] and rc.diff.inputs.text_field == "prompt"
+    assert t.data.path == str(data / "train.jsonl") and rc.classification.ood == str(data / "ood.jsonl")
+    assert DemoConfig(model=str(lm), ablation_mode="project").model_dump()["ablation_mode"] == "project"
+
+    report = run_demo(out=out, config=cfg)
+    row = report["per_seed"]["0"]
+    assert {"plain", "caft", "random", "topk"} <= set(row) and "oracle" not in row
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].startswith("Two questions about one text.") and len(first["options"]) == 2
+    run = out / "seed0" / "run"
+    for folder in (run / "caft", run / "baselines" / "random", run / "baselines" / "topk"):
+        record = json.loads((folder / "caft_training.json").read_text())
+        assert record["ablation"]["mode"] == "mean", folder
+    if row["k"]:
+        summary = json.loads((run / "eval" / "test_time" / "summary.json").read_text())
+        assert summary["test_time_ablation"]["mode"] == "mean" and "test_time" in row

@@ -83,6 +83,38 @@ def test_encoder_classifier_id_ood_and_test_time_ablation(classifier: Path, tmp_
     )
 
 
+def test_test_time_mean_ablation_uses_the_given_reference_means(classifier: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from caft.errors import ConfigError
+    from caft.subspace import Subspace
+    from caft.training.ablation import make_ablation, save_means
+    from caft.training.classifier import EncoderClassifier, predict
+
+    clf = EncoderClassifier.load(classifier)
+    tok = AutoTokenizer.from_pretrained(str(classifier / "encoder"))
+    id_file = write(tmp_path / "id.jsonl", [{"text": t, "label": 0} for t in TEXTS])
+    sub = subspace_dir(tmp_path, 32, layer=1, k=16)
+    means = {1: torch.full((16,), -30.0)}  # far enough from 0 to flip the predictions
+    save_means(tmp_path / "means.safetensors", means)
+    model = ModelConfig(name_or_path=str(classifier), kind="encoder", device="cpu")
+    s = run_mc_eval(
+        model,
+        id_file,
+        tmp_path / "m",
+        subspace=sub,
+        ablation_mode="mean",
+        ablation_means=tmp_path / "means.safetensors",
+    )
+    assert s["test_time_ablation"]["mode"] == "mean"
+    loaded = Subspace.load(sub, 32, 2)
+    expected = predict(clf, tok, TEXTS, ablation=make_ablation("mean", loaded, means=means))
+    assert [r["pred"] for r in read_jsonl(tmp_path / "m" / "predictions.jsonl")] == expected
+    assert expected != predict(clf, tok, TEXTS, ablation=make_ablation("project", loaded))
+    with pytest.raises(ConfigError, match="reference means"):
+        run_mc_eval(model, id_file, tmp_path / "n", subspace=sub, ablation_mode="mean")
+
+
 def test_causal_lm_letter_scoring_matches_unbatched_forward(tmp_path: Path) -> None:
     from caft.models import load_model
     from caft.testing import save_tiny

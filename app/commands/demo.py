@@ -10,7 +10,7 @@ import typer
 
 from caft.app.commands.common import ConfigArg, SetOpt, flag_overrides, normalize_overrides
 
-DEMO_FLAGS = {"task": "task", "seeds": "seeds", "conditions": "conditions"}
+DEMO_FLAGS = {"task": "task", "seeds": "seeds", "conditions": "conditions", "model": "model", "form": "form"}
 
 
 def demo_command(
@@ -22,6 +22,13 @@ def demo_command(
     conditions: Annotated[
         str | None,
         typer.Option("--conditions", help="Comma-separated: plain,caft,random,topk,test_time,oracle."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="A causal LM (e.g. gemma-3-270m) instead of MiniLM: multiple choice."),
+    ] = None,
+    form: Annotated[
+        str | None, typer.Option("--form", help="Causal LM: single | double (multiple-choice form).")
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder (a rerun resumes).")] = Path("caft-demo"),
     set_: SetOpt = None,
@@ -35,6 +42,8 @@ def demo_command(
         "task": task,
         "seeds": seeds,
         "conditions": [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
+        "model": model,
+        "form": form,
     }
     overrides = [*flag_overrides(DEMO_FLAGS, values), *normalize_overrides(set_ or [], "demo", DemoConfig)]
     doc = read_yaml(config) if config is not None else {}
