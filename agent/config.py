@@ -123,6 +123,16 @@ class OfflineJudgeConfig(CaftConfig):
     """Texts per embedding batch."""
 
 
+class CalibrationConfig(CaftConfig):
+    """LLM judges read the random control directions blind, like candidates; their scores set the threshold."""
+
+    enabled: bool = True
+    """With control dossiers (`controls_per_layer` > 0), raise the selection threshold to where at most
+    `alpha` of the controls reach it (the judge's own false-positive rate on random directions)."""
+    alpha: float = Field(default=0.05, ge=0, lt=1)
+    """The share of random controls allowed at or above the threshold."""
+
+
 class TriageConfig(CaftConfig):
     """The judge stage: dossiers + task description -> verdicts -> selection -> subspace."""
 
@@ -163,6 +173,12 @@ class TriageConfig(CaftConfig):
     """Optional cheap pre-filter in front of the LLM judge."""
     render: RenderLimits = Field(default_factory=RenderLimits)
     """How much of each dossier the judge sees."""
+    blind: bool = True
+    """LLM prompts show neither the candidate's id, kind, index nor its variance rank (only its layer; the
+    agent sees opaque ids, mapped back to the candidates in the verdicts). False shows them."""
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    """LLM judges: the threshold from the judge's scores of the random controls (the offline judge
+    calibrates its own scores, `offline.calibration`)."""
     budget: AgentBudget = Field(default_factory=AgentBudget)
     """Agent-mode budgets."""
     selection: SelectionPolicy = Field(default_factory=SelectionPolicy)

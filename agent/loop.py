@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 from caft.agent.config import TriageConfig
 from caft.agent.judges import JudgeRun, open_client, refused
-from caft.agent.render import open_clause, render_overview_entry, render_prompt, render_task
+from caft.agent.render import (
+    blind_aliases,
+    blind_dossier,
+    open_clause,
+    render_overview_entry,
+    render_prompt,
+    render_task,
+)
 from caft.agent.schema import VERDICTS_FILE, JudgeVerdict, TaskDescription, VerdictRecord
 from caft.agent.tools import TOOL_SPECS, AgentState, AgentTools, ToolError, tools_help
 from caft.env import scrub, scrub_obj
@@ -153,6 +160,15 @@ class AgentOutcome:
         }
 
 
+def _unblinded(steerer: Steerer, real: Mapping[str, str]) -> Steerer:
+    """The steerer called with the real candidate id behind an opaque one."""
+
+    def steer(cid: str, alpha: float, prompt: str) -> str:
+        return steerer(real.get(cid, cid), alpha, prompt)
+
+    return steer
+
+
 class AgentSession:
     """One agent run over `dossiers`, writing into `out_dir`."""
 
@@ -178,20 +194,30 @@ class AgentSession:
         self.turn = 0
         self.records: list[VerdictRecord] = []
         self._vw: JsonlWriter | None = None
+        # blind: the agent sees opaque ids; every verdict and pick is mapped back to the real id
+        ids = [d.candidate.id for d in self.dossiers]
+        self.shown = blind_aliases(ids, cfg.seed) if cfg.blind else {i: i for i in ids}
+        self.real = {v: k for k, v in self.shown.items()}
+        views = {
+            self.shown[d.candidate.id]: blind_dossier(d, self.shown[d.candidate.id]) if cfg.blind else d
+            for d in self.dossiers
+        }
+        live = _unblinded(steerer, self.real) if steerer is not None else None
         self.tools = AgentTools(
-            {d.candidate.id: d for d in self.dossiers},
+            views,
             cfg.render,
             self._persist_verdict,
-            directions=directions,
-            steerer=steerer,
+            directions={self.shown[k]: v for k, v in (directions or {}).items() if k in self.shown},
+            steerer=live,
             max_live=b.max_live,
             state=AgentState(),
+            blind=cfg.blind,
         )
 
     # ---- persistence --------------------------------------------------------------------------------------
     def _persist_verdict(self, cid: str, verdict: JudgeVerdict) -> None:
         rec = VerdictRecord(
-            candidate=cid,
+            candidate=self.real.get(cid, cid),
             judge=self.client.model_id,
             method="agent",
             verdict=verdict,
@@ -231,11 +257,17 @@ class AgentSession:
 
     def overview(self, previous: Mapping[str, VerdictRecord]) -> str:
         lim = self.cfg.render
-        shown = sorted(
-            self.dossiers,
-            key=lambda d: (min(d.candidate.ranks.values(), default=d.candidate.index), d.candidate.id),
-        )
-        entries = [render_overview_entry(d, 2, 6) for d in shown[: lim.overview_candidates]]
+        views = list(self.tools.dossiers.values())
+        if self.cfg.blind:  # opaque ids in their (seeded random) order
+            shown = sorted(views, key=lambda d: d.candidate.id)
+        else:
+            shown = sorted(
+                views,
+                key=lambda d: (min(d.candidate.ranks.values(), default=d.candidate.index), d.candidate.id),
+            )
+        entries = [
+            render_overview_entry(d, 2, 6, blind=self.cfg.blind) for d in shown[: lim.overview_candidates]
+        ]
         rest = [d.candidate.id for d in shown[lim.overview_candidates :]]
         if rest:
             entries.append(f"Further candidates (use the tools to inspect them): {', '.join(rest)}")
@@ -243,7 +275,7 @@ class AgentSession:
         if previous:
             already = (
                 " Verdicts from an earlier session are already recorded for: "
-                + ", ".join(sorted(previous))
+                + ", ".join(sorted(self.shown.get(c, c) for c in previous))
                 + " (record again only to change one)."
             )
         return render_prompt(
@@ -258,8 +290,8 @@ class AgentSession:
     async def run(self) -> AgentOutcome:
         previous = self._previous_verdicts()
         for cid, rec in previous.items():
-            if rec.verdict is not None and cid in self.tools.dossiers:
-                self.tools.state.verdicts[cid] = rec.verdict
+            if rec.verdict is not None and self.shown.get(cid) in self.tools.dossiers:
+                self.tools.state.verdicts[self.shown[cid]] = rec.verdict
         messages = [
             Message(role="system", content=self.system_prompt()),
             Message(role="user", content=self.overview(previous)),
@@ -358,8 +390,8 @@ class AgentSession:
             outcome = AgentOutcome(
                 finished=self.tools.state.finished,
                 stopped=None if self.tools.state.finished else stopped,
-                chosen=self.tools.state.chosen,
-                verdicts=dict(self.tools.state.verdicts),
+                chosen=[self.real.get(c, c) for c in self.tools.state.chosen],
+                verdicts={self.real.get(k, k): v for k, v in self.tools.state.verdicts.items()},
                 usage=self.budget.as_dict(),
                 records=list(self.records),
                 live_used=self.tools.state.live_used,
@@ -404,7 +436,8 @@ class AgentSession:
 class AgentJudge:
     """The `agent` judge of the triage stage (the `Judge` contract): one tool-using session over all
     candidates. It is complete when the agent called `finish`; its finish list limits the selection (see
-    `SelectionPolicy.require_chosen`). Control dossiers are not shown to the agent."""
+    `SelectionPolicy.require_chosen`). Blind (the default), the control dossiers are mixed in under opaque
+    ids like the candidates (for the threshold's calibration); they are never selected."""
 
     def __init__(
         self,
@@ -429,13 +462,16 @@ class AgentJudge:
         controls: Sequence[Dossier] = (),
         directions: Mapping[str, torch.Tensor] | None = None,
     ) -> JudgeRun:
-        if controls:
-            log.warning("the agent judge does not look at the %d control dossiers", len(controls))
+        shown = list(dossiers)
+        if controls and self.cfg.blind:  # mixed in under opaque ids: the agent cannot tell them apart
+            shown += list(controls)
+        elif controls:
+            log.warning("the agent judge reads the %d control dossiers only when blind", len(controls))
         client = open_client(self.cfg, out_dir, self.provider)
         self.name = client.model_id
         async with client:
             session = AgentSession(
-                client, task, dossiers, self.cfg, out_dir, directions=directions, steerer=self.steerer
+                client, task, shown, self.cfg, out_dir, directions=directions, steerer=self.steerer
             )
             try:
                 outcome = await session.run()

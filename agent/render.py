@@ -11,6 +11,7 @@ and refuses a template whose placeholders are not all given, so a typo cannot sh
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
@@ -20,6 +21,7 @@ from caft.agent.config import RenderLimits
 from caft.agent.schema import TaskDescription
 from caft.errors import ConfigError
 from caft.interp.schema import Dossier, Generation, Window
+from caft.interp.windows import window_words
 from caft.untrusted import (
     DATA_CLOSE,
     DATA_OPEN,
@@ -120,20 +122,24 @@ def render_system_single(task: TaskDescription, override_dir: str | Path | None 
 
 # ---- dossier -----------------------------------------------------------------------------------------------
 def render_window(w: Window, highlight_min: int) -> str:
-    """Window text with strong tokens marked ⟦token|v⟧ (v = 0-10 scale)."""
+    """Window text as words separated by spaces (the tokenizer's own decode, `caft.interp.windows`), strong
+    words marked ⟦word|v⟧ (v = the word's strongest token on the 0-10 scale)."""
     parts: list[str] = []
-    for tok, s in zip(w.tokens, w.scaled, strict=False):
-        clean = escape_untrusted(tok)
-        if s >= highlight_min and clean.strip():
-            parts.append(f"{HIGHLIGHT_OPEN}{clean}|{s}{HIGHLIGHT_CLOSE}")
+    for word in window_words(w):
+        clean = escape_untrusted(word.text)
+        if word.scaled >= highlight_min and clean.strip():
+            parts.append(f"{HIGHLIGHT_OPEN}{clean}|{word.scaled}{HIGHLIGHT_CLOSE}")
         else:
             parts.append(clean)
-    return "".join(parts).replace("\n", "⏎")
+    return " ".join(parts).replace("\n", "⏎")
 
 
-def window_block(w: Window, limits: RenderLimits) -> str:
-    info = f"peak {w.value:+.3g}, doc {safe_id(w.doc)[:40]}"
-    # render_window already escaped each token; only the block is added here
+def window_block(w: Window, limits: RenderLimits, blind: bool = False) -> str:
+    """One window as a data block; `blind` leaves out the raw peak value (its scale differs between kinds of
+    candidates, e.g. principal components and random directions)."""
+    doc = f"doc {safe_id(w.doc)[:40]}"
+    info = doc if blind else f"peak {w.value:+.3g}, {doc}"
+    # render_window already escaped each word; only the block is added here
     body = render_window(w, limits.highlight_min)
     return f"{data_open(w.id, info)}\n{body}\n{DATA_CLOSE}"
 
@@ -161,22 +167,27 @@ def pick_generations(gens: Sequence[Generation], n: int) -> list[Generation]:
     return sorted(chosen, key=lambda g: (_prompt_key(g)[0], priority(g)))
 
 
-def render_dossier(d: Dossier, limits: RenderLimits | None = None) -> str:
-    """The user-message body for one candidate: header, then every evidence item with its id."""
+def render_dossier(d: Dossier, limits: RenderLimits | None = None, *, blind: bool = False) -> str:
+    """The user-message body for one candidate: header, then every evidence item with its id. `blind` (the
+    triage default) shows neither the candidate's id, kind, index nor its rankings and scores: only its
+    layer, so that a judge reads the evidence and not the variance rank (and random controls look alike)."""
     lim = limits or RenderLimits()
     c = d.candidate
-    out: list[str] = [f"Candidate {safe_id(c.id)} (kind {c.kind}, layer {c.layer}, index {c.index})"]
-    if c.ranks or c.scores:
+    if blind:
+        out: list[str] = [f"Candidate direction at layer {c.layer}"]
+    else:
+        out = [f"Candidate {safe_id(c.id)} (kind {c.kind}, layer {c.layer}, index {c.index})"]
+    if (c.ranks or c.scores) and not blind:
         ranks = ", ".join(f"{k} #{v + 1}" for k, v in sorted(c.ranks.items()))
         scores = ", ".join(f"{k}={v:.3g}" for k, v in sorted(c.scores.items()))
         out.append("Rankings: " + "; ".join(s for s in (ranks, scores) if s))
     out.append("")
     if d.max_examples:
         out.append("## Top-activating windows")
-        out += [window_block(w, lim) for w in d.max_examples[: lim.max_examples]]
+        out += [window_block(w, lim, blind) for w in d.max_examples[: lim.max_examples]]
     if d.min_examples and lim.min_examples > 0:
         out.append("## Most negative windows")
-        out += [window_block(w, lim) for w in d.min_examples[: lim.min_examples]]
+        out += [window_block(w, lim, blind) for w in d.min_examples[: lim.min_examples]]
     if d.diff is not None:
         df = d.diff
         out.append(
@@ -230,11 +241,15 @@ def _prompt_key(g: Generation) -> tuple[str, str, float]:
     return (idx.zfill(6), g.model, abs(g.alpha) + (0.5 if g.alpha < 0 else 0.0))
 
 
-def render_overview_entry(d: Dossier, n_examples: int, n_tokens: int) -> str:
-    """A compact few-line summary of one candidate for the agent's overview."""
+def render_overview_entry(d: Dossier, n_examples: int, n_tokens: int, *, blind: bool = False) -> str:
+    """A compact few-line summary of one candidate for the agent's overview; `blind`: only the (opaque) id
+    and the layer in the header."""
     c = d.candidate
-    ranks = ", ".join(f"{k} #{v + 1}" for k, v in sorted(c.ranks.items())) or "no ranks"
-    lines = [f"### {safe_id(c.id)} (kind {c.kind}, layer {c.layer}; {ranks})"]
+    if blind:
+        lines = [f"### {safe_id(c.id)} (layer {c.layer})"]
+    else:
+        ranks = ", ".join(f"{k} #{v + 1}" for k, v in sorted(c.ranks.items())) or "no ranks"
+        lines = [f"### {safe_id(c.id)} (kind {c.kind}, layer {c.layer}; {ranks})"]
     body: list[str] = []
     for w in d.max_examples[:n_examples]:
         body.append(f"{w.id}: " + render_window(w, 5)[:160])
@@ -244,3 +259,29 @@ def render_overview_entry(d: Dossier, n_examples: int, n_tokens: int) -> str:
     if body:  # each piece is escaped already (re-escaping would undo the highlight marks)
         lines.append(f"{DATA_OPEN.format(id=safe_id(c.id))}\n" + "\n".join(body) + f"\n{DATA_CLOSE}")
     return "\n".join(lines)
+
+
+def blind_aliases(ids: Iterable[str], seed: int = 0) -> dict[str, str]:
+    """Candidate id -> an opaque id (`d01`, `d02`, ...) in a seeded random order, so that neither the id's
+    kind nor its index nor the listing order gives the candidate away."""
+    real = sorted(set(ids))
+    order = list(range(len(real)))
+    random.Random(seed).shuffle(order)
+    width = max(2, len(str(len(real))))
+    return {real[i]: f"d{n + 1:0{width}d}" for n, i in enumerate(order)}
+
+
+def blind_dossier(d: Dossier, alias: str) -> Dossier:
+    """A copy of `d` under an opaque id, without kind, index, source, rankings or scores (evidence kept)."""
+    c = d.candidate.model_copy(
+        update={
+            "id": alias,
+            "kind": "vector",
+            "index": 0,
+            "source": "",
+            "ranks": {},
+            "scores": {},
+            "sae": None,
+        }
+    )
+    return d.model_copy(update={"candidate": c, "provenance": {}})

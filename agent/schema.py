@@ -103,3 +103,6 @@ class Selection(BaseModel):
     """Path of the directions file the columns come from (used by `caft triage apply`)."""
     model: str | None = None
     """The model id the directions belong to (recorded in the subspace)."""
+    calibration: dict[str, Any] | None = None
+    """LLM judges with random controls: the threshold set from the controls' scores (`alpha`, the calibrated
+    and the policy threshold, the one used, the controls' false-positive rate at it, their scores)."""

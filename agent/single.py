@@ -88,7 +88,8 @@ def build_messages(
 ) -> list[Message]:
     """The exact messages a single-shot judge receives for one dossier."""
     sys_text = system if system is not None else render_system_single(task, cfg.prompts_dir)
-    user = render_prompt("user_single", cfg.prompts_dir, dossier=render_dossier(dossier, cfg.render))
+    body = render_dossier(dossier, cfg.render, blind=cfg.blind)
+    user = render_prompt("user_single", cfg.prompts_dir, dossier=body)
     return [Message(role="system", content=sys_text), Message(role="user", content=user)]
 
 

@@ -161,8 +161,10 @@ class AgentTools:
         steerer: Steerer | None = None,
         max_live: int = 0,
         state: AgentState | None = None,
+        blind: bool = False,
     ) -> None:
         self.dossiers = dict(dossiers)
+        self.blind = blind
         self.limits = limits
         self.on_verdict = on_verdict
         self.directions = directions or {}
@@ -200,7 +202,7 @@ class AgentTools:
         if not shown:
             return f"{candidate}: no {sign} windows from index {start} (it has {len(pool)})"
         head = f"{candidate}: {sign} windows {start}..{start + len(shown) - 1} of {len(pool)}"
-        return head + "\n" + "\n".join(window_block(w, self.limits) for w in shown)
+        return head + "\n" + "\n".join(window_block(w, self.limits, self.blind) for w in shown)
 
     def tool_get_diff(self, candidate: str) -> str:
         df = self._dossier(candidate).diff

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caft.agent.config import TriageConfig
-from caft.agent.judges import Judge, make_judge
+from caft.agent.config import OFFLINE_KIND, SelectionPolicy, TriageConfig
+from caft.agent.judges import Judge, calibrate, make_judge
 from caft.agent.review import INFO_FILE
 from caft.agent.schema import SELECTION_FILE, VERDICTS_FILE, Selection, VerdictRecord
 from caft.agent.selection import (
@@ -158,12 +158,18 @@ async def run_triage_async(
     summary |= run.summary
     records = load_verdicts(out / VERDICTS_FILE) if (out / VERDICTS_FILE).is_file() else []
     control_ids = {d.candidate.id for d in controls}
+    policy, calibration = cfg.selection, None
+    if controls and cfg.kind != OFFLINE_KIND and cfg.calibration.enabled:
+        policy, calibration = calibrate(records, control_ids, cfg.selection, cfg.calibration.alpha)
+        summary["calibration"] = calibration
+        log.info("threshold from %d random controls: %s", len(controls), calibration.get("threshold"))
     if controls:
         summary["controls"] = _control_summary(
-            [r for r in records if r.candidate in control_ids], cfg, controls
+            [r for r in records if r.candidate in control_ids], policy, controls
         )
     records = [r for r in records if r.candidate not in control_ids]
-    selection = select(records, [d.candidate for d in dossiers], cfg.selection, chosen=run.chosen)
+    selection = select(records, [d.candidate for d in dossiers], policy, chosen=run.chosen)
+    selection.calibration = calibration
     selection.directions = str(dpaths[0]) if len(dpaths) == 1 else None
     selection.model = _model_id(dossiers)
     sub: Subspace | None = None
@@ -213,10 +219,11 @@ def _direction_paths(ev: Path, given: PathArg | list[PathArg] | None) -> list[Pa
 
 
 def _control_summary(
-    records: list[VerdictRecord], cfg: TriageConfig, controls: list[Dossier]
+    records: list[VerdictRecord], policy: SelectionPolicy, controls: list[Dossier]
 ) -> dict[str, Any]:
-    """How the judge read the random directions: a judge that calls them undesired is not to be trusted."""
-    thr = cfg.selection.threshold
+    """How the judge read the random directions (at the threshold used): a judge that calls them undesired
+    is not to be trusted."""
+    thr = policy.threshold
     undesired = {
         r.candidate
         for r in records

@@ -219,8 +219,11 @@ class EvidenceConfig(CaftConfig):
     """Truncate corpus documents to this many tokens."""
     top_k: int = Field(default=20, gt=0)
     """Max and min windows kept per candidate."""
-    window: int = Field(default=16, ge=3)
-    """Tokens per window."""
+    window: int = Field(default=24, ge=3)
+    """Tokens per window, the peak in the middle (windows end at the document's bounds)."""
+    dedupe: bool = True
+    """Drop near-duplicate windows (the same document around the same position, or word sets overlapping by
+    more than 0.8 Jaccard): twice `top_k` are gathered and the first `top_k` distinct ones kept."""
     skip_first: int = Field(default=1, ge=0)
     """Positions at the start of each document that never count as a peak (nor towards the typical residual
     norm): the first token's residual is often an outlier (an attention sink). Special tokens never count."""

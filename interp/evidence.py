@@ -56,6 +56,7 @@ from caft.interp.schema import (
 from caft.interp.source import ActivationSource, model_label, resolve_models
 from caft.interp.steering import Steerer, llm_coherence
 from caft.interp.topk import Hit
+from caft.interp.windows import Detokenizer, dedupe_windows
 from caft.rundir import CANDIDATES_FILE, DOSSIER_DIR, RunDir
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,23 @@ log = logging.getLogger(__name__)
 
 
 def make_windows(
-    hits: list[Hit], sign: str, corpus: list[Example], corpus_docs: list[str], tokenizer: Any, scale: float
+    hits: list[Hit],
+    sign: str,
+    corpus: list[Example],
+    corpus_docs: list[str],
+    tokenizer: Any,
+    scale: float,
+    detok: Detokenizer | None = None,
 ) -> list[Window]:
+    """One `Window` per hit, with each token's string and its decoded piece (`caft.interp.windows`)."""
     out: list[Window] = []
     s = 1.0 if sign == "max" else -1.0
+    dt = detok or Detokenizer(tokenizer)
     for rank, hit in enumerate(hits):
         ids = corpus[hit.doc].input_ids
         toks: list[str] = []
         vals: list[float] = []
+        pieces: list[str] = []
         peak = 0
         for j, v in enumerate(hit.values):
             p = hit.start + j
@@ -81,6 +91,7 @@ def make_windows(
             if p == hit.pos:
                 peak = len(toks)
             toks.append(token_text(tokenizer, ids[p]))
+            pieces.append(dt.piece(int(ids[p - 1]) if p > 0 else None, int(ids[p])))
             vals.append(round(v, 5))
         scaled = [min(10, max(0, round(10 * s * v / scale))) if scale > 0 else 0 for v in vals]
         out.append(
@@ -94,6 +105,7 @@ def make_windows(
                 peak=peak,
                 value=round(hit.value, 5),
                 position=hit.pos,
+                pieces=pieces,
             )
         )
     return out
@@ -187,6 +199,14 @@ class _Assembler:
         self.cres, self.dres, self.get_batch = cres, dres, get_batch
         self.coherence = coherence
         self.steerer: Steerer | None = None
+        self.detok = Detokenizer(source.tokenizer)
+
+    def windows(self, hits: list[Hit], sign: str, scale: float) -> list[Window]:
+        """The candidate's windows of one sign: near-duplicates dropped (`cfg.dedupe`), `cfg.top_k` kept."""
+        ws = make_windows(hits, sign, self.corpus, self.corpus_docs, self.source.tokenizer, scale, self.detok)
+        if not self.cfg.dedupe:
+            return ws[: self.cfg.top_k]
+        return dedupe_windows(ws, self.cfg.top_k, span=self.cfg.window // 2)
 
     def dossier(self, g: LayerGroup, col: int, c: Candidate, digest: str) -> Dossier:
         cres, tok = self.cres, self.source.tokenizer
@@ -211,8 +231,8 @@ class _Assembler:
                 "residual_norm": cres.residual_norm(g.layer),
                 "direction_digest": digest,
             },
-            max_examples=make_windows(maxh, "max", self.corpus, self.corpus_docs, tok, scale),
-            min_examples=make_windows(minh, "min", self.corpus, self.corpus_docs, tok, scale),
+            max_examples=self.windows(maxh, "max", scale),
+            min_examples=self.windows(minh, "min", scale),
         )
         if self.dres is not None:
             mean_p, share, n = self.dres.summary_numbers(g.layer, col)

@@ -138,18 +138,25 @@ def corpus_pass(
     state_path: Path | None,
 ) -> CorpusResult:
     """Max/min windows per candidate and residual norms per layer over the corpus (base model)."""
-    before = (cfg.window * 3) // 4
+    before = (cfg.window - 1) // 2  # the peak centred: as much context after it as before
     after = cfg.window - before - 1
+    k = gathered_k(cfg)
     dev = source.device
     res = CorpusResult(
-        {g.layer: StreamingTopK(g.n, cfg.top_k, before, after, 1, dev) for g in groups},
-        {g.layer: StreamingTopK(g.n, cfg.top_k, before, after, -1, dev) for g in groups},
+        {g.layer: StreamingTopK(g.n, k, before, after, 1, dev) for g in groups},
+        {g.layer: StreamingTopK(g.n, k, before, after, -1, dev) for g in groups},
         {g.layer: 0.0 for g in groups},
         {g.layer: 0 for g in groups},
     )
     layers = [g.layer for g in groups]
     start = 0
-    key = {"layers": layers, "n_batches": len(batches), "ids": _group_ids(groups)}
+    key = {
+        "layers": layers,
+        "n_batches": len(batches),
+        "ids": _group_ids(groups),
+        "k": k,
+        "window": [before, after],
+    }
     saved = load_state(state_path) if state_path is not None else None
     if saved is not None and saved.get("key") == key:
         for g in groups:
@@ -200,6 +207,11 @@ def corpus_pass(
     bar.close()
     checkpoint(len(batches))
     return res
+
+
+def gathered_k(cfg: EvidenceConfig) -> int:
+    """Windows gathered per candidate and sign: twice `top_k` when near-duplicates are dropped afterwards."""
+    return cfg.top_k * 2 if cfg.dedupe else cfg.top_k
 
 
 def _group_ids(groups: list[LayerGroup]) -> list[str]:

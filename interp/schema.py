@@ -88,6 +88,9 @@ class Window(BaseModel):
     """The value at the peak."""
     position: int | None = None
     """Position of the peak token in the document."""
+    pieces: list[str] | None = None
+    """The text each token adds to the decoded window (the tokenizer's own decode; a leading space where a
+    word starts); None in dossiers written before it was recorded (`caft.interp.windows` then guesses)."""
 
 
 class TokenScore(BaseModel):

@@ -98,6 +98,8 @@ def test_agent_mode_through_the_cli(tmp_path: Path) -> None:
                 fake.openai_base_url,
                 "--set",
                 "selection.require_chosen=true",
+                "--set",
+                "blind=false",  # the scripted tool calls name the real candidate id
             ],
         )
     assert res.exit_code == 0, res.output
@@ -216,6 +218,8 @@ def test_fatal_judge_error_is_a_clean_message_and_keeps_verdicts(tmp_path: Path)
         "openai-compatible/j",
         "--set",
         "judge.max_concurrency=1",
+        "--set",
+        "blind=false",  # the fault rule matches the candidate id in the prompt
     ]
     with FakeLLM() as fake:
         fake.on_request(_judge_reply)

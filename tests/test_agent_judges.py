@@ -14,6 +14,7 @@ from caft.agent.config import OfflineJudgeConfig, TriageConfig
 from caft.agent.judges import JudgeRun, make_judge
 from caft.agent.loop import AgentJudge
 from caft.agent.offline import OfflineEmbeddingJudge
+from caft.agent.render import blind_aliases
 from caft.agent.schema import TaskDescription, VerdictRecord
 from caft.agent.single import SingleLLMJudge
 from caft.agent.triage import run_triage
@@ -68,7 +69,18 @@ def test_an_llm_judge_judges_the_controls_but_never_selects_them(tmp_path: Path)
     ev = write_evidence(tmp_path, [d for d, _ in pairs])
     controls = _controls(tmp_path)
     provider = MockProvider("j", _says_everything_is_evil)
-    res = run_triage(_cfg(controls_per_layer=3), ev, controls_dir=controls, n_layers=4, provider=provider)
+    # calibrated (the default), the threshold rises above the controls' 0.9: nothing is selected
+    calibrated = run_triage(
+        _cfg(controls_per_layer=3), ev, tmp_path / "cal", controls_dir=controls, n_layers=4, provider=provider
+    )
+    assert calibrated.selection.selected == [] and calibrated.summary["calibration"]["threshold"] > 0.9
+    res = run_triage(
+        _cfg(controls_per_layer=3, calibration={"enabled": False}),
+        ev,
+        controls_dir=controls,
+        n_layers=4,
+        provider=provider,
+    )
     judged = {json.loads(x)["candidate"] for x in (res.out_dir / "verdicts.jsonl").read_text().splitlines()}
     assert {f"vec:L1:null{i}" for i in range(3)} <= judged
     picked = {c.candidate for c in res.selection.selected}
@@ -124,7 +136,10 @@ def test_run_triage_runs_any_judge_of_the_contract(tmp_path: Path) -> None:
     pairs = concept_set(2)
     ev = write_evidence(tmp_path, [d for d, _ in pairs])
     judge = _ScriptedJudge()
-    res = run_triage(_cfg(), ev, controls_dir=_controls(tmp_path, 2), judge=judge)
+    # its controls read as evil 0.9; calibration would raise the threshold above every candidate
+    res = run_triage(
+        _cfg(calibration={"enabled": False}), ev, controls_dir=_controls(tmp_path, 2), judge=judge
+    )
     assert judge.seen_controls == ["vec:L1:null0", "vec:L1:null1"]
     evil = {d.candidate.id for d, c in pairs if c == "evil"}
     assert {c.candidate for c in res.selection.selected} == evil
@@ -158,14 +173,16 @@ def test_the_agents_finish_list_limits_the_selection_by_default(tmp_path: Path) 
     evil = [make_dossier(f"pc:L1:{i}", 1, "evil", index=i) for i in range(2)]
     ev = write_evidence(tmp_path, evil)
     a, b = (d.candidate.id for d in evil)
+    # blind by default: the agent names the opaque ids it was shown; verdicts and picks map back
+    shown = blind_aliases([a, b], seed=0)
 
     def call(name: str, i: int, **arguments: Any) -> dict[str, Any]:
         return {"id": f"c{i}", "name": name, "arguments": arguments}
 
     script = [
-        {"tool_calls": [call("record_verdict", 0, candidate=a, **verdict_for("evil").model_dump())]},
-        {"tool_calls": [call("record_verdict", 1, candidate=b, **verdict_for("evil").model_dump())]},
-        {"tool_calls": [call("finish", 2, selected=[b], notes="only the second")]},
+        {"tool_calls": [call("record_verdict", 0, candidate=shown[a], **verdict_for("evil").model_dump())]},
+        {"tool_calls": [call("record_verdict", 1, candidate=shown[b], **verdict_for("evil").model_dump())]},
+        {"tool_calls": [call("finish", 2, selected=[shown[b]], notes="only the second")]},
     ]
     res = run_triage(_cfg(kind="agent"), ev, provider=MockProvider("agent", list(script)))
     assert res.complete and [c.candidate for c in res.selection.selected] == [b]

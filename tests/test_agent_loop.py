@@ -33,7 +33,7 @@ def _verdict_args(cid: str, concept: str, **over: Any) -> dict[str, Any]:
 
 def _session(tmp_path: Path, provider: Any, budget: AgentBudget | None = None, **kw: Any) -> AgentSession:
     client = LLMClient(provider, max_concurrency=2, max_retries=0)
-    cfg = TriageConfig(kind="agent", budget=budget or AgentBudget())
+    cfg = TriageConfig(kind="agent", budget=budget or AgentBudget(), blind=False)
     return AgentSession(client, TASK, [d for d, _ in PAIRS], cfg, tmp_path, **kw)
 
 
@@ -82,7 +82,7 @@ def test_native_tools_full_session(tmp_path: Path) -> None:
 def test_overview_is_compact_and_delimited(tmp_path: Path) -> None:
     provider = MockProvider("agent", [{"tool_calls": [_call("finish", selected=[])]}])
     client = LLMClient(provider, max_retries=0)
-    session = AgentSession(client, TASK, injected_set(), TriageConfig(kind="agent"), tmp_path)
+    session = AgentSession(client, TASK, injected_set(), TriageConfig(kind="agent", blind=False), tmp_path)
     asyncio.run(session.run())
     overview = provider.calls[0][0][1].content
     assert "There are 4 candidate directions" in overview
@@ -139,7 +139,7 @@ def test_budget_stops_the_agent_and_keeps_partial_results(tmp_path: Path) -> Non
     client = LLMClient(
         p3, max_retries=0, prices={"mock/agent": Price(input_per_mtok=1e6, output_per_mtok=0.0)}
     )
-    cfg = TriageConfig(kind="agent", budget=AgentBudget(max_usd=5.0))
+    cfg = TriageConfig(kind="agent", budget=AgentBudget(max_usd=5.0), blind=False)
     out3 = asyncio.run(AgentSession(client, TASK, [d for d, _ in PAIRS], cfg, tmp_path / "usd").run())
     assert out3.stopped == "budget:usd" and len(p3.calls) == 1 and out3.usage["cost_usd"] > 5.0
 

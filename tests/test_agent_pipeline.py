@@ -46,7 +46,8 @@ def test_interp_evidence_to_subspace(tmp_path: Path) -> None:
     with FakeLLM() as fake:
         fake.on_request(judge)
         res = runner.invoke(app, ["triage", "--evidence", str(run / "evidence"), "--task", "emergent-misalignment",
-                                  "--judge", "openai-compatible/j", "--base-url", fake.openai_base_url])  # fmt: skip
+                                  "--judge", "openai-compatible/j", "--base-url", fake.openai_base_url,
+                                  "--set", "blind=false"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert f"{len(dossiers)} judged, 0 unscored" in res.output and "selected 1 directions" in res.output
     assert all(u.count("<<<DATA ") == u.count(DATA_CLOSE) > 0 for u in seen)

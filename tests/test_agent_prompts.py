@@ -145,7 +145,7 @@ def test_dossier_rendering_limits_and_ids() -> None:
     # windows, diff, lens, two prompts, two generations (the steered ones come first)
     assert text.count(DATA_CLOSE) == 3 + 1 + 1 + 1 + 2 + 2
     assert "<<<DATA steer:ft:+:0 | ft model, alpha +4" in text and "steer:ft:0:0" not in text
-    assert "⟦ destroy|10⟧" in text
+    assert "⟦destroy|10⟧" in text
     assert text.endswith(
         "Evidence ids you may cite: ex:max:0, ex:max:1, ex:max:2, ex:min:0, diff, lens, steer, steer:ft:+:0, steer:ft:+:1"
     )

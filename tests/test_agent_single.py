@@ -36,7 +36,8 @@ def sensible(messages: list[Message], config: GenerateConfig) -> Any:
 
 def _judge(tmp_path: Path, provider: MockProvider, **cfg: Any) -> SingleJudge:
     client = LLMClient(provider, max_concurrency=4, max_retries=0, stage="triage")
-    return SingleJudge(client, TASK, TriageConfig(**cfg), tmp_path)
+    # not blind: the scripted replies route on the candidate id in the prompt
+    return SingleJudge(client, TASK, TriageConfig(**({"blind": False} | cfg)), tmp_path)
 
 
 def test_verdicts_stream_with_exchanges(tmp_path: Path) -> None:

@@ -43,7 +43,10 @@ def test_build_dossiers_causal_lm(tmp_path: Path) -> None:
     d = dossiers[0]
     assert len(d.max_examples) == 4 and len(d.min_examples) == 4
     for w in d.max_examples + d.min_examples:
-        assert len(w.tokens) == len(w.values) == len(w.scaled) <= 16
+        assert len(w.tokens) == len(w.values) == len(w.scaled) <= cfg.window
+        assert w.pieces is not None and len(w.pieces) == len(w.tokens)
+        # pieces are the decoded text: their join is a substring of the decoded document
+        assert "".join(w.pieces).strip() in f"A plain sentence number {w.doc.split(':')[1]} about rivers."
         assert w.values[w.peak] == pytest.approx(w.value, abs=1e-4)
         assert all(0 <= s <= 10 for s in w.scaled)
         assert w.doc.startswith("corpus:")

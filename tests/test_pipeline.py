@@ -57,7 +57,7 @@ def write_config(tmp_path: Path, base_url: str) -> Path:
         },
         "diff": {"layers": [1], "n_components": 3},
         "evidence": {"top_k": 3, "steering": {"enabled": False}},
-        "triage": {"judge": judge},
+        "triage": {"judge": judge, "blind": False},  # the fake judge routes on the candidate id
         "eval": {
             "questions": str(tmp_path / "questions.yaml"),
             "sample": {"max_new_tokens": 8, "batch_size": 4},

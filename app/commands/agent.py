@@ -3,6 +3,7 @@
     caft triage --evidence RUN/evidence --task emergent-misalignment --judge openai/gpt-4.1 [--kind agent]
     caft triage review RUN            # writes RUN/triage/review.html
     caft triage apply selection.json  # builds the subspace from an (edited) selection
+    caft triage bench --data DATA --run RUN [--judge offline|PROVIDER/MODEL]  # score a judge on ground truth
 
 Heavy packages are imported inside the commands only.
 """
@@ -259,3 +260,80 @@ def apply(
         typer.echo(
             f"subspace: {sub.total_dims} dims from {len(sel.selected)} candidates at layers {sub.layers} -> {target}"
         )
+
+
+BENCH_FLAGS = {
+    "data": "data",
+    "run": "run",
+    "out": "out",
+    "results": "results",
+    "heldout": "heldout_per_layer",
+}
+
+
+@triage_app.command("bench")
+def bench(
+    data: Annotated[Path, typer.Option(help="Dataset folder in the spurious format (meta.json, val, ood).")],
+    run: Annotated[Path, typer.Option(help="Run folder with diff/, evidence/ and the triage controls.")],
+    judge: Annotated[
+        str | None,
+        typer.Option(help="offline (the embedding judge), or an LLM: openai/gpt-4.1, anthropic/<model>, ..."),
+    ] = None,
+    base_url: Annotated[str | None, typer.Option(help="Server URL for openai-compatible judges.")] = None,
+    replay: Annotated[
+        Path | None,
+        typer.Option(help="exchanges.jsonl of an earlier run: replay its replies through the mock provider."),
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="A demo seed folder (or its results.json): downstream OOD figures.")
+    ] = None,
+    heldout: Annotated[
+        int | None, typer.Option(help="Random directions per layer mixed in blind among the candidates.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/bench/<judge>).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="A bench config YAML (fields of caft.agent.bench.BenchConfig).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a field: --set triage.selection.threshold=0.8, --set r_cue=0.5"),
+    ] = None,
+) -> None:
+    """Score a judge against correlation ground truth: precision, recall, AUROC, false positives on random
+    directions mixed in blind; writes bench.json and bench.md."""
+    import json
+
+    from caft.agent.bench import BenchConfig, replay_provider, run_bench
+    from caft.app.commands.common import flag_overrides
+    from caft.config import apply_overrides, read_yaml, validate_config
+
+    try:
+        doc = read_yaml(config) if config is not None else {}
+        manifest = run / "manifest.json"
+        if "triage" not in doc and manifest.is_file():  # the judge as the run configured it
+            triage = json.loads(manifest.read_text(encoding="utf-8")).get("config", {}).get("triage")
+            if isinstance(triage, dict):
+                triage.pop("mode", None)  # older manifests wrote both names; kind is the one kept
+                doc["triage"] = triage
+        values = {"data": data, "run": run, "out": out, "results": results, "heldout": heldout}
+        extra = flag_overrides(BENCH_FLAGS, values)
+        if judge in ("offline", "offline-embedding"):
+            extra.append("triage.kind=offline-embedding")
+        elif judge is not None:
+            extra += ["triage.kind=single", f"triage.judge.model={judge}"]
+        if base_url is not None:
+            extra.append(f"triage.judge.base_url={base_url}")
+        if replay is not None and judge is None:
+            extra.append("triage.kind=single")
+        cfg = validate_config(
+            BenchConfig, apply_overrides(doc, [*extra, *(set_ or [])]), str(config or "flags")
+        )
+        provider = replay_provider(replay) if replay is not None else None
+        report = run_bench(cfg, provider=provider)
+    except CaftError as e:
+        _fail(e)
+        return
+    from caft.agent.bench import format_bench
+
+    typer.echo(format_bench(report))
+    typer.echo(f"bench.json, bench.md and directions.jsonl in {report['out']}")

@@ -1,0 +1,573 @@
+"""A judge benchmark with ground truth: how well a judge's verdicts find the directions that carry the cue.
+
+Inputs: a dataset folder in caft's spurious format (`docs/demo.md`: val / ood rows `{"text", "label", "cue"}`,
+`meta.json`) and a run folder that went through diff + evidence (+ the triage stage's random controls).
+
+1. The judge (any kind: `offline-embedding`, an LLM provider string, or the mock replaying recorded replies)
+   reads, blind, the run's candidates with `heldout_per_layer` random directions per layer mixed in among
+   them; the remaining random directions are its calibration controls. The real triage path runs
+   (`run_triage`: rendering, validation, calibration, selection). The judge sees dossiers and the task text
+   only; the labels are read after it has finished (and `_assert_label_free` checks its inputs).
+2. Ground truth, per direction: the Pearson correlation of its projection (the base model's residual output at
+   the direction's layer, mean-pooled over each row's tokens) with the cue and with the label, on the val and
+   OOD rows balanced so that each (label, cue) cell has the same count: there the two concepts vary
+   independently. "Truly undesired": |r_cue| >= `r_cue` (0.3) and |r_intended| < `r_intended` (0.2).
+3. Scores: the undesired score (mean undesired confidence over a direction's verdicts, 0 for other
+   relations) gives the AUROC; "flagged" (undesired at the threshold used, before the per-layer limits) and
+   "selected" (after them) give precision and recall on the candidates and the false-positive rate on the
+   held-out random directions. Top-k by variance with the same count per layer is the reference row.
+
+`bench.json` holds every number and the definition; `bench.md` the table; `directions.jsonl` one line per
+direction (correlations, score, verdict). A demo seed folder's `results.json` adds the downstream OOD figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from caft.agent.config import OFFLINE_KIND, TriageConfig
+from caft.agent.judges import control_score
+from caft.config import CaftConfig, ModelConfig
+from caft.errors import ConfigError, DataError
+from caft.interp.schema import (
+    CANDIDATES_FILE,
+    DIRECTIONS_FILE,
+    Dossier,
+    dossier_filename,
+    load_directions,
+    load_dossiers,
+)
+from caft.rundir import atomic_write_json, atomic_write_text, iter_jsonl
+
+if TYPE_CHECKING:
+    import torch
+
+    from caft.llm import Provider
+
+log = logging.getLogger(__name__)
+
+BENCH_FILE = "bench.json"
+TABLE_FILE = "bench.md"
+DIRECTIONS_TABLE = "directions.jsonl"
+# where a run keeps random control directions: the triage stage's folder, or the older demo layout
+CONTROL_DIRS = ("triage/controls", "controls")
+
+
+class BenchConfig(CaftConfig):
+    """`caft triage bench`: score a judge against correlation ground truth."""
+
+    data: str
+    """Dataset folder in the spurious format (meta.json, val / ood JSONL with `label` and `cue`)."""
+    run: str
+    """Run folder holding diff/ (candidates), evidence/ (dossiers) and the random controls' evidence."""
+    out: str | None = None
+    """Output folder (default: `<run>/bench/<judge kind>`)."""
+    triage: TriageConfig = Field(default_factory=TriageConfig)
+    """The judge and its selection policy (default: the run manifest's triage section)."""
+    model: ModelConfig | None = None
+    """The base model for the ground truth (default: the run manifest's `model`)."""
+    heldout_per_layer: int = Field(default=10, ge=0)
+    """Random directions per layer mixed in blind among the candidates (the rest calibrate the judge)."""
+    r_cue: float = Field(default=0.3, gt=0, le=1)
+    """Truly undesired: |r with the cue| at least this ..."""
+    r_intended: float = Field(default=0.2, gt=0, le=1)
+    """... and |r with the label| below this."""
+    seed: int = 0
+    """Seed of the held-out split and of the balancing."""
+    batch_size: int = Field(default=64, gt=0)
+    """Rows per forward pass for the ground truth."""
+    results: str | None = None
+    """A demo seed's `results.json` (or its folder): the downstream OOD figures for the table."""
+
+
+# ---- inputs ------------------------------------------------------------------------------------------------
+
+
+def is_random(d: Dossier) -> bool:
+    c = d.candidate
+    return c.source == "random" or ":null" in c.id
+
+
+def run_dossiers(run: Path) -> tuple[list[Dossier], list[Dossier]]:
+    """(candidates, random directions) of a run: every dossier of its evidence and controls' evidence."""
+    found: dict[str, Dossier] = {}
+    for folder in [run / "evidence", *(run / c / "evidence" for c in CONTROL_DIRS)]:
+        if (folder / "dossiers").is_dir():
+            for d in load_dossiers(folder):
+                found.setdefault(d.candidate.id, d)
+    if not found:
+        raise DataError(f"{run}: no dossiers in evidence/ (run the diff and evidence stages first)")
+    cands = [d for d in found.values() if not is_random(d)]
+    rand = [d for d in found.values() if is_random(d)]
+    if not rand:
+        raise DataError(
+            f"{run}: no random control dossiers (triage/controls/evidence); run the triage stage with "
+            "triage.controls_per_layer > 0 (the demo does) so the benchmark has random directions"
+        )
+    return cands, rand
+
+
+def run_directions(run: Path) -> dict[str, torch.Tensor]:
+    """Every direction of the run's candidate and control folders."""
+    files = [
+        p / DIRECTIONS_FILE
+        for p in [run / "diff", run / "sae", *(run / c for c in CONTROL_DIRS)]
+        if (p / CANDIDATES_FILE).is_file() and (p / DIRECTIONS_FILE).is_file()
+    ]
+    return load_directions(files)
+
+
+def split_random(rand: Sequence[Dossier], per_layer: int, seed: int) -> tuple[list[Dossier], list[Dossier]]:
+    """(held out: judged as candidates, calibration controls), `per_layer` held out at each layer."""
+    by_layer: dict[int, list[Dossier]] = defaultdict(list)
+    for d in sorted(rand, key=lambda x: x.candidate.id):
+        by_layer[d.candidate.layer].append(d)
+    rng = random.Random(seed)
+    held: list[Dossier] = []
+    calib: list[Dossier] = []
+    for layer in sorted(by_layer):
+        ds = by_layer[layer]
+        rng.shuffle(ds)
+        k = min(per_layer, len(ds) // 2)  # keep at least half for calibration
+        held += ds[:k]
+        calib += ds[k:]
+    return held, calib
+
+
+def _keys(obj: Any) -> set[str]:
+    if isinstance(obj, dict):
+        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+    if isinstance(obj, list):
+        return {k for v in obj for k in _keys(v)}
+    return set()
+
+
+def _assert_label_free(folder: Path) -> None:
+    """The judge's input files carry no `label` / `cue` field: selection never sees the ground truth."""
+    for f in folder.rglob("*.json"):
+        leaked = _keys(json.loads(f.read_text(encoding="utf-8"))) & {"cue", "label", "r_cue", "r_intended"}
+        assert not leaked, f"{f} holds ground-truth fields {sorted(leaked)}: the judge must not see them"
+
+
+def _write_inputs(root: Path, judged: Sequence[Dossier], controls: Sequence[Dossier]) -> tuple[Path, Path]:
+    ev, ctl = root / "evidence", root / "controls"
+    for folder, ds in ((ev, judged), (ctl, controls)):
+        (folder / "dossiers").mkdir(parents=True, exist_ok=True)
+        for old in (folder / "dossiers").glob("*.json"):
+            old.unlink()
+        for d in ds:
+            (folder / "dossiers" / dossier_filename(d.candidate.id)).write_text(
+                d.model_dump_json(), encoding="utf-8"
+            )
+    _assert_label_free(root)
+    return ev, ctl
+
+
+# ---- ground truth ------------------------------------------------------------------------------------------
+
+
+def labelled_rows(data: Path) -> list[dict[str, Any]]:
+    """The val and OOD rows of a spurious-format dataset folder (each with `text`, `label`, `cue`)."""
+    meta_path = data / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"{data}: no meta.json; expected a dataset folder in the spurious format (docs/demo.md)"
+        )
+    files = json.loads(meta_path.read_text(encoding="utf-8")).get("files", {})
+    rows: list[dict[str, Any]] = []
+    for split in ("val", "ood"):
+        path = data / files.get(split, f"{split}.jsonl")
+        if not path.is_file():
+            raise DataError(f"{data}: no {path.name} (the {split} split)")
+        for i, r in enumerate(iter_jsonl(path)):
+            if not isinstance(r, dict) or not {"text", "label", "cue"} <= set(r):
+                raise DataError(f"{path}:{i + 1}: expected a row with text, label and cue")
+            rows.append({"text": str(r["text"]), "label": int(r["label"]), "cue": int(r["cue"])})
+    return rows
+
+
+def balanced(rows: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The same number of rows in every (label, cue) cell: label and cue independent."""
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["label"], r["cue"])].append(r)
+    labels, cues = {k[0] for k in cells}, {k[1] for k in cells}
+    if len(labels) < 2 or len(cues) < 2 or len(cells) < len(labels) * len(cues):
+        raise DataError(
+            f"the val + ood rows fill only the (label, cue) cells {sorted(cells)}: every combination is "
+            "needed for a corpus where the two vary independently"
+        )
+    n = min(len(v) for v in cells.values())
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for k in sorted(cells):
+        out += rng.sample(cells[k], n)
+    return out
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else 0.0
+
+
+def correlations(
+    model: ModelConfig,
+    rows: Sequence[dict[str, Any]],
+    directions: dict[str, torch.Tensor],
+    layers: dict[str, int],
+    out: Path,
+    batch_size: int = 64,
+) -> dict[str, dict[str, float]]:
+    """Direction id -> {r_cue, r_intended}: Pearson r of the mean-pooled projection with cue and label."""
+    import torch
+
+    from caft.interp.inputs import make_batches, read_examples
+    from caft.interp.source import ActivationSource
+
+    path = out / "truth_rows.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    source = ActivationSource.load(model)
+    examples = read_examples(
+        path, source.tokenizer, prefix="truth", causal=source.is_causal_lm, tokens="all", max_length=256
+    )
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for cid, layer in layers.items():
+        by_layer[layer].append(cid)
+    mats = {
+        L: torch.stack([directions[c].float() / directions[c].float().norm() for c in ids], dim=1)
+        for L, ids in by_layer.items()
+    }  # (d, C) per layer
+    proj: dict[str, list[float]] = {c: [0.0] * len(rows) for c in layers}
+    with torch.no_grad():
+        for batch in make_batches(examples, batch_size, source.pad_id):
+            hidden = source.hidden("base", batch, sorted(mats))
+            m = batch.select.float().unsqueeze(-1)  # (B, T, 1)
+            rows_idx = [int(d.rsplit(":", 1)[1]) for d in batch.docs]
+            for L, mat in mats.items():
+                pooled = (hidden[L].float().cpu() * m).sum(1) / m.sum(1).clamp_min(1)  # (B, d)
+                p = pooled @ mat  # (B, C)
+                for col, cid in enumerate(by_layer[L]):
+                    for r, ri in enumerate(rows_idx):
+                        proj[cid][ri] = float(p[r, col])
+    cue = [float(r["cue"]) for r in rows]
+    label = [float(r["label"]) for r in rows]
+    return {
+        c: {"r_cue": round(_pearson(v, cue), 4), "r_intended": round(_pearson(v, label), 4)}
+        for c, v in proj.items()
+    }
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
+    """Probability that a positive outscores a negative (ties count half); None without both classes."""
+    pos = [s for s, p in zip(scores, positive, strict=True) if p]
+    neg = [s for s, p in zip(scores, positive, strict=True) if not p]
+    if not pos or not neg:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def _pr(picked: set[str], truth: set[str]) -> dict[str, float | int | None]:
+    hit = len(picked & truth)
+    return {
+        "n": len(picked),
+        "hits": hit,
+        "precision": hit / len(picked) if picked else None,
+        "recall": hit / len(truth) if truth else None,
+    }
+
+
+def _topk_ids(cands: Sequence[Dossier], counts: dict[int, int]) -> set[str]:
+    """The top PCs by variance (their first ranking, else index) with `counts` per layer."""
+    by_layer: dict[int, list[Dossier]] = defaultdict(list)
+    for d in cands:
+        by_layer[d.candidate.layer].append(d)
+    out: set[str] = set()
+    for layer, n in counts.items():
+        ranked = sorted(
+            by_layer.get(layer, []),
+            key=lambda d: (min(d.candidate.ranks.values(), default=d.candidate.index), d.candidate.id),
+        )
+        out |= {d.candidate.id for d in ranked[:n]}
+    return out
+
+
+def _demo_results(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise DataError(f"{p} not found: pass a demo seed's results.json (OUT/seed<N>/results.json)")
+    data = json.loads(p.read_text(encoding="utf-8"))
+    return {k: v for k, v in data.items() if isinstance(v, dict) and "ood" in v}
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------------
+
+
+def _manifest(run: Path) -> dict[str, Any]:
+    p = run / "manifest.json"
+    if not p.is_file():
+        return {}
+    cfg = json.loads(p.read_text(encoding="utf-8")).get("config", {})
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def run_bench(cfg: BenchConfig, provider: Provider | None = None) -> dict[str, Any]:
+    """Judge the run's candidates and held-out random directions blind, then score the verdicts against the
+    ground truth; writes bench.json, bench.md and directions.jsonl. Returns the bench.json content."""
+    from caft.agent.schema import Selection
+    from caft.agent.selection import load_verdicts
+    from caft.agent.triage import run_triage
+
+    started = time.perf_counter()
+    run, data = Path(cfg.run), Path(cfg.data)
+    manifest = _manifest(run)
+    tcfg = cfg.triage
+    if tcfg.task is None:
+        task = manifest.get("triage", {}).get("task") or manifest.get("task")
+        if task is None and (data / "task.yaml").is_file():
+            task = str(data / "task.yaml")
+        if task is None:
+            raise ConfigError("the judge needs a task description: set triage.task (or run with a task.yaml)")
+        tcfg = tcfg.model_copy(update={"task": task})
+    kind = tcfg.kind if tcfg.kind == OFFLINE_KIND else tcfg.judge.model.replace("/", "_")
+    out = Path(cfg.out) if cfg.out is not None else run / "bench" / kind
+    out.mkdir(parents=True, exist_ok=True)
+
+    cands, rand = run_dossiers(run)
+    held, calib = split_random(rand, cfg.heldout_per_layer, cfg.seed)
+    ev, ctl = _write_inputs(out / "judge_input", [*cands, *held], calib)
+    dirs = run_directions(run)
+    dfile = out / "judge_input" / DIRECTIONS_FILE
+    from safetensors.torch import save_file
+
+    judged_ids = {d.candidate.id for d in [*cands, *held]}
+    save_file({k: v.contiguous() for k, v in dirs.items() if k in judged_ids}, str(dfile))
+    t0 = time.perf_counter()
+    res = run_triage(tcfg, ev, out / "triage", controls_dir=ctl, directions_path=dfile, provider=provider)
+    judge_s = time.perf_counter() - t0
+
+    # the judge has finished: only now are the labels read
+    model = cfg.model or (ModelConfig.model_validate(manifest["model"]) if "model" in manifest else None)
+    if model is None:
+        raise ConfigError(f"{run} has no manifest naming the base model; pass model: (name_or_path)")
+    rows = balanced(labelled_rows(data), cfg.seed)
+    t0 = time.perf_counter()
+    every = [*cands, *held]
+    truth = correlations(
+        model, rows, dirs, {d.candidate.id: d.candidate.layer for d in every}, out, cfg.batch_size
+    )
+    truth_s = time.perf_counter() - t0
+    sel: Selection = res.selection
+    records = load_verdicts(out / "triage" / "verdicts.jsonl")
+    by_id: dict[str, list[Any]] = defaultdict(list)
+    for r in records:
+        by_id[r.candidate].append(r)
+    policy = tcfg.selection
+    if sel.calibration is not None and "threshold" in sel.calibration:
+        field = "relevance_threshold" if policy.score == "relevance" else "threshold"
+        policy = policy.model_copy(update={field: sel.calibration["threshold"]})
+    report = _score(cfg, cands, held, truth, by_id, sel, policy)
+    report |= {
+        "judge": res.summary.get("judge"),
+        "out": str(out),
+        "kind": tcfg.kind,
+        "blind": tcfg.blind,
+        "task": tcfg.task,
+        "data": str(data),
+        "run": str(run),
+        "ground_truth": {
+            "corpus": "val + ood rows, balanced: every (label, cue) cell the same size",
+            "rows": len(rows),
+            "projection": "base model residual output at the direction's layer, mean-pooled over tokens",
+            "truly_undesired": f"|r_cue| >= {cfg.r_cue} and |r_intended| < {cfg.r_intended}",
+            "held_out_random": "random directions judged blind among the candidates (never calibration)",
+        },
+        "calibration": sel.calibration,
+        "policy": sel.policy,
+        "downstream": _demo_results(cfg.results),
+        "seconds": {
+            "judge": round(judge_s, 1),
+            "ground_truth": round(truth_s, 1),
+            "total": round(time.perf_counter() - started, 1),
+        },
+        "usage": res.summary.get("usage"),
+    }
+    rows_text = "".join(json.dumps(x) + "\n" for x in report.pop("directions"))
+    atomic_write_text(out / DIRECTIONS_TABLE, rows_text)
+    atomic_write_json(out / BENCH_FILE, report)
+    atomic_write_text(out / TABLE_FILE, format_bench(report))
+    return report
+
+
+def _score(
+    cfg: BenchConfig,
+    cands: Sequence[Dossier],
+    held: Sequence[Dossier],
+    truth: dict[str, dict[str, float]],
+    by_id: dict[str, list[Any]],
+    sel: Any,
+    policy: Any,
+) -> dict[str, Any]:
+    def undesired(cid: str) -> bool:
+        t = truth[cid]
+        return abs(t["r_cue"]) >= cfg.r_cue and abs(t["r_intended"]) < cfg.r_intended
+
+    selected = {c.candidate for c in sel.selected}
+    flagged = selected | set(sel.dropped)
+    cand_ids = [d.candidate.id for d in cands]
+    held_ids = [d.candidate.id for d in held]
+    true_ids = {c for c in cand_ids if undesired(c)}
+    score = {c: control_score(by_id.get(c, []), policy) or 0.0 for c in [*cand_ids, *held_ids]}
+    counts: dict[int, int] = defaultdict(int)
+    layer_of = {d.candidate.id: d.candidate.layer for d in [*cands, *held]}
+    for c in selected & set(cand_ids):
+        counts[layer_of[c]] += 1
+    topk = _topk_ids(cands, dict(counts))
+    rows = []
+    for d in [*cands, *held]:
+        cid = d.candidate.id
+        rec = next((r for r in by_id.get(cid, []) if r.verdict is not None), None)
+        rows.append(
+            {
+                "id": cid,
+                "layer": d.candidate.layer,
+                "random": cid in held_ids,
+                **truth[cid],
+                "truly_undesired": cid in true_ids,
+                "score": round(score[cid], 4),
+                "flagged": cid in flagged,
+                "selected": cid in selected,
+                "relation": rec.verdict.relation if rec is not None and rec.verdict is not None else None,
+                "label": rec.verdict.label if rec is not None and rec.verdict is not None else None,
+            }
+        )
+    return {
+        "candidates": len(cand_ids),
+        "truly_undesired": len(true_ids),
+        "base_rate": len(true_ids) / len(cand_ids) if cand_ids else None,
+        "auroc": auroc([score[c] for c in cand_ids], [c in true_ids for c in cand_ids]),
+        "auroc_vs_random": auroc(
+            [score[c] for c in [*true_ids, *held_ids]], [c in true_ids for c in [*true_ids, *held_ids]]
+        ),
+        "flagged": _pr(flagged & set(cand_ids), true_ids),
+        "selected": _pr(selected & set(cand_ids), true_ids),
+        "topk_matched": _pr(topk, true_ids),
+        "random_heldout": {
+            "n": len(held_ids),
+            "flagged": len(flagged & set(held_ids)),
+            "selected": len(selected & set(held_ids)),
+            "fpr_flagged": len(flagged & set(held_ids)) / len(held_ids) if held_ids else None,
+            "fpr_selected": len(selected & set(held_ids)) / len(held_ids) if held_ids else None,
+            "mean_score": statistics.fmean(score[c] for c in held_ids) if held_ids else None,
+        },
+        "selected_per_layer": dict(sorted(counts.items())),
+        "directions": rows,
+    }
+
+
+def _f(x: float | int | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if pct else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    """The markdown table of one benchmark run."""
+    gt = r["ground_truth"]
+    lines = [
+        f"# Judge benchmark: {r['judge']} ({'blind' if r['blind'] else 'not blind'})",
+        "",
+        f"Ground truth: {gt['truly_undesired']}; r = Pearson correlation of the projection ({gt['projection']}) "
+        f"with the cue / the label over {gt['rows']} rows ({gt['corpus']}).",
+        f"Candidates: {r['candidates']}, truly undesired: {r['truly_undesired']} (base rate "
+        f"{_f(r['base_rate'], True)}); held-out random directions judged blind among them: "
+        f"{r['random_heldout']['n']}.",
+        "",
+        "| selection | n | precision | recall | random directions picked (FPR) |",
+        "|---|---|---|---|---|",
+    ]
+    rh = r["random_heldout"]
+    for name, key, fpr in (
+        ("judge: undesired at the threshold (flagged)", "flagged", ("flagged", "fpr_flagged")),
+        ("judge: selected (after the per-layer limits)", "selected", ("selected", "fpr_selected")),
+        ("top PCs by variance, same count per layer", "topk_matched", None),
+    ):
+        m = r[key]
+        f = f"{rh[fpr[0]]} ({_f(rh[fpr[1]], True)})" if fpr else "-"
+        lines.append(f"| {name} | {m['n']} | {_f(m['precision'], True)} | {_f(m['recall'], True)} | {f} |")
+    lines += [
+        "",
+        f"AUROC of the undesired score (candidates): {_f(r['auroc'])}; truly undesired against held-out "
+        f"random: {_f(r['auroc_vs_random'])}; mean score of random directions {_f(rh['mean_score'])}.",
+    ]
+    cal = r.get("calibration")
+    if cal:
+        lines.append(
+            f"Calibration on {cal.get('controls')} random controls (alpha {cal.get('alpha')}): threshold "
+            f"{cal.get('threshold')} (policy {cal.get('policy_threshold')})."
+        )
+    down = r.get("downstream")
+    if down:
+        lines += ["", "| downstream (demo seed) | ID | OOD |", "|---|---|---|"]
+        for cond, v in down.items():
+            lines.append(f"| {cond} | {_f(v.get('val'), True)} | {_f(v.get('ood'), True)} |")
+    s = r["seconds"]
+    lines += [
+        "",
+        f"Wall time: judge {s['judge']} s, ground truth {s['ground_truth']} s, total {s['total']} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def replay_provider(exchanges: str | Path) -> Provider:
+    """A mock provider that answers each single-shot prompt with the reply recorded for the same user message
+    in an `exchanges.jsonl` (of an earlier triage or benchmark run, e.g. with a strong LLM); a prompt with no
+    recorded reply is a fatal error that names the file."""
+    import hashlib
+
+    from caft.llm import FatalError, GenerateConfig, Message, MockProvider
+
+    def key(text: str) -> str:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    path = Path(exchanges)
+    if not path.is_file():
+        raise DataError(f"{path} not found: pass the exchanges.jsonl of a triage run to replay")
+    table: dict[str, str] = {}
+    for x in iter_jsonl(path):
+        msgs, replies = x.get("messages") or [], x.get("replies") or []
+        users = [m for m in msgs if m.get("role") == "user"]
+        if users and replies:  # the first user message and its last reply (after any repair round)
+            table[key(str(users[0].get("content", "")))] = str(replies[-1])
+
+    def reply(messages: list[Message], config: GenerateConfig) -> Any:
+        del config
+        users = [m for m in messages if m.role == "user"]
+        text = table.get(key(users[0].content)) if users else None
+        if text is None:
+            return FatalError(
+                f"no recorded reply in {path} for this prompt (rendered differently, or never judged); "
+                "re-record the replies with the same triage config"
+            )
+        return text
+
+    return MockProvider("replay", reply)
