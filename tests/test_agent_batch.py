@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agent_helpers import concept_of_text, concept_set, verdict_for
 from llm_helpers import make_client, set_keys
 
 from caft.agent.config import TriageConfig
@@ -20,6 +19,7 @@ from caft.agent.task import load_task
 from caft.llm import Price
 from caft.llm.batch import STATE_FILE
 from caft.llm.prices import BATCH_DISCOUNT
+from caft.testing.dossiers import concept_of_text, concept_set, verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 TASK = load_task("emergent-misalignment")

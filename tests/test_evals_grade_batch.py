@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-from evals_helpers import fake_judge, write_answers
+from evals_helpers import write_answers
 
 from caft.app.cli import main
 from caft.llm.batch import STATE_FILE
 from caft.llm.prices import BATCH_DISCOUNT
 from caft.rundir import read_jsonl
 from caft.testing.fakellm import FakeLLM
+from caft.testing.grading import fake_judge
 
 ENV = {
     "OPENAI_API_KEY": "sk-" + "fake-key-for-the-fake-server-000",

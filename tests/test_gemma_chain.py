@@ -20,15 +20,15 @@ from typing import Any
 
 import pytest
 import yaml
-from agent_helpers import verdict_for
-from evals_helpers import fake_judge
 
 from caft.app.pipeline import run_pipeline
 from caft.app.run_config import RunConfig
 from caft.app.spurious import write_spurious
 from caft.app.spurious_choice import write_chat
 from caft.subspace import Subspace
+from caft.testing.dossiers import verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
+from caft.testing.grading import fake_judge
 
 MODEL = "gemma-3-270m"
 LAYERS = [6, 12]

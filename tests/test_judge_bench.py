@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import concept_of_text, make_dossier, verdict_for
 
 from caft.agent.bench import (
     BenchConfig,
@@ -29,6 +28,7 @@ from caft.interp.schema import (
     write_random_candidates,
 )
 from caft.llm import GenerateConfig, Message, MockProvider
+from caft.testing.dossiers import concept_of_text, make_dossier, verdict_for
 
 
 def test_auroc_counts_ties_half_and_needs_both_classes() -> None:

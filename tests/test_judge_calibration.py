@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_helpers import concept_of_text, make_dossier, record, verdict_for, write_evidence
 
 from caft.agent.config import CalibrationConfig, RenderLimits, SelectionPolicy, TriageConfig
 from caft.agent.judges import calibrate
@@ -16,6 +15,7 @@ from caft.agent.single import build_messages
 from caft.agent.task import load_task
 from caft.agent.triage import run_triage
 from caft.interp.schema import dossier_filename
+from caft.testing.dossiers import concept_of_text, make_dossier, record, verdict_for, write_evidence
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 TASK = load_task("emergent-misalignment")

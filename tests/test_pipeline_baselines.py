@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from evals_helpers import metric_of
 from test_pipeline import router, write_config
 from typer.testing import CliRunner
 
 from caft.app.cli import app
 from caft.app.run_config import BaselinesConfig
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
+from caft.testing.grading import metric_of
 
 
 def spread_judge(req: RecordedRequest) -> Reply:
