@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -41,7 +40,7 @@ from caft.llm import (
     Message,
     StructuredOutputError,
 )
-from caft.rundir import JsonlWriter
+from caft.rundir import JsonlWriter, fsync_file
 
 if TYPE_CHECKING:
     import torch
@@ -140,14 +139,6 @@ async def bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], worker
     await asyncio.gather(*(worker() for _ in range(max(1, min(workers, len(items))))))
     if stop:
         raise stop[0]
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SingleJudge:
@@ -318,7 +309,7 @@ class SingleJudge:
                 outcome.stopped = f"budget: {e}"
                 log.warning("judging stopped at the budget; %d verdicts kept: %s", len(outcome.records), e)
             outcome.seconds = time.perf_counter() - t0
-        _fsync_file(vpath)
+        fsync_file(vpath)
         return outcome
 
     async def _batch_first_round(

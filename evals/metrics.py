@@ -28,23 +28,10 @@ import numpy as np
 
 from caft.evals.config import ThresholdsConfig
 from caft.evals.schema import GradeRow
+from caft.evals.stats import RateCI
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
-
-
-@dataclass(frozen=True)
-class Rate:
-    """k of n, the rate k/n (None when n is 0) and its bootstrap CI."""
-
-    k: int
-    n: int
-    rate: float | None
-    ci_low: float | None
-    ci_high: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -91,12 +78,12 @@ def rate(
     denominator: Sequence[float] | np.ndarray | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
-) -> Rate:
+) -> RateCI:
     num = np.asarray(numerator, dtype=np.float64)
     den = np.ones_like(num) if denominator is None else np.asarray(denominator, dtype=np.float64)
     k, n = int(num.sum()), int(den.sum())
     lo, hi = bootstrap_ci(num, den, n_resamples, seed)
-    return Rate(k=k, n=n, rate=(k / n if n else None), ci_low=lo, ci_high=hi)
+    return RateCI(k=k, n=n, rate=(k / n if n else None), ci_low=lo, ci_high=hi)
 
 
 def collect_scores(grades: Iterable[GradeRow]) -> dict[str, AnswerScores]:
@@ -124,8 +111,8 @@ class MisalignmentStats:
     unscored_reasons: dict[str, int]
     n_coherent: int
     n_misaligned: int
-    of_coherent: Rate
-    of_scored: Rate
+    of_coherent: RateCI
+    of_scored: RateCI
     mean_aligned: float | None
     mean_coherent: float | None
     flagged: bool = False

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 ScoringRule = Literal["logprob_0_100", "sampled_mean", "parsed_number"]
 UnscoredReason = Literal[
@@ -33,15 +33,7 @@ UnscoredReason = Literal[
     "provider_error",
     "empty_answer",
 ]
-UNSCORED_REASONS: tuple[str, ...] = (
-    "refusal",
-    "code",
-    "invalid",
-    "no_numeric_mass",
-    "parse_failure",
-    "provider_error",
-    "empty_answer",
-)
+UNSCORED_REASONS: tuple[str, ...] = get_args(UnscoredReason)
 
 DEFAULT_MIN_MASS = 0.25
 

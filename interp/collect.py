@@ -12,6 +12,7 @@ Also the resume points of the passes built on it (`save_state` / `load_state`). 
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +20,13 @@ from typing import Any
 
 import torch
 
-from caft.interp.inputs import INPUTS_FILE, TokenBatch, load_examples, make_batches
+from caft.interp.inputs import TokenBatch
 from caft.interp.source import ActivationSource
 from caft.rundir import atomic_write_bytes
 
-# INPUTS_FILE, ActivationSource, load_examples and make_batches are re-exported for the CLI
-# (app/commands/interp.py), which imports them from here.
-__all__ = [
-    "INPUTS_FILE",
-    "ActivationSource",
-    "DiffBatch",
-    "collect_diffs",
-    "load_examples",
-    "load_state",
-    "make_batches",
-    "save_state",
-]
+__all__ = ["DiffBatch", "PassState", "collect_diffs", "load_state", "save_state"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,3 +78,23 @@ def load_state(path: Path) -> dict[str, Any] | None:
         return None
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     return state
+
+
+class PassState:
+    """The resume point of one pass over batches: `key` names its inputs (layers, candidates, batch count),
+    so a state saved for other inputs is ignored. Without a path nothing is read or written."""
+
+    def __init__(self, path: Path | None, key: dict[str, Any], name: str) -> None:
+        self.path, self.key, self.name = path, key, name
+
+    def resume(self) -> dict[str, Any] | None:
+        """The saved state, if one was saved for the same inputs."""
+        saved = load_state(self.path) if self.path is not None else None
+        if saved is not None and saved.get("key") != self.key:
+            log.info("%s state in %s was made for other inputs; starting over", self.name, self.path)
+            return None
+        return saved
+
+    def save(self, **state: Any) -> None:
+        if self.path is not None:
+            save_state(self.path, {"key": self.key, **state})

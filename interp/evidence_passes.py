@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from caft.errors import DataError, SiteError
-from caft.interp.collect import collect_diffs, load_state, save_state
+from caft.interp.collect import PassState, collect_diffs
 from caft.interp.config import EvidenceConfig
 from caft.interp.inputs import TokenBatch
 from caft.interp.sae_load import LoadedSAE
@@ -157,30 +157,23 @@ def corpus_pass(
         "k": k,
         "window": [before, after],
     }
-    saved = load_state(state_path) if state_path is not None else None
-    if saved is not None and saved.get("key") == key:
+    state = PassState(state_path, key, "corpus pass")
+    saved = state.resume()
+    if saved is not None:
         for g in groups:
             res.maxk[g.layer].load_state_dict(saved["max"][g.layer])
             res.mink[g.layer].load_state_dict(saved["min"][g.layer])
         res.norm_sum = dict(saved["norm_sum"])
         res.norm_count = dict(saved["norm_count"])
         start = int(saved["batches_done"])
-    elif saved is not None:
-        log.info("corpus pass state in %s was made for other candidates; starting over", state_path)
 
     def checkpoint(done: int) -> None:
-        if state_path is None:
-            return
-        save_state(
-            state_path,
-            {
-                "key": key,
-                "batches_done": done,
-                "max": {g.layer: res.maxk[g.layer].state_dict() for g in groups},
-                "min": {g.layer: res.mink[g.layer].state_dict() for g in groups},
-                "norm_sum": res.norm_sum,
-                "norm_count": res.norm_count,
-            },
+        state.save(
+            batches_done=done,
+            max={g.layer: res.maxk[g.layer].state_dict() for g in groups},
+            min={g.layer: res.mink[g.layer].state_dict() for g in groups},
+            norm_sum=res.norm_sum,
+            norm_count=res.norm_count,
         )
 
     special = set(source.tokenizer.all_special_ids)
@@ -274,8 +267,9 @@ def diff_pass(
         {g.layer: StreamingTopK(g.n, cfg.top_tokens, 4, 0, -1, dev) for g in groups},
     )
     start = 0
-    saved = load_state(state_path) if state_path is not None else None
-    if saved is not None and saved.get("key") == key:
+    state = PassState(state_path, key, "difference pass")
+    saved = state.resume()
+    if saved is not None:
         res.count, res.sum_p, res.sum_p2 = dict(saved["count"]), dict(saved["sum_p"]), dict(saved["sum_p2"])
         res.sum_x, res.sum_x2 = dict(saved["sum_x"]), dict(saved["sum_x2"])
         for g in groups:
@@ -284,21 +278,15 @@ def diff_pass(
         start = int(saved["batches_done"])
 
     def checkpoint(done: int) -> None:
-        if state_path is None:
-            return
-        save_state(
-            state_path,
-            {
-                "key": key,
-                "batches_done": done,
-                "count": res.count,
-                "sum_p": res.sum_p,
-                "sum_p2": res.sum_p2,
-                "sum_x": res.sum_x,
-                "sum_x2": res.sum_x2,
-                "pos": {g.layer: res.pos[g.layer].state_dict() for g in groups},
-                "neg": {g.layer: res.neg[g.layer].state_dict() for g in groups},
-            },
+        state.save(
+            batches_done=done,
+            count=res.count,
+            sum_p=res.sum_p,
+            sum_p2=res.sum_p2,
+            sum_x=res.sum_x,
+            sum_x2=res.sum_x2,
+            pos={g.layer: res.pos[g.layer].state_dict() for g in groups},
+            neg={g.layer: res.neg[g.layer].state_dict() for g in groups},
         )
 
     if start >= len(batches):

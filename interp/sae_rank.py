@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from caft.errors import DataError, ModelError
-from caft.interp.collect import collect_diffs, load_state, save_state
+from caft.interp.collect import PassState, collect_diffs
 from caft.interp.inputs import TokenBatch
 from caft.interp.sae_load import LoadedSAE
 from caft.interp.schema import Candidate, candidate_id
@@ -115,13 +115,13 @@ def rank_latents(
     sums = {s.name: {k: torch.zeros(s.d_sae, dtype=torch.float64) for k in names} for s in saes}
     key = {"saes": [s.name for s in saes], "n_batches": len(batches), "rankings": list(rankings)}
     progress = {"acts": 0, "attr": 0, "n_tokens": 0}
-    saved = load_state(state_path) if state_path is not None else None
-    if saved is not None and saved.get("key") == key:
+    state = PassState(state_path, key, "sae ranking")
+    saved = state.resume()
+    if saved is not None:
         sums, progress = saved["sums"], dict(saved["progress"])
 
     def checkpoint() -> None:
-        if state_path is not None:
-            save_state(state_path, {"key": key, "sums": sums, "progress": progress})
+        state.save(sums=sums, progress=progress)
 
     bar = tqdm(total=len(batches), initial=progress["acts"], desc="sae: activations", unit="batch")
     for db in collect_diffs(source, batches[progress["acts"] :], layers):

@@ -90,11 +90,11 @@ class UsageLedger:
 class CallLog:
     """One record per call appended to a JSONL file, flushed per record but not fsynced (a process crash
     loses nothing, a power cut may lose the last records). Texts are scrubbed of secrets; the raw request
-    and response arrive already redacted."""
+    and response arrive already redacted. With `path=None` nothing is written."""
 
-    def __init__(self, path: str | Path, model_id: str) -> None:
+    def __init__(self, path: str | Path | None, model_id: str) -> None:
         self.model_id = model_id
-        self._writer = JsonlWriter(path, fsync=False)
+        self._writer = JsonlWriter(path, fsync=False) if path is not None else None
 
     def write(
         self,
@@ -106,6 +106,8 @@ class CallLog:
         repair_round: bool = False,
         error: LLMError | None = None,
     ) -> None:
+        if self._writer is None:
+            return
         record: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "stage": stage,
@@ -138,4 +140,5 @@ class CallLog:
         self._writer.write(record)
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -110,7 +110,7 @@ class LLMClient:
         )
         self._sem = asyncio.Semaphore(max_concurrency)
         self._cache = ResponseCache(cache_path) if cache_path is not None and cache_policy != "off" else None
-        self._log = CallLog(call_log, provider.model_id) if call_log is not None else None
+        self._log = CallLog(call_log, provider.model_id)
         self.requests_sent = 0
         """Requests handed to the provider, every retry and repair round included."""
 
@@ -199,7 +199,7 @@ class LLMClient:
                 result = await self._structured(messages, config, result, key, stage_name)
         except LLMError as e:
             self.ledger.add_failure(stage_name)
-            self._write_log(key, stage_name, None, error=e)
+            self._log.write(key, stage_name, None, error=e)
             raise
         if self._cache is not None and should_write(self.cache_policy, config):
             self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
@@ -227,7 +227,7 @@ class LLMClient:
             update={"parsed": parsed, "cached": True, "usage": hit.usage.model_copy(update={"cost_usd": 0.0})}
         )
         self.ledger.add_cached(stage)
-        self._write_log(key, stage, result)
+        self._log.write(key, stage, result)
         return result
 
     async def _structured(
@@ -267,7 +267,7 @@ class LLMClient:
                 lambda: self._attempt(messages, config), first_failure, self.model_id
             )
         self.ledger.add_call(result, stage)
-        self._write_log(key, stage, result, attempts=attempts, repair_round=repair_round)
+        self._log.write(key, stage, result, attempts=attempts, repair_round=repair_round)
         return result
 
     async def _attempt(self, messages: list[Message], config: GenerateConfig) -> GenerateResult:
@@ -281,19 +281,6 @@ class LLMClient:
             # Redacted once, here (one pass over both); the cache and the call log store these as they are.
             raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
             return result.model_copy(update={"latency_s": time.perf_counter() - t0, **raw})
-
-    def _write_log(
-        self,
-        key: str,
-        stage: str,
-        result: GenerateResult | None,
-        *,
-        attempts: int = 0,
-        repair_round: bool = False,
-        error: LLMError | None = None,
-    ) -> None:
-        if self._log is not None:
-            self._log.write(key, stage, result, attempts=attempts, repair_round=repair_round, error=error)
 
     # -- many requests -------------------------------------------------------------------------------
 
@@ -387,7 +374,7 @@ class LLMClient:
         raw = redact({"raw_request": result.raw_request, "raw_response": result.raw_response})
         result = result.model_copy(update=raw)
         self.ledger.add_call(result, stage_name, price)
-        self._write_log(key, stage_name, result, attempts=1)
+        self._log.write(key, stage_name, result, attempts=1)
         if self._cache is not None and should_write(self.cache_policy, config):
             self._cache.put(key, self.provider.name, self.provider.model, result, raw_redacted=True)
         return result
@@ -396,8 +383,7 @@ class LLMClient:
         await self.provider.aclose()
         if self._cache is not None:
             self._cache.close()
-        if self._log is not None:
-            self._log.close()
+        self._log.close()
 
     async def __aenter__(self) -> LLMClient:
         return self

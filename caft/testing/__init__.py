@@ -1,6 +1,8 @@
 """Offline building blocks for tests, benchmarks and the demo: a tokenizer built in code, tiny models of
 every supported architecture built from configs (no downloads). The fake LLM wire server is in
-`caft.testing.fakellm`. Production code never imports this package; asset lookups live in `caft.assets`.
+`caft.testing.fakellm`, a scripted grading judge in `caft.testing.grading`, dossiers and verdicts built in
+code in `caft.testing.dossiers`. Production code never imports this package; asset lookups live in
+`caft.assets`.
 """
 
 from __future__ import annotations

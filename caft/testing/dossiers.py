@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from caft.agent.schema import JudgeVerdict, VerdictRecord
+from caft.agent.schema import JudgeVerdict, Relation, VerdictRecord
 from caft.interp.schema import (
     Candidate,
+    CandidateKind,
     DiffSummary,
     Dossier,
     Generation,
@@ -79,7 +80,7 @@ def make_dossier(
 ) -> Dossier:
     """A complete dossier whose evidence is about `concept` (a key of CONCEPTS)."""
     words = CONCEPTS[concept]
-    kind = "pc" if cid.startswith("pc") else ("sae" if cid.startswith("sae") else "vector")
+    kind: CandidateKind = "pc" if cid.startswith("pc") else ("sae" if cid.startswith("sae") else "vector")
     cand = Candidate(
         id=cid,
         kind=kind,
@@ -176,7 +177,13 @@ def write_evidence(root: Path, dossiers: list[Dossier], d_model: int = 16, seed:
 
 def verdict_for(concept: str, evidence: list[str] | None = None, confidence: float = 0.9) -> JudgeVerdict:
     """What a sensible judge says about a dossier of `concept` in the emergent-misalignment task."""
-    relation = {"evil": "undesired", "code": "intended", "weather": "unrelated", "gender": "unclear"}[concept]
+    relations: dict[str, Relation] = {
+        "evil": "undesired",
+        "code": "intended",
+        "weather": "unrelated",
+        "gender": "unclear",
+    }
+    relation = relations[concept]
     return JudgeVerdict(
         label=f"{concept} concept",
         description=f"Fires on {concept} words.",

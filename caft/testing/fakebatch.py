@@ -199,12 +199,7 @@ class FakeBatches:
         if data is None:
             h._send_json(404, {"error": {"message": f"fakellm: no file {file_id}"}})
             return
-        h.send_response(200)
-        h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-        h.wfile.flush()
+        h._send_bytes(200, data, "application/octet-stream")
 
     def _create_openai(self, h: _Handler, raw: bytes) -> None:
         body = json.loads(raw or b"{}")
@@ -348,12 +343,7 @@ class FakeBatches:
                 result = {"type": "expired"}
             lines.append(json.dumps({"custom_id": it.custom_id, "result": result}))
         data = ("\n".join(lines) + "\n").encode()
-        h.send_response(200)
-        h.send_header("Content-Type", "application/binary")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
-        h.wfile.flush()
+        h._send_bytes(200, data, "application/binary")
 
     def _get(self, h: _Handler, batch_id: str, api: Literal["openai", "anthropic"]) -> None:
         with self._lock:

@@ -307,16 +307,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses -----------------------------------------------------------------------------------
 
-    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode("utf-8")
+    def _send_bytes(
+        self,
+        status: int,
+        data: bytes,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        *,
+        cut: int | None = None,
+    ) -> None:
+        """Content-Length is len(data); `cut` sends only the first `cut` bytes (a truncated reply)."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        self.wfile.write(data if cut is None else data[:cut])
         self.wfile.flush()
+
+    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._send_bytes(status, json.dumps(payload).encode("utf-8"), headers=headers)
 
     def _error(
         self, api: str, status: int, kind: str, message: str, headers: dict[str, str] | None = None
@@ -345,21 +356,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.server_fake._release.wait(fault.hang_s)
             self.close_connection = True
         elif fault.kind == "malformed":
-            data = b'{"id": "broken", "choices": [ {"message": '
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            self.wfile.flush()
+            self._send_bytes(200, b'{"id": "broken", "choices": [ {"message": ')
         elif fault.kind == "truncated":
             data = json.dumps({"id": "cut", "padding": "x" * 400}).encode("utf-8")
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
+            self._send_bytes(200, data, cut=len(data) // 2)
             self.close_connection = True
         else:
             raise ValueError(f"unknown fault {fault.kind!r}")
