@@ -179,11 +179,11 @@ def test_chat_run_with_the_offline_judge_sends_no_triage_request(tmp_path: Path)
     controls = (run / "triage" / "controls" / "candidates.jsonl").read_text().splitlines()
     assert len(controls) == 4 and all('"source": "random"' in c for c in controls)
     assert len(list((run / "triage" / "controls" / "evidence" / "dossiers").glob("*.json"))) == 4
-    # their evidence read the run's diff inputs (passed to the builder, no link in the controls folder)
+    # their evidence read the run's own corpus and diff (passed to the builder, no link in the controls folder)
     assert not (run / "triage" / "controls" / "diff").exists()
     ctl_info = json.loads((run / "triage" / "controls" / "evidence" / "DONE.json").read_text())["info"]
     ev_info = json.loads((run / "evidence" / "DONE.json").read_text())["info"]
-    assert ctl_info["corpus"] == ev_info["corpus"] == "diff-inputs"
+    assert ctl_info["corpus"] == ev_info["corpus"] == "builtin:generic-v1"
     assert ctl_info["corpus_tokens"] == ev_info["corpus_tokens"] > 0
     assert len(list((run / "evidence" / "dossiers").glob("*.json"))) == len(judged)
     summary = json.loads((run / "summary.json").read_text())
