@@ -54,6 +54,7 @@ GRADE_FLAGS = {
     "answer_col": "columns.answer",
     "id_col": "columns.id",
     "question_id_col": "columns.question_id",
+    "skip_invalid": "skip_invalid",
 }
 # Each flag and the eval-config field it sets (`caft eval misalignment|code`).
 EVAL_FLAGS = {
@@ -111,6 +112,10 @@ def grade_command(
         Path | None,
         Opt("--rescore", help="An earlier grades.jsonl: re-judge its answers with --judge and compare."),
     ] = None,
+    skip_invalid: Annotated[
+        bool,
+        Opt("--skip-invalid", help="Skip lines that are not JSON objects (listed in OUT/skipped.jsonl)."),
+    ] = False,
     progress: ProgressOpt = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
