@@ -22,7 +22,7 @@ from caft.app.commands.demo import demo_command
 from caft.app.commands.evals import eval_app, grade_command, report_command
 from caft.app.commands.interp import diff_cmd, evidence_cmd, sae_app
 from caft.app.commands.training import train_command
-from caft.errors import CaftError
+from caft.errors import EXIT_ERROR, EXIT_INCOMPLETE, CaftError
 
 # The fields `caft run --skip-invalid` sets: every data reader of the run.
 RUN_SKIP_INVALID = ("train.data.skip_invalid", "diff.inputs.skip_invalid", "evidence.skip_invalid")
@@ -45,9 +45,11 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def report_error(err: CaftError) -> int:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    code = getattr(err, "exit_code", 2)
-    return code if isinstance(code, int) else 2
+    """Print the error; its exit code (`caft.errors`: 2 config/data/model, 3 incomplete results)."""
+    incomplete = err.exit_code == EXIT_INCOMPLETE
+    typer.secho(f"{'incomplete' if incomplete else 'error'}: {err}", err=True, fg=typer.colors.RED)
+    code = err.exit_code
+    return code if isinstance(code, int) else EXIT_ERROR
 
 
 class CaftGroup(TyperGroup):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from caft.config import ModelConfig
-from caft.errors import CaftError, DataError
+from caft.errors import CaftError, DataError, IncompleteError
 from caft.evals.config import EvalConfig, GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
 from caft.evals.grader import GradeReport, PromptBook, estimate, grade, judge_capabilities
 from caft.evals.inputs import Columns, load_answers
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-class GradingIncompleteError(CaftError):
+class GradingIncompleteError(IncompleteError):
     """Grading finished, but too many judge calls failed (or it stopped early) for its figures to stand.
 
     Every row and `summary.json` are written before this is raised; rerunning the same command grades the

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from caft.app.commands.common import SetOpt, flag_overrides, normalize_overrides
-from caft.errors import CaftError
+from caft.errors import EXIT_INCOMPLETE, CaftError
 
 eval_app = typer.Typer(
     help="Evaluate a model: misalignment, code vulnerability, multiple choice.", no_args_is_help=True
@@ -157,7 +157,7 @@ def grade_command(
             err=True,
             fg=typer.colors.YELLOW,
         )
-        raise typer.Exit(code=3)
+        raise typer.Exit(code=EXIT_INCOMPLETE)
 
 
 def _rescore_inputs(old: Path, answers: Path | None, flags: list[str]) -> tuple[Path | None, list[str]]:
