@@ -196,7 +196,10 @@ def check_inputs(cfg: InputsConfig) -> None:
     """Everything about the inputs that can be checked before a model loads: the data rows decode, parse
     and have the chat or text shape, and the prompt file reads. Raises the line-numbered `DataError`."""
     for path in cfg.data:
-        check_rows(path, text_field=cfg.text_field, skip_invalid=cfg.skip_invalid)
+        rep = check_rows(path, text_field=cfg.text_field, skip_invalid=cfg.skip_invalid)
+        if rep.kept == 0:
+            why = f"all {rep.rows} rows are invalid" if rep.rows else "the file has no rows"
+            raise DataError(f"inputs.data: {path} has nothing to analyse ({why})")
     if cfg.generate and cfg.prompts is not None:
         read_prompts(cfg.prompts)
 

@@ -102,6 +102,20 @@ def test_caft_diff_checks_data_before_models_and_can_skip(
     assert n_examples == 3
 
 
+def test_an_empty_inputs_file_is_named(tmp_path: Path) -> None:
+    from caft.interp.answers import check_inputs
+    from caft.interp.config import InputsConfig
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl has nothing to analyse \(the file has no rows\)"):
+        check_inputs(InputsConfig(data=[str(empty)]))
+    bad = _bad_file(tmp_path / "bad.jsonl")
+    bad.write_bytes(b"[1]\n[2]\n")
+    with pytest.raises(DataError, match=r"all 2 rows are invalid"):
+        check_inputs(InputsConfig(data=[str(bad)], skip_invalid=True))
+
+
 def test_caft_evidence_checks_its_corpus_before_models(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
