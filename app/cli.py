@@ -22,8 +22,10 @@ from caft.app.commands.demo import demo_command
 from caft.app.commands.evals import eval_app, grade_command, report_command
 from caft.app.commands.interp import diff_cmd, evidence_cmd, sae_app
 from caft.app.commands.training import train_command
-from caft.errors import CaftError
+from caft.errors import EXIT_ERROR, EXIT_INCOMPLETE, CaftError
 
+# The fields `caft run --skip-invalid` sets: every data reader of the run.
+RUN_SKIP_INVALID = ("train.data.skip_invalid", "diff.inputs.skip_invalid", "evidence.skip_invalid")
 NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "openai", "anthropic", "urllib3", "filelock", "datasets")
 
 
@@ -43,9 +45,11 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 def report_error(err: CaftError) -> int:
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    code = getattr(err, "exit_code", 2)
-    return code if isinstance(code, int) else 2
+    """Print the error; its exit code (`caft.errors`: 2 config/data/model, 3 incomplete results)."""
+    incomplete = err.exit_code == EXIT_INCOMPLETE
+    typer.secho(f"{'incomplete' if incomplete else 'error'}: {err}", err=True, fg=typer.colors.RED)
+    code = err.exit_code
+    return code if isinstance(code, int) else EXIT_ERROR
 
 
 class CaftGroup(TyperGroup):
@@ -132,6 +136,13 @@ def run_command(
     no_check: Annotated[
         bool, typer.Option("--no-check", help="Skip the pre-flight check of judges, data and models.")
     ] = False,
+    skip_invalid: Annotated[
+        bool,
+        typer.Option(
+            "--skip-invalid",
+            help="Skip malformed rows of the training data, diff inputs and evidence corpus (counted, listed).",
+        ),
+    ] = False,
 ) -> None:
     """Run every stage of a CAFT run from one config: train -> diff (+ sae) -> evidence -> triage -> caft ->
     eval -> report. Finished stages with unchanged inputs are skipped, partial ones resume, stages whose inputs
@@ -143,7 +154,8 @@ def run_command(
     from caft.config import load_config
     from caft.rundir import SUMMARY_FILE
 
-    cfg = load_config(config, RunConfig, set_ or [])
+    flags = [f"{path}=true" for path in RUN_SKIP_INVALID] if skip_invalid else []
+    cfg = load_config(config, RunConfig, [*flags, *(set_ or [])])
     summary = run_pipeline(
         cfg, from_stage=from_stage, only=only, config_source=str(config), check=not no_check
     )

@@ -29,9 +29,9 @@ HASH_LIMIT = 64 * 1024 * 1024
 
 STAGE_VERSIONS: dict[str, int] = {
     "train": 1,
-    "diff": 1,
+    "diff": 2,  # 2: generic generation prompts that are no evaluation question
     "sae": 1,
-    "evidence": 1,
+    "evidence": 2,  # 2: generic corpus by default, sampled coherence search
     "triage": 1,
     "caft": 1,
     "baselines": 1,

@@ -8,7 +8,6 @@ Weights are never loaded here: model checks read `config.json` only.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 from caft.app.run_config import RunConfig
 from caft.config import ModelConfig
-from caft.errors import CaftError, ConfigError
+from caft.errors import CaftError, ConfigError, DataError
+from caft.jsonl import SKIP_HINT, iter_rows
 from caft.llm.config import JudgeConfig
 
 _SDK = {"openai": "openai", "anthropic": "anthropic", "openai-compatible": "openai"}
@@ -67,35 +67,31 @@ def _answers(base_url: str, timeout: float = 5.0) -> str | None:
         return str(getattr(e, "reason", e))
 
 
-def check_jsonl(path: str | Path, what: str, need: Iterable[tuple[str, ...]]) -> list[str]:
-    """Problems with a JSONL file: missing, unreadable, not JSON, empty, or rows without the fields a stage
-    needs. `need` lists alternatives: a row must have every key of at least one of them."""
+def check_jsonl(
+    path: str | Path, what: str, need: Iterable[tuple[str, ...]], skip_invalid: bool = False
+) -> list[str]:
+    """Problems with a JSONL file: missing, unreadable, not UTF-8 or not JSON (unless `skip_invalid`), empty,
+    or rows without the fields a stage needs. `need` lists alternatives: a row must have every key of at
+    least one of them. Read with the one JSONL reader (`caft.jsonl`), so the messages are the stages' own."""
     p = Path(path)
     if not p.is_file():
         return [f"{what}: {p} does not exist"]
     options = [tuple(o) for o in need]
     n = 0
     try:
-        with p.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
+        for row in iter_rows(p, skip_invalid=skip_invalid, allow_torn_tail=False, hint=SKIP_HINT):
+            if n >= _MAX_ROWS_CHECKED:
+                break
+            if options and not any(all(k in row.data for k in o) for o in options):
+                if skip_invalid:
                     continue
-                if n >= _MAX_ROWS_CHECKED:
-                    break
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    return [f"{what}: {p}:{lineno} is not UTF-8 text ({e.reason} at byte {e.start})"]
-                except json.JSONDecodeError as e:
-                    return [f"{what}: {p}:{lineno} is not valid JSON ({e.msg})"]
-                if not isinstance(row, dict):
-                    return [f"{what}: {p}:{lineno} is a JSON {type(row).__name__}, expected an object"]
-                if options and not any(all(k in row for k in o) for o in options):
-                    want = " or ".join("{" + ", ".join(o) + "}" for o in options)
-                    return [
-                        f"{what}: {p}:{lineno} lacks the fields this stage needs: {want} (has {sorted(row)})"
-                    ]
-                n += 1
+                want = " or ".join("{" + ", ".join(o) + "}" for o in options)
+                return [
+                    f"{what}: {p}:{row.line} lacks the fields this stage needs: {want} (has {sorted(row.data)})"
+                ]
+            n += 1
+    except DataError as e:
+        return [f"{what}: {e}"]
     except OSError as e:
         return [f"{what}: {p} cannot be read ({e})"]
     return [] if n else [f"{what}: {p} holds no rows"]
@@ -172,14 +168,20 @@ def preflight(
         if cfg.train.data.path is None:
             problems.append("train.data.path: no training data given")
         else:
-            problems += check_jsonl(cfg.train.data.path, "train.data.path", fields)
+            problems += check_jsonl(
+                cfg.train.data.path, "train.data.path", fields, cfg.train.data.skip_invalid
+            )
         if cfg.train.data.eval_path is not None:
-            problems += check_jsonl(cfg.train.data.eval_path, "train.data.eval_path", fields)
+            problems += check_jsonl(
+                cfg.train.data.eval_path, "train.data.eval_path", fields, cfg.train.data.skip_invalid
+            )
     if "diff" in todo:
         for p in cfg.diff.inputs.data:
-            problems += check_jsonl(p, "diff.inputs.data", [("messages",), ("text",), ("prompt",)])
+            problems += check_jsonl(
+                p, "diff.inputs.data", [("messages",), ("text",), ("prompt",)], cfg.diff.inputs.skip_invalid
+            )
     if "evidence" in todo and cfg.evidence.corpus is not None:
-        problems += _check_corpus(cfg.evidence.corpus)
+        problems += _check_corpus(cfg.evidence.corpus, cfg.evidence.skip_invalid)
     if "evidence" in todo:
         problems += _check_coherence(cfg, network, check_triage_judge, "triage" in todo)
     if "sae" in todo and cfg.sae is not None:
@@ -230,7 +232,7 @@ def _check_coherence(cfg: RunConfig, network: bool, judge_checks: bool, triage_r
     return check_judge(ev.coherence_judge, "coherence", network=network)
 
 
-def _check_corpus(corpus: str) -> list[str]:
+def _check_corpus(corpus: str, skip_invalid: bool) -> list[str]:
     from caft.interp.corpus import BUILTIN_PREFIX, DIFF_INPUTS, builtin_text
 
     if corpus == DIFF_INPUTS:
@@ -241,7 +243,7 @@ def _check_corpus(corpus: str) -> list[str]:
         except CaftError as e:
             return [str(e)]
         return []
-    return check_jsonl(corpus, "evidence.corpus", [("text",), ("messages",)])
+    return check_jsonl(corpus, "evidence.corpus", [("text",), ("messages",)], skip_invalid)
 
 
 def _uses_llm_triage(cfg: RunConfig) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from caft.agent.config import OFFLINE_KIND
 from caft.app.run_config import RunConfig
 from caft.config import ModelConfig
-from caft.errors import ConfigError, ModelError, RunDirError
+from caft.errors import ConfigError, IncompleteError, ModelError, RunDirError
 from caft.rundir import DIRECTIONS_FILE, FINAL_DIR, SUBSPACE_DIR, RunDir
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
         judge=judge,
     )
     if not res.complete:
-        raise RunDirError(
+        raise IncompleteError(
             "triage stopped before judging every candidate (a budget was reached); its verdicts are kept. "
             "Raise the budget and rerun `caft run` to continue, or review and apply the partial selection"
         )

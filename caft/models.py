@@ -58,7 +58,30 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def looks_like_path(name: str) -> bool:
+    """A model name that can only be a local path: absolute, relative (`./`, `../`, `~`), or with more than
+    one `/` (a hub id is `name` or `org/name`)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_local_path(name: str, what: str = "model") -> None:
+    """Raise a `ModelError` saying so when `name` is a local path that does not exist (before any hub
+    lookup, whose error would blame the network or offline mode)."""
+    path = Path(name).expanduser()
+    if looks_like_path(name) and not path.exists():
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        raise ModelError(
+            f"cannot load {name!r}: no such {what} directory ({path.absolute()} does not exist"
+            + (f"; the nearest existing folder is {parent}" if parent is not None else "")
+            + "). Check the path, or give a hub id such as org/name"
+        )
+
+
 def _not_found(name: str, err: Exception) -> ModelError:
+    if not Path(name).expanduser().exists() and "/" in name and not looks_like_path(name):
+        hint_local = f" (and there is no local folder {name!r} either)"
+    else:
+        hint_local = ""
     offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
     hint = (
         "HF_HUB_OFFLINE=1 is set, so only local directories and ids already in the Hugging Face cache load"
@@ -66,7 +89,7 @@ def _not_found(name: str, err: Exception) -> ModelError:
         else "check the id or path, and your network access to the hub"
     )
     return ModelError(
-        f"cannot load {name!r}: {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        f"cannot load {name!r}{hint_local}: {hint}. ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     )
 
 
@@ -80,6 +103,7 @@ def load_tokenizer(
 
     from caft.builtin_models import resolve_model_path
 
+    check_local_path(name_or_path)
     path = resolve_model_path(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -134,6 +158,9 @@ def load_model(
     from caft.builtin_models import resolve_model_path
     from caft.sites import Sites
 
+    check_local_path(cfg.name_or_path)
+    if cfg.adapter:
+        check_local_path(cfg.adapter, "adapter")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     path = resolve_model_path(cfg.name_or_path)  # a built-in name becomes its converted folder
@@ -206,6 +233,7 @@ def attach_adapter(model: nn.Module, adapter: str | Path, trainable: bool = Fals
     """Put a saved peft adapter on `model`."""
     from peft import PeftModel
 
+    check_local_path(str(adapter), "adapter")
     path = Path(adapter)
     if path.exists() and not (path / "adapter_config.json").is_file():
         raise ModelError(f"{path} is not a peft adapter directory (no adapter_config.json)")

@@ -10,8 +10,8 @@ Layout of a run directory::
 
 Stages resume from their own files: append-only JSONL (`JsonlWriter`: one flush + fsync per record) for
 record streams, `atomic_write_*` (temp file + rename) for whole files, so a crash never leaves a file that
-looks complete but is not. `read_jsonl` tolerates one torn final line (a crash mid-write) and reports any
-other malformed line with its line number.
+looks complete but is not. `read_jsonl` (`caft.jsonl`, the one JSONL reader) tolerates one torn final line
+(a crash mid-write) and reports any other malformed line with its line number.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from caft.errors import DataError, RunDirError
+from caft.errors import RunDirError
+from caft.jsonl import iter_jsonl as iter_jsonl
+from caft.jsonl import read_jsonl as read_jsonl
 from caft.process import LOCK_FILE as LOCK_FILE
 from caft.process import SignalDrain as SignalDrain
 from caft.process import lock_dir as lock_dir
@@ -196,34 +198,6 @@ def _truncate_torn_tail(path: Path) -> None:
                 f.truncate(pos + idx + 1)
                 return
         f.truncate(0)
-
-
-def read_jsonl(path: str | Path, allow_torn_tail: bool = True) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects. A malformed line is a `DataError` with its line number, except a torn
-    final line (no trailing newline) when `allow_torn_tail`, which is skipped."""
-    return list(iter_jsonl(path, allow_torn_tail=allow_torn_tail))
-
-
-def iter_jsonl(path: str | Path, allow_torn_tail: bool = True) -> Iterator[dict[str, Any]]:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"file not found: {p}")
-    with open(p, encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        for raw in f:
-            lineno += 1
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if allow_torn_tail and not raw.endswith("\n"):
-                    return
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
 
 
 class Stage:

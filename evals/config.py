@@ -50,6 +50,9 @@ class GradeConfig(CaftConfig):
     """Seed sent with judge requests (providers that honour it are then reproducible)."""
     max_answer_chars: int = Field(default=32_000, gt=0)
     """Longer answers are cut to this many characters before judging; the cut is recorded on the row."""
+    skip_invalid: bool = False
+    """Skip answers-file lines that are not JSON objects (each listed in the output's `skipped.jsonl`)
+    instead of stopping; undecodable bytes are replaced either way (and counted on the row)."""
     retry_provider_errors: bool = True
     """On a rerun, grade again the pairs whose earlier row is `provider_error` (their old row is replaced)."""
     max_provider_error_share: float = Field(default=0.05, ge=0.0, le=1.0)

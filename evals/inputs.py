@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from caft.errors import DataError
+from caft.jsonl import SKIP_HINT, ReadReport, iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,18 @@ def _decode(raw: bytes) -> tuple[str, int]:
         return text, text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
 
 
-def _iter_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any], int]]:
-    out: list[tuple[int, dict[str, Any], int]] = []
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    for i, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        text, replaced = _decode(raw)
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            last = i == len(raw_lines)
-            hint = " (a torn last line from an interrupted write? remove it)" if last else ""
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
-        out.append((i, obj, replaced))
-    return out
+def _iter_jsonl_records(
+    path: Path, skip_invalid: bool = False, report: ReadReport | None = None
+) -> list[tuple[int, dict[str, Any], int]]:
+    rows = iter_rows(
+        path,
+        skip_invalid=skip_invalid,
+        report=report,
+        allow_torn_tail=False,
+        bad_bytes="replace",
+        hint=SKIP_HINT,
+    )
+    return [(r.line, r.data, r.replaced_bytes) for r in rows]
 
 
 def _iter_csv_records(path: Path) -> list[tuple[int, dict[str, Any], int]]:
@@ -130,7 +125,11 @@ def _question_key(question: str) -> str:
 
 
 def load_answers(
-    path: str | Path, columns: Columns | None = None, max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS
+    path: str | Path,
+    columns: Columns | None = None,
+    max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+    skip_invalid: bool = False,
+    report: ReadReport | None = None,
 ) -> list[AnswerRow]:
     """Read answers from JSONL (`.jsonl`, `.json`, `.ndjson`) or CSV (`.csv`, `.tsv` not supported).
 
@@ -143,7 +142,7 @@ def load_answers(
         raise DataError(f"answers file not found: {p}")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        records = _iter_jsonl_records(p)
+        records = _iter_jsonl_records(p, skip_invalid, report)
     elif suffix == ".csv":
         records = _iter_csv_records(p)
     else:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from caft.config import ModelConfig
-from caft.errors import CaftError, DataError
+from caft.errors import CaftError, DataError, IncompleteError
 from caft.evals.config import EvalConfig, GradeConfig, MisalignmentEvalConfig, SampleConfig, ThresholdsConfig
 from caft.evals.grader import GradeReport, PromptBook, estimate, grade, judge_capabilities
 from caft.evals.inputs import Columns, load_answers
@@ -26,6 +26,7 @@ from caft.evals.questions import Question, load_judge_prompts, load_questions
 from caft.evals.report import load_run, markdown
 from caft.evals.sampling import ChatGenerator, make_generator, sample_answers
 from caft.evals.summary import summarize_grades
+from caft.jsonl import SKIPPED_FILE, ReadReport
 from caft.llm import LLMClient
 from caft.llm.types import Capabilities, LLMError
 from caft.rundir import ANSWERS_FILE, GRADES_FILE, RunDir, atomic_write_text, iter_jsonl, lock_dir
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-class GradingIncompleteError(CaftError):
+class GradingIncompleteError(IncompleteError):
     """Grading finished, but too many judge calls failed (or it stopped early) for its figures to stand.
 
     Every row and `summary.json` are written before this is raised; rerunning the same command grades the
@@ -124,7 +125,17 @@ def grade_file(
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_dir(out_dir, f"grading into {out_dir}"):
         cols = Columns(cfg.columns.question, cfg.columns.answer, cfg.columns.id, cfg.columns.question_id)
-        rows = load_answers(answers_path, cols, cfg.max_answer_chars)
+        read = ReadReport()
+        rows = load_answers(answers_path, cols, cfg.max_answer_chars, cfg.skip_invalid, read)
+        (out_dir / SKIPPED_FILE).unlink(missing_ok=True)
+        read.write_skipped(out_dir / SKIPPED_FILE)
+        if read.skipped:
+            log.warning(
+                "%s: skipped %d invalid line(s), listed in %s",
+                answers_path,
+                len(read.skipped),
+                out_dir / SKIPPED_FILE,
+            )
         prompts = PromptBook(load_judge_prompts(cfg.judge_prompts), per_question_prompts)
         client = client or make_client(cfg, out_dir)
         atomic_write_text(
@@ -139,7 +150,11 @@ def grade_file(
             out_dir / GRADES_FILE,
             kind=kind,
             thresholds=thresholds or ThresholdsConfig(),
-            extra={"grade_run": report.as_dict(), **(extra or {})},
+            extra={
+                "grade_run": report.as_dict(),
+                **({"skipped_input_lines": len(read.skipped)} if read.skipped else {}),
+                **(extra or {}),
+            },
         )
         atomic_write_text(out_dir / "summary.md", markdown([load_run(out_dir, out_dir.name)]))
         if check and report.stopped is None:

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from caft.chat import ChatFormatter, validate_messages
 from caft.errors import DataError
 from caft.interp.config import InputsConfig
-from caft.interp.inputs import Example, read_examples
+from caft.interp.inputs import Example, check_rows, read_examples
 from caft.interp.source import ActivationSource
+from caft.jsonl import SKIPPED_FILE, ReadReport
 from caft.models import generate_chat
 from caft.rundir import JsonlWriter, iter_jsonl, read_jsonl
 
@@ -191,6 +192,18 @@ def generate_answers(
     return out
 
 
+def check_inputs(cfg: InputsConfig) -> None:
+    """Everything about the inputs that can be checked before a model loads: the data rows decode, parse
+    and have the chat or text shape, and the prompt file reads. Raises the line-numbered `DataError`."""
+    for path in cfg.data:
+        rep = check_rows(path, text_field=cfg.text_field, skip_invalid=cfg.skip_invalid)
+        if rep.kept == 0:
+            why = f"all {rep.rows} rows are invalid" if rep.rows else "the file has no rows"
+            raise DataError(f"inputs.data: {path} has nothing to analyse ({why})")
+    if cfg.generate and cfg.prompts is not None:
+        read_prompts(cfg.prompts)
+
+
 def prepare_inputs(
     cfg: InputsConfig, source: ActivationSource, stage_dir: Path | None, seed: int = 0
 ) -> list[Example]:
@@ -198,7 +211,9 @@ def prepare_inputs(
     causal = source.is_causal_lm
     examples: list[Example] = []
     template = source.base.config.chat.template
+    reports: list[ReadReport] = []
     for n, path in enumerate(cfg.data):
+        reports.append(ReadReport())
         examples += read_examples(
             path,
             source.tokenizer,
@@ -209,7 +224,13 @@ def prepare_inputs(
             max_length=cfg.max_length,
             max_examples=cfg.max_examples,
             template=template,
+            skip_invalid=cfg.skip_invalid,
+            report=reports[-1],
         )
+    if stage_dir is not None:
+        (stage_dir / SKIPPED_FILE).unlink(missing_ok=True)
+        for rep in reports:
+            rep.write_skipped(stage_dir / SKIPPED_FILE, append=True)
     if cfg.generate:
         if stage_dir is None:
             raise DataError("`inputs.generate` needs a stage folder to cache the sampled answers")

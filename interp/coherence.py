@@ -123,8 +123,22 @@ class SampledCoherence:
         self.judges, self.min_share, self.set_checks = list(judges), min_share, list(set_checks)
         self.last: dict[str, Any] = {}
 
+    def _verdicts(self, prompts: Sequence[str], texts: Sequence[str]) -> list[list[bool | None]]:
+        """Each judge's verdicts; a later judge (the LLM) sees only the texts no earlier judge failed, so a
+        repetition loop costs no LLM call (its verdict there is None)."""
+        out: list[list[bool | None]] = []
+        alive = list(range(len(texts)))
+        for j in self.judges:
+            row: list[bool | None] = [None] * len(texts)
+            got = j.judge([prompts[i] for i in alive], [texts[i] for i in alive]) if alive else []
+            for i, v in zip(alive, got, strict=True):
+                row[i] = v
+            alive = [i for i in alive if row[i] is not False]
+            out.append(row)
+        return out
+
     def __call__(self, prompts: Sequence[str], texts: Sequence[str]) -> bool:
-        verdicts = [j.judge(prompts, texts) for j in self.judges]
+        verdicts = self._verdicts(prompts, texts)
         passed = judged = 0
         failed_by: dict[str, int] = {j.name: 0 for j in self.judges}
         undecided = 0
@@ -133,7 +147,7 @@ class SampledCoherence:
             for j, v in zip(self.judges, row, strict=True):
                 if v is False:
                     failed_by[j.name] += 1
-            if False in row:
+            if False in row:  # a text failed by an earlier judge was not shown to the later ones
                 judged += 1
             elif None in row:
                 undecided += 1
@@ -160,7 +174,12 @@ class SampledCoherence:
         out: dict[str, Any] = {"judges": [j.name for j in self.judges], "min_coherent_share": self.min_share}
         for j in self.judges:
             if isinstance(j, LLMCoherenceJudge):
-                out["llm"] = {"model": j.client.model_id, "errors": j.errors, "unparsed": j.unparsed}
+                out["llm"] = {
+                    "model": j.client.model_id,
+                    "calls": j.calls,
+                    "errors": j.errors,
+                    "unparsed": j.unparsed,
+                }
         if self.set_checks:
             out["set_checks"] = [type(c).__name__ for c in self.set_checks]
         return out
@@ -210,6 +229,7 @@ class LLMCoherenceJudge:
     ) -> None:
         self.client, self.max_chars, self.max_tokens = client, max_chars, max_tokens
         self.template = template if template is not None else coherence_prompt()
+        self.calls = 0
         self.errors = 0
         self.unparsed = 0
         self._loop = asyncio.new_event_loop()
@@ -225,6 +245,7 @@ class LLMCoherenceJudge:
             ([Message(role="user", content=self.render(p, t))], cfg)
             for p, t in zip(prompts, texts, strict=True)
         ]
+        self.calls += len(requests)
         results = self._loop.run_until_complete(self.client.generate_many(requests, stage="coherence"))
         out: list[bool | None] = []
         for res in results:

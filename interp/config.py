@@ -44,6 +44,9 @@ class InputsConfig(CaftConfig):
     """Use at most this many examples per input file (None = all)."""
     max_length: int = Field(default=512, gt=0)
     """Truncate each example to this many tokens."""
+    skip_invalid: bool = False
+    """Skip rows that are not UTF-8, not JSON or not a chat/text row (each recorded in the stage's
+    `skipped.jsonl`) instead of stopping at the first one."""
 
 
 class DiffConfig(CaftConfig):
@@ -213,6 +216,9 @@ class EvidenceConfig(CaftConfig):
     for encoders. Dossiers record which corpus they came from (`corpus_source`, `corpus_sha256`)."""
     corpus_name: str | None = None
     """Name recorded in the provenance (default: the file name)."""
+    skip_invalid: bool = False
+    """Skip corpus rows that are not UTF-8, not JSON or not a chat/text row (each recorded in the stage's
+    `skipped.jsonl`) instead of stopping at the first one."""
     max_corpus_docs: int | None = Field(default=None, gt=0)
     """Use at most this many corpus documents."""
     max_length: int = Field(default=256, gt=0)

@@ -23,8 +23,9 @@ from typing import Any
 
 from caft.errors import DataError
 from caft.interp.config import EvidenceConfig
-from caft.interp.inputs import INPUTS_FILE, Example, load_examples, read_examples
+from caft.interp.inputs import INPUTS_FILE, Example, check_rows, load_examples, read_examples
 from caft.interp.source import ActivationSource
+from caft.jsonl import SKIPPED_FILE, ReadReport
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,29 @@ def default_corpus(source: ActivationSource) -> str:
     return BUILTIN_GENERIC if source.is_causal_lm else DIFF_INPUTS
 
 
+def check_corpus(cfg: EvidenceConfig) -> None:
+    """What can be checked before a model loads: a corpus file exists and its rows decode and parse."""
+    choice = cfg.corpus
+    if choice is None or choice == DIFF_INPUTS:
+        return
+    if choice.startswith(BUILTIN_PREFIX):
+        builtin_text(choice)
+        return
+    if not Path(choice).is_file():
+        raise DataError(
+            f"evidence.corpus: {choice} does not exist; give a JSONL of text (or chat) rows, "
+            f"{BUILTIN_GENERIC!r} or {DIFF_INPUTS!r}"
+        )
+    check_rows(choice, skip_invalid=cfg.skip_invalid)
+
+
 def reference_corpus(
-    cfg: EvidenceConfig, source: ActivationSource, diff_dir: Path | None
+    cfg: EvidenceConfig, source: ActivationSource, diff_dir: Path | None, stage_dir: Path | None = None
 ) -> tuple[list[Example], dict[str, Any]]:
     """The corpus examples (doc ids kept) and their provenance: `corpus` (display name), `corpus_source`
-    (a resolved path, `builtin:NAME` or `diff-inputs:PATH`), `corpus_sha256` and `corpus_is_training_data`."""
+    (a resolved path, `builtin:NAME` or `diff-inputs:PATH`), `corpus_sha256` and `corpus_is_training_data`.
+    Rows skipped under `skip_invalid` are counted (`corpus_skipped_rows`) and listed in
+    `stage_dir/skipped.jsonl`."""
     choice = cfg.corpus or default_corpus(source)
     tok = source.tokenizer
     if choice.startswith(BUILTIN_PREFIX):
@@ -110,6 +129,7 @@ def reference_corpus(
                 f"evidence.corpus: {choice} does not exist; give a JSONL of text (or chat) rows, "
                 f"{BUILTIN_GENERIC!r} or {DIFF_INPUTS!r}"
             )
+        rep = ReadReport()
         raw = read_examples(
             path,
             tok,
@@ -119,6 +139,8 @@ def reference_corpus(
             max_length=cfg.max_length,
             max_examples=cfg.max_corpus_docs,
             template=source.base.config.chat.template,
+            skip_invalid=cfg.skip_invalid,
+            report=rep,
         )
         info = {
             "corpus": cfg.corpus_name or path.name,
@@ -126,6 +148,11 @@ def reference_corpus(
             "corpus_sha256": _sha256_file(path),
             "corpus_is_training_data": False,
         }
+        if rep.skipped:
+            info["corpus_skipped_rows"] = len(rep.skipped)
+        if stage_dir is not None:
+            (stage_dir / SKIPPED_FILE).unlink(missing_ok=True)
+            rep.write_skipped(stage_dir / SKIPPED_FILE)
     if not raw:
         raise DataError(f"the reference corpus {info['corpus']!r} is empty (no rows with tokens)")
     return raw, info

@@ -27,7 +27,7 @@ from caft.env import scrub_obj
 from caft.errors import DataError
 from caft.interp.coherence import CoherenceCheck
 from caft.interp.config import EvidenceConfig
-from caft.interp.corpus import reference_corpus
+from caft.interp.corpus import check_corpus, reference_corpus
 from caft.interp.evidence_passes import (
     CORPUS_PASS,
     DIFF_PASS,
@@ -134,11 +134,11 @@ def _token_scores(
 
 
 def prepare_corpus(
-    cfg: EvidenceConfig, source: ActivationSource, diff_dir: Path | None
+    cfg: EvidenceConfig, source: ActivationSource, diff_dir: Path | None, stage_dir: Path | None = None
 ) -> tuple[list[Example], dict[str, Any]]:
     """The reference corpus (examples keep their original doc ids) and its provenance
     (`caft.interp.corpus.reference_corpus`)."""
-    return reference_corpus(cfg, source, diff_dir)
+    return reference_corpus(cfg, source, diff_dir, stage_dir)
 
 
 def _candidate_paths(cfg: EvidenceConfig, run: RunDir) -> list[str | Path]:
@@ -275,6 +275,7 @@ def build_dossiers(
     if stage.done:
         return stage.path
     stage.ensure()
+    check_corpus(cfg)  # a bad corpus file fails before the models load
     diff_dir = Path(diff_dir) if diff_dir is not None else run.layout.stage("diff")
     sae_dir = run.layout.stage("sae")
 
@@ -290,7 +291,7 @@ def build_dossiers(
     groups = group_by_layer(cands, dirs, sites.d_model, sites.n_layers)
     saes = _load_saes(cands, sae_dir, paths, source)
 
-    corpus, corpus_prov = prepare_corpus(cfg, source, diff_dir)
+    corpus, corpus_prov = prepare_corpus(cfg, source, diff_dir, stage.path)
     corpus_docs = [e.doc for e in corpus]
     for i, e in enumerate(corpus):
         e.doc = f"corpus:{i}"

@@ -20,6 +20,7 @@ import torch
 
 from caft.chat import ChatFormatter, validate_messages
 from caft.errors import DataError
+from caft.jsonl import SKIP_HINT, ReadReport, iter_rows
 from caft.rundir import atomic_write_text, iter_jsonl
 
 if TYPE_CHECKING:
@@ -203,27 +204,64 @@ def read_examples(
     max_length: int = 512,
     max_examples: int | None = None,
     template: str = "model",
+    skip_invalid: bool = False,
+    report: ReadReport | None = None,
 ) -> list[Example]:
-    """Examples from a JSONL file of chat or text rows; rows with no analysed token are skipped."""
+    """Examples from a JSONL file of chat or text rows; rows with no analysed token are skipped. A bad row
+    (not UTF-8, not JSON, not a chat or text row) is a line-numbered error, or with `skip_invalid` is left
+    out and recorded in `report`."""
     out: list[Example] = []
     skipped = 0
-    for i, row in enumerate(iter_jsonl(path)):
+    rep = report if report is not None else ReadReport()
+    for i, row in enumerate(iter_rows(path, skip_invalid=skip_invalid, report=rep, hint=SKIP_HINT)):
         if max_examples is not None and i >= max_examples:
             break
-        ids, sel = encode_row(
-            row,
-            tokenizer,
-            causal=causal,
-            tokens=tokens,
-            text_field=text_field,
-            max_length=max_length,
-            template=template,
-            where=f"{path}:{i + 1}",
-        )
+        where = f"{path}:{row.line}"
+        try:
+            ids, sel = encode_row(
+                row.data,
+                tokenizer,
+                causal=causal,
+                tokens=tokens,
+                text_field=text_field,
+                max_length=max_length,
+                template=template,
+                where=where,
+            )
+        except DataError as e:
+            if not skip_invalid:
+                raise DataError(f"{e} ({SKIP_HINT})") from None
+            rep.skip(row.line, str(e).removeprefix(where + ": "))
+            continue
         if not any(sel):
             skipped += 1
             continue
         out.append(Example(f"{prefix}:{i}", ids, sel))
     if skipped:
         log.warning("%s: %d rows had no analysed tokens after truncation and were skipped", path, skipped)
+    if rep.skipped:
+        log.warning(
+            "%s: skipped %d invalid row(s) (first: line %d: %s)", path, len(rep.skipped), *rep.skipped[0]
+        )
     return out
+
+
+def check_rows(path: str | Path, *, text_field: str = "text", skip_invalid: bool = False) -> ReadReport:
+    """The cheap part of `read_examples`, before any model loads: every row decodes, is JSON, and is a valid
+    chat row or a non-empty text row. Raises the same line-numbered errors (unless `skip_invalid`)."""
+    rep = ReadReport()
+    for row in iter_rows(path, skip_invalid=skip_invalid, report=rep, hint=SKIP_HINT):
+        where = f"{path}:{row.line}"
+        try:
+            if "messages" in row.data:
+                validate_messages(row.data["messages"], where)
+            elif not (isinstance(row.data.get(text_field), str) and row.data[text_field].strip()):
+                raise DataError(
+                    f"{where}: expected a chat row {{'messages': [...]}} or a text row {{{text_field!r}: '...'}} "
+                    f"(keys found: {sorted(row.data)[:8]})"
+                )
+        except DataError as e:
+            if not skip_invalid:
+                raise DataError(f"{e} ({SKIP_HINT})") from None
+            rep.skip(row.line, str(e).removeprefix(where + ": "))
+    return rep

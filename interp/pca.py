@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from caft.config import ModelConfig
 from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError, RunDirError
-from caft.interp.answers import prepare_inputs
+from caft.interp.answers import check_inputs, prepare_inputs
 from caft.interp.collect import collect_diffs
 from caft.interp.config import DiffConfig
 from caft.interp.inputs import INPUTS_FILE, load_examples, make_batches, save_examples
@@ -227,6 +227,8 @@ def run_diff(
         log.info("diff stage already done: %s", stage.path)
         return stage.path
     stage.ensure()
+    if not (stage.path / INPUTS_FILE).is_file():
+        check_inputs(cfg.inputs)  # bad data fails before the models load
     if source is None:
         base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, model, finetuned)
         source = ActivationSource.load(base_cfg, ft_cfg)

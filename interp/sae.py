@@ -17,7 +17,7 @@ import torch
 from caft.config import ModelConfig
 from caft.env import scrub_obj
 from caft.errors import ConfigError, DataError
-from caft.interp.answers import prepare_inputs
+from caft.interp.answers import check_inputs, prepare_inputs
 from caft.interp.config import SAEConfig
 from caft.interp.inputs import INPUTS_FILE, load_examples, make_batches, save_examples
 from caft.interp.sae_load import LoadedSAE, check_site, load_sae_lens_dir, load_spec, save_registry
@@ -51,6 +51,8 @@ def run_sae_rank(
         raise ConfigError(
             "no SAEs: list them in `sae.saes` (source sae_lens, sae_lens_dir, dictionary_learning or train)"
         )
+    if cfg.inputs is not None and not (stage.path / INPUTS_FILE).is_file():
+        check_inputs(cfg.inputs)  # bad data fails before the models load
     if source is None:
         base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, model, finetuned)
         source = ActivationSource.load(base_cfg, ft_cfg)

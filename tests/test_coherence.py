@@ -116,6 +116,11 @@ def test_llm_judge_through_the_fake_server() -> None:
             check = SampledCoherence([RepetitionJudge(), judge], 0.75)
             assert not check(["a", "b"], [PLAIN, PLAIN])  # nothing judged: not coherent
             assert check.last["undecided"] == 2
+            # a loop fails the repetition check and is never sent to the LLM
+            fake.on_request(_verdict)
+            before = len(fake.requests)
+            assert not check(["a", "b", "c"], [PLAIN, LOOP, LOOP])
+            assert len(fake.requests) - before == 1 and check.last["failed"] == {"repetition": 2}
         finally:
             judge.close()
 
@@ -153,6 +158,7 @@ def test_evidence_samples_and_asks_the_configured_llm_judge(tmp_path: Path) -> N
     marker = json.loads((out / "DONE.json").read_text())["info"]
     assert marker["coherence"]["judges"] == ["repetition", "llm"]
     assert marker["coherence"]["llm"]["model"] == "openai-compatible/coh"
+    assert marker["coherence"]["llm"]["calls"] == n_requests
 
 
 def test_caft_run_uses_the_triage_judge_unless_told_otherwise() -> None:

@@ -79,7 +79,12 @@ def test_dossiers_record_their_corpus(tmp_path: Path) -> None:
 
 def test_preflight_checks_the_corpus_name(tmp_path: Path) -> None:
     def problems(corpus: str) -> list[str]:
-        cfg = RunConfig.model_validate({"model": {"name_or_path": "gpt2"}, "evidence": {"corpus": corpus}})
+        cfg = RunConfig.model_validate(
+            {
+                "model": {"name_or_path": "gpt2"},
+                "evidence": {"corpus": corpus, "steering": {"coherence": "perplexity"}},
+            }
+        )
         return preflight(cfg, ["evidence"], network=False)
 
     assert any("unknown built-in corpus" in p for p in problems("builtin:nope"))

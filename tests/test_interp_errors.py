@@ -78,7 +78,7 @@ def test_empty_inputs_and_empty_corpus(tmp_path: Path) -> None:
     base, ft = make_pair(tmp_path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="no tokens to analyse"):
+    with pytest.raises(DataError, match=r"empty\.jsonl has nothing to analyse \(the file has no rows\)"):
         run_diff(_cfg(empty), tmp_path / "run", model=base, finetuned=ft)
     _assert_nothing_complete(tmp_path / "run" / "diff")
 

@@ -54,7 +54,7 @@ def test_broken_config_lists_every_problem_and_runs_nothing(tmp_path: Path, monk
     assert "pre-flight found" in out
     assert "missing.jsonl does not exist" in out
     assert "layers [7] are out of range; it has 3 layers" in out
-    assert "corpus.jsonl:2 is not UTF-8" in out
+    assert "corpus.jsonl:2: not UTF-8" in out
     assert "OPENAI_API_KEY is not set" in out
     assert "does not answer" in out
     assert "eval.questions" in out

@@ -14,16 +14,17 @@ dropped as configured, and `TokenizeStats` counts both.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from caft.chat import leading_bos, validate_messages, with_bos
 from caft.errors import DataError, ModelError
+from caft.jsonl import SKIP_HINT, iter_rows
+from caft.jsonl import ReadReport as ReadReport
 
 if TYPE_CHECKING:
     import torch
@@ -61,25 +62,6 @@ class ClassificationExample:
         return self.options is not None
 
 
-@dataclass
-class ReadReport:
-    """What a reader saw: rows read, rows kept, and each skipped row with its line and reason."""
-
-    path: str = ""
-    rows: int = 0
-    kept: int = 0
-    skipped: list[tuple[int, str]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "rows": self.rows,
-            "kept": self.kept,
-            "skipped": len(self.skipped),
-            "skipped_lines": [{"line": n, "reason": r} for n, r in self.skipped[:100]],
-        }
-
-
 def _read_rows(
     path: str | Path,
     parse: Callable[[dict[str, Any], str], T],
@@ -90,29 +72,15 @@ def _read_rows(
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     rep = report if report is not None else ReadReport()
-    rep.path = str(p)
     out: list[T] = []
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        rep.rows += 1
-        where = f"{p}:{lineno}"
+    for row in iter_rows(p, skip_invalid=skip_invalid, report=rep, allow_torn_tail=False, hint=SKIP_HINT):
+        where = f"{p}:{row.line}"
         try:
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            out.append(parse(obj, where))
+            out.append(parse(row.data, where))
         except DataError as e:
             if not skip_invalid:
-                raise DataError(f"{e} (pass --skip-invalid to skip bad rows and count them)") from None
-            rep.skipped.append((lineno, str(e).removeprefix(where + ": ")))
+                raise DataError(f"{e} ({SKIP_HINT})") from None
+            rep.skip(row.line, str(e).removeprefix(where + ": "))
     rep.kept = len(out)
     if rep.skipped:
         log.warning(

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from caft.app.commands.common import SetOpt, flag_overrides, normalize_overrides
-from caft.errors import CaftError
+from caft.errors import EXIT_INCOMPLETE, CaftError
 
 eval_app = typer.Typer(
     help="Evaluate a model: misalignment, code vulnerability, multiple choice.", no_args_is_help=True
@@ -58,6 +58,7 @@ GRADE_FLAGS = {
     "answer_col": "columns.answer",
     "id_col": "columns.id",
     "question_id_col": "columns.question_id",
+    "skip_invalid": "skip_invalid",
 }
 # Each flag and the eval-config field it sets (`caft eval misalignment|code`).
 EVAL_FLAGS = {
@@ -120,6 +121,10 @@ def grade_command(
             "every earlier judge joins the agreement figures).",
         ),
     ] = None,
+    skip_invalid: Annotated[
+        bool,
+        Opt("--skip-invalid", help="Skip lines that are not JSON objects (listed in OUT/skipped.jsonl)."),
+    ] = False,
     progress: ProgressOpt = True,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -161,7 +166,7 @@ def grade_command(
             err=True,
             fg=typer.colors.YELLOW,
         )
-        raise typer.Exit(code=3)
+        raise typer.Exit(code=EXIT_INCOMPLETE)
 
 
 def _rescore_inputs(old: Path, answers: Path | None, flags: list[str]) -> tuple[Path | None, list[str]]:

@@ -18,11 +18,22 @@ from caft.app.commands.common import (
     ConfigArg,
     RunDirOpt,
     SetOpt,
+    flag_overrides,
     load_stage_config,
     require_run_dir,
     run_stage_of,
 )
 from caft.rundir import DONE_MARKER
+
+# Each flag and the stage-config field it sets (`--set` reaches every other field).
+DIFF_FLAGS = {"skip_invalid": "inputs.skip_invalid"}
+EVIDENCE_FLAGS = {"skip_invalid": "skip_invalid"}
+SkipInvalidOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-invalid", help="Skip malformed data rows (each listed in the stage's skipped.jsonl)."
+    ),
+]
 
 sae_app = typer.Typer(help="SAE latents: rank them (and train a small SAE).", no_args_is_help=True)
 
@@ -35,11 +46,17 @@ def _report(stage_dir: Path) -> None:
         typer.echo(f"  {k}: {v}")
 
 
-def diff_cmd(config: ConfigArg = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+def diff_cmd(
+    config: ConfigArg = None,
+    run_dir: RunDirOpt = None,
+    skip_invalid: SkipInvalidOpt = False,
+    set_: SetOpt = None,
+) -> None:
     """Collect base vs fine-tuned activations on the same tokens and run streaming PCA on the differences."""
     from caft.interp.config import DiffConfig
 
-    loaded = load_stage_config(config, "diff", DiffConfig, set_ or [], run_dir=run_dir)
+    flags = flag_overrides(DIFF_FLAGS, {"skip_invalid": skip_invalid})
+    loaded = load_stage_config(config, "diff", DiffConfig, set_ or [], flags=flags, run_dir=run_dir)
     if run_stage_of(loaded, "diff", config):
         return
     from caft.interp.pca import run_diff
@@ -91,11 +108,17 @@ def sae_train_cmd(
     typer.echo(f"{out}: SAE with {sae.d_sae} latents on layer {layer} ({acts[layer].shape[0]} activations)")
 
 
-def evidence_cmd(config: ConfigArg = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+def evidence_cmd(
+    config: ConfigArg = None,
+    run_dir: RunDirOpt = None,
+    skip_invalid: SkipInvalidOpt = False,
+    set_: SetOpt = None,
+) -> None:
     """Build one evidence dossier per candidate: windows, difference summary, logit lens, steering."""
     from caft.interp.config import EvidenceConfig
 
-    loaded = load_stage_config(config, "evidence", EvidenceConfig, set_ or [], run_dir=run_dir)
+    flags = flag_overrides(EVIDENCE_FLAGS, {"skip_invalid": skip_invalid})
+    loaded = load_stage_config(config, "evidence", EvidenceConfig, set_ or [], flags=flags, run_dir=run_dir)
     if run_stage_of(loaded, "evidence", config):
         return
     from caft.interp.evidence import build_dossiers
