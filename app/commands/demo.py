@@ -1,5 +1,6 @@
-"""`caft demo [CONFIG] [--set a.b=c] [--task ...] [--seeds N] [--conditions ...] [--out DIR]`: the offline MiniLM
-spurious-correlation demo, run through the same pipeline as `caft run`. Light at import."""
+"""`caft demo [CONFIG] [--set a.b=c] [--task ...] [--seeds N] [--conditions ...] [--model M] [--form F] [--out DIR]`:
+the offline spurious-correlation demo (MiniLM, or a causal LM in multiple-choice form), run through the same
+pipeline as `caft run`. Light at import."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def demo_command(
     set_: SetOpt = None,
 ) -> None:
     """Replicate the paper's spurious-correlation result offline on all-MiniLM-L6-v2: plain fine-tuning,
-    PCA on differences, evidence, offline judge, CAFT, and the baselines; prints ID / OOD accuracy."""
+    PCA on differences, evidence, offline judge, CAFT, and the baselines; prints ID / OOD accuracy. With
+    --model (e.g. gemma-3-270m) the same run on a causal LM, the task as multiple choice."""
     from caft.app.demo import DemoConfig, format_table, run_demo
     from caft.config import apply_overrides, read_yaml, validate_config
 
