@@ -132,6 +132,12 @@ def run_command(
     no_check: Annotated[
         bool, typer.Option("--no-check", help="Skip the pre-flight check of judges, data and models.")
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="A dataset folder in the spurious format (docs/demo.md): classification."
+        ),
+    ] = None,
 ) -> None:
     """Run every stage of a CAFT run from one config: train -> diff (+ sae) -> evidence -> triage -> caft ->
     eval -> report. Finished stages with unchanged inputs are skipped, partial ones resume, stages whose inputs
@@ -143,7 +149,12 @@ def run_command(
     from caft.config import load_config
     from caft.rundir import SUMMARY_FILE
 
-    cfg = load_config(config, RunConfig, set_ or [])
+    extra: list[str] = []
+    if data is not None:
+        from caft.app.demo import dataset_overrides
+
+        extra = dataset_overrides(data)
+    cfg = load_config(config, RunConfig, [*extra, *(set_ or [])])
     summary = run_pipeline(
         cfg, from_stage=from_stage, only=only, config_source=str(config), check=not no_check
     )

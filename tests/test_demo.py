@@ -182,3 +182,36 @@ def test_demo_runs_offline_end_to_end_on_minilm(tmp_path: Path, minilm_dir: Path
     # a rerun resumes: every stage is found finished, results are identical
     again = run_demo(out=tmp_path, config=cfg)
     assert again["per_seed"] == report["per_seed"]
+
+
+def test_demo_and_run_take_a_user_dataset_folder(tmp_path: Path) -> None:
+    """`caft demo --data DIR` / `caft run --data DIR`: any folder in the spurious format, files renamed in
+    meta.json; a folder without meta.json or with a missing file is refused with the file named."""
+    from caft.app.demo import dataset_files, dataset_overrides
+    from caft.app.run_config import RunConfig
+    from caft.app.spurious import write_spurious
+    from caft.config import apply_overrides
+    from caft.errors import DataError
+
+    data = tmp_path / "mine"
+    write_spurious("topic-sentiment", data, seed=1, sizes={"train": 20, "val": 8, "ood": 8, "corpus": 6})
+    (data / "ood.jsonl").rename(data / "shifted.jsonl")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["files"]["ood"] = "shifted.jsonl"
+    (data / "meta.json").write_text(json.dumps(meta))
+    cfg = DemoConfig(model_path=str(_fake_encoder(tmp_path)), data=str(data))
+    rc = demo_run_config(cfg, tmp_path / "seed0", 0)
+    assert rc.train.data.path == str(data / "train.jsonl") and rc.task == str(data / "task.yaml")
+    assert rc.classification.ood == str(data / "shifted.jsonl") and rc.evidence.corpus == str(
+        data / "corpus.jsonl"
+    )
+    base = {"model": {"name_or_path": "m", "kind": "encoder"}, "train": {"objective": "encoder_classifier"}}
+    run = RunConfig.model_validate(apply_overrides(base, dataset_overrides(data)))
+    assert run.task_kind == "classification" and run.classification.ood == str(data / "shifted.jsonl")
+    assert run.train.data.path == str(data / "train.jsonl")
+    (data / "corpus.jsonl").unlink()
+    with pytest.raises(DataError, match=r"missing corpus \(corpus.jsonl\)"):
+        dataset_files(data)
+    (data / "meta.json").unlink()
+    with pytest.raises(DataError, match="no meta.json"):
+        dataset_files(data)

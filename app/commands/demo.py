@@ -1,4 +1,4 @@
-"""`caft demo [CONFIG] [--set a.b=c] [--task ...] [--seeds N] [--conditions ...] [--out DIR]`: the offline MiniLM
+"""`caft demo [CONFIG] [--set a.b=c] [--task ... | --data DIR] [--seeds N] [--conditions ...] [--out DIR]`: the offline MiniLM
 spurious-correlation demo, run through the same pipeline as `caft run`. Light at import."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import typer
 
 from caft.app.commands.common import ConfigArg, SetOpt, flag_overrides, normalize_overrides
 
-DEMO_FLAGS = {"task": "task", "seeds": "seeds", "conditions": "conditions"}
+DEMO_FLAGS = {"task": "task", "seeds": "seeds", "conditions": "conditions", "data": "data"}
 
 
 def demo_command(
@@ -23,6 +23,12 @@ def demo_command(
         str | None,
         typer.Option("--conditions", help="Comma-separated: plain,caft,random,topk,test_time,oracle."),
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="Your dataset folder in the spurious format (docs/demo.md) instead of --task."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder (a rerun resumes).")] = Path("caft-demo"),
     set_: SetOpt = None,
 ) -> None:
@@ -34,6 +40,7 @@ def demo_command(
     values = {
         "task": task,
         "seeds": seeds,
+        "data": data,
         "conditions": [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
     }
     overrides = [*flag_overrides(DEMO_FLAGS, values), *normalize_overrides(set_ or [], "demo", DemoConfig)]
