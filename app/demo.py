@@ -428,6 +428,27 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
         }
         for seed, r in per_seed.items()
     ]
+    from caft.app.report_evidence import run_evidence
+
+    evidence = {seed: run_evidence(Path(out) / f"seed{seed}" / RUN_DIR) for seed in per_seed}
+    spread = [
+        {
+            "name": name,
+            "ood": " / ".join(f"{v:.1%}" for v in vals),
+            "mean": f"{statistics.fmean(vals):.1%}",
+            "sd": f"{statistics.stdev(vals):.1%}" if len(vals) > 1 else "-",
+            "range": f"{min(vals):.1%} - {max(vals):.1%}",
+        }
+        for cond, name in zip(summary, groups, strict=True)
+        if (vals := [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)])
+    ]
+    commits = sorted(
+        {
+            str(e["git"].get("commit")) + (" (dirty)" if e["git"].get("dirty") else "")
+            for e in evidence.values()
+            if e.get("git")
+        }
+    )
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(
         (resources.files("caft.app") / "templates" / "demo.html.j2").read_text(encoding="utf-8")
@@ -439,6 +460,10 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
         picks=picks,
         timings=list(report.get("timings_s", {}).items()),
         wall_s=report.get("wall_s"),
+        spread=spread,
+        evidence=[(seed, e) for seed, e in evidence.items() if e],
+        commits=commits,
+        config=json.dumps(report.get("config", {}), indent=1, sort_keys=True),
     )
     path = Path(out) / "report.html"
     atomic_write_text(path, page)
