@@ -12,8 +12,8 @@ Inputs: a dataset folder in caft's spurious format (`docs/demo.md`: val / ood ro
    the direction's layer, mean-pooled over each row's tokens) with the cue and with the label, on the val and
    OOD rows balanced so that each (label, cue) cell has the same count: there the two concepts vary
    independently. "Truly undesired": |r_cue| >= `r_cue` (0.3) and |r_intended| < `r_intended` (0.2).
-3. Scores: the undesired score (mean undesired confidence over a direction's verdicts, 0 for other
-   relations) gives the AUROC; "flagged" (undesired at the threshold used, before the per-layer limits) and
+3. Scores: the undesired score (the offline judge's calibrated z; for LLM judges the mean undesired
+   confidence over a direction's verdicts, 0 for other relations) gives the AUROC; "flagged" (undesired at the threshold used, before the per-layer limits) and
    "selected" (after them) give precision and recall on the candidates and the false-positive rate on the
    held-out random directions. Top-k by variance with the same count per layer is the reference row.
 
@@ -283,6 +283,15 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def undesired_score(records: Sequence[Any], policy: Any) -> float:
+    """A direction's undesired score for the AUROC: the offline judge's calibrated z (mean over records), else
+    the mean undesired confidence (0 for other relations; relevance with `score: relevance`)."""
+    zs = [float(r.scores["z"]) for r in records if "z" in r.scores]
+    if zs:
+        return statistics.fmean(zs)
+    return control_score(records, policy) or 0.0
+
+
 def _pr(picked: set[str], truth: set[str]) -> dict[str, float | int | None]:
     hit = len(picked & truth)
     return {
@@ -436,7 +445,7 @@ def _score(
     cand_ids = [d.candidate.id for d in cands]
     held_ids = [d.candidate.id for d in held]
     true_ids = {c for c in cand_ids if undesired(c)}
-    score = {c: control_score(by_id.get(c, []), policy) or 0.0 for c in [*cand_ids, *held_ids]}
+    score = {c: undesired_score(by_id.get(c, []), policy) for c in [*cand_ids, *held_ids]}
     counts: dict[int, int] = defaultdict(int)
     layer_of = {d.candidate.id: d.candidate.layer for d in [*cands, *held]}
     for c in selected & set(cand_ids):
