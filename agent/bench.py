@@ -445,6 +445,9 @@ def _score(
     cand_ids = [d.candidate.id for d in cands]
     held_ids = [d.candidate.id for d in held]
     true_ids = {c for c in cand_ids if undesired(c)}
+    carriers = {
+        c for c in cand_ids if abs(truth[c]["r_cue"]) >= cfg.r_cue
+    }  # the cue, with or without the label
     score = {c: undesired_score(by_id.get(c, []), policy) for c in [*cand_ids, *held_ids]}
     counts: dict[int, int] = defaultdict(int)
     layer_of = {d.candidate.id: d.candidate.layer for d in [*cands, *held]}
@@ -480,6 +483,13 @@ def _score(
         "flagged": _pr(flagged & set(cand_ids), true_ids),
         "selected": _pr(selected & set(cand_ids), true_ids),
         "topk_matched": _pr(topk, true_ids),
+        "cue_carriers": {
+            "definition": f"|r_cue| >= {cfg.r_cue} (whatever r_intended)",
+            "n": len(carriers),
+            "auroc": auroc([score[c] for c in cand_ids], [c in carriers for c in cand_ids]),
+            "selected": _pr(selected & set(cand_ids), carriers),
+            "topk_matched": _pr(topk, carriers),
+        },
         "random_heldout": {
             "n": len(held_ids),
             "flagged": len(flagged & set(held_ids)),
@@ -487,6 +497,8 @@ def _score(
             "fpr_flagged": len(flagged & set(held_ids)) / len(held_ids) if held_ids else None,
             "fpr_selected": len(selected & set(held_ids)) / len(held_ids) if held_ids else None,
             "mean_score": statistics.fmean(score[c] for c in held_ids) if held_ids else None,
+            "truly_undesired": sum(undesired(c) for c in held_ids),
+            "selected_truly_undesired": sum(undesired(c) for c in selected & set(held_ids)),
         },
         "selected_per_layer": dict(sorted(counts.items())),
         "directions": rows,
@@ -528,6 +540,14 @@ def format_bench(r: dict[str, Any]) -> str:
         f"AUROC of the undesired score (candidates): {_f(r['auroc'])}; truly undesired against held-out "
         f"random: {_f(r['auroc_vs_random'])}; mean score of random directions {_f(rh['mean_score'])}.",
     ]
+    cc = r["cue_carriers"]
+    lines.append(
+        f"Cue carriers ({cc['definition']}): {cc['n']}; AUROC {_f(cc['auroc'])}; the judge's selection "
+        f"precision {_f(cc['selected']['precision'], True)} / recall {_f(cc['selected']['recall'], True)}, "
+        f"top-k {_f(cc['topk_matched']['precision'], True)} / {_f(cc['topk_matched']['recall'], True)}. "
+        f"Held-out random directions that are themselves truly undesired: {rh['truly_undesired']} "
+        f"({rh['selected_truly_undesired']} of them selected)."
+    )
     cal = r.get("calibration")
     if cal:
         lines.append(
