@@ -3,7 +3,9 @@ best windows, its contrast figures (when the dossier has them), its score agains
 per-layer counts; the config and git commit. Read from a finished run folder; feeds the demo's report page.
 
 "Score against the controls": the undesired score on the judge's own scale (the offline judge's z, else the
-undesired confidence of the verdict) and the share of random control directions scoring at least as high.
+undesired confidence of the verdict) and how many random control directions score at least as high (LLM
+judges record their control verdicts; for the offline judge, whose z is already against the controls, the
+controls' mean and sd of the raw score).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def run_evidence(run_dir: str | Path, n_close: int = CLOSE_REJECTED) -> dict[str
     for r in iter_jsonl(ver_path):
         if isinstance(r, dict) and isinstance(r.get("candidate"), str):
             recs.setdefault(r["candidate"], r)
-    is_control = {c for c in recs if ":null" in c}
+    is_control = {c for c in recs if ":null" in c}  # the triage stage's random controls (vec:L<l>:null<i>)
     control_scores = [s for c in is_control if (s := _score(recs[c])) is not None]
     picked = [c["candidate"] for c in selection.get("selected", [])]
     scored = sorted(
@@ -92,7 +94,14 @@ def run_evidence(run_dir: str | Path, n_close: int = CLOSE_REJECTED) -> dict[str
         s = _score(rec) if rec else None
         d = _dossier(run, cid) or {}
         n_max, n_min = WINDOWS_SHOWN
-        above = sum(x >= s for x in control_scores) if s is not None else None
+        above = sum(x >= s for x in control_scores) if s is not None and control_scores else None
+        sc = rec.get("scores") or {}
+        if above is not None:
+            vs = f"{above} of {len(control_scores)} controls at or above"
+        elif "null_mean" in sc and "null_std" in sc:  # the offline judge keeps the controls' mean and sd
+            vs = f"controls' mean {sc['null_mean']:+.3f}, sd {sc['null_std']:.3f}"
+        else:
+            vs = "-"
         return {
             "id": cid,
             "layer": (d.get("candidate") or {}).get("layer"),
@@ -101,7 +110,7 @@ def run_evidence(run_dir: str | Path, n_close: int = CLOSE_REJECTED) -> dict[str
             "relation": (v or {}).get("relation", ""),
             "confidence": (v or {}).get("confidence"),
             "score": None if s is None else round(s, 3),
-            "controls_above": None if above is None else f"{above} of {len(control_scores)}",
+            "controls_above": vs,
             "max": [_words(w) for w in (d.get("max_examples") or [])[:n_max]],
             "min": [_words(w) for w in (d.get("min_examples") or [])[:n_min]],
             "contrast": _contrast(d),

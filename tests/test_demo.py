@@ -271,7 +271,7 @@ def test_report_shows_the_evidence_of_selected_and_close_rejected_directions(tmp
     page = write_demo_report(report, tmp_path).read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "<code>pc:L1:0</code><br>selected" in page and "<code>pc:L2:3</code><br>rejected" in page
-    assert "0 of 3" in page and "1 of 3" in page  # pc:L1:0 (z 2.5) beats every control; pc:L2:3 (0.9) one
-    assert "Selected per layer: L1: 1." in page and "Random controls: 3" in page
+    assert "0 of 3 controls" in page and "1 of 3 controls" in page  # z 2.5 beats every control; 0.9 one
+    assert "Selected per layer: L1: 1." in page and "Random controls judged: 3" in page
     assert "<b>destroy</b>" in page and "abc123" in page
     assert "70.0%" in page and "28.3%" in page  # CAFT mean OOD and its sd over the two seeds
