@@ -395,6 +395,13 @@ def run_bench(cfg: BenchConfig, provider: Provider | None = None) -> dict[str, A
         field = "relevance_threshold" if policy.score == "relevance" else "threshold"
         policy = policy.model_copy(update={field: sel.calibration["threshold"]})
     report = _score(cfg, cands, held, truth, by_id, sel, policy)
+    own = run / "triage" / "selection.json"
+    if (
+        own.is_file()
+    ):  # the selection the run trained with (all controls calibrating): the downstream subspace
+        picked = {c["candidate"] for c in json.loads(own.read_text(encoding="utf-8")).get("selected", [])}
+        true_ids = {r["id"] for r in report["directions"] if r["truly_undesired"] and not r["random"]}
+        report["run_selection"] = _pr(picked & {d.candidate.id for d in cands}, true_ids)
     report |= {
         "judge": res.summary.get("judge"),
         "out": str(out),
@@ -531,7 +538,10 @@ def format_bench(r: dict[str, Any]) -> str:
         ("judge: undesired at the threshold (flagged)", "flagged", ("flagged", "fpr_flagged")),
         ("judge: selected (after the per-layer limits)", "selected", ("selected", "fpr_selected")),
         ("top PCs by variance, same count per layer", "topk_matched", None),
+        ("the run's own selection (the subspace it trained with)", "run_selection", None),
     ):
+        if key not in r:
+            continue
         m = r[key]
         f = f"{rh[fpr[0]]} ({_f(rh[fpr[1]], True)})" if fpr else "-"
         lines.append(f"| {name} | {m['n']} | {_f(m['precision'], True)} | {_f(m['recall'], True)} | {f} |")
