@@ -12,8 +12,8 @@ Inputs: a dataset folder in caft's spurious format (`docs/demo.md`: val / ood ro
    the direction's layer, mean-pooled over each row's tokens) with the cue and with the label, on the val and
    OOD rows balanced so that each (label, cue) cell has the same count: there the two concepts vary
    independently. "Truly undesired": |r_cue| >= `r_cue` (0.3) and |r_intended| < `r_intended` (0.2).
-3. Scores: the undesired score (mean undesired confidence over a direction's verdicts, 0 for other
-   relations) gives the AUROC; "flagged" (undesired at the threshold used, before the per-layer limits) and
+3. Scores: the undesired score (the offline judge's calibrated z; for LLM judges the mean undesired
+   confidence over a direction's verdicts, 0 for other relations) gives the AUROC; "flagged" (undesired at the threshold used, before the per-layer limits) and
    "selected" (after them) give precision and recall on the candidates and the false-positive rate on the
    held-out random directions. Top-k by variance with the same count per layer is the reference row.
 
@@ -283,6 +283,15 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def undesired_score(records: Sequence[Any], policy: Any) -> float:
+    """A direction's undesired score for the AUROC: the offline judge's calibrated z (mean over records), else
+    the mean undesired confidence (0 for other relations; relevance with `score: relevance`)."""
+    zs = [float(r.scores["z"]) for r in records if "z" in r.scores]
+    if zs:
+        return statistics.fmean(zs)
+    return control_score(records, policy) or 0.0
+
+
 def _pr(picked: set[str], truth: set[str]) -> dict[str, float | int | None]:
     hit = len(picked & truth)
     return {
@@ -386,6 +395,13 @@ def run_bench(cfg: BenchConfig, provider: Provider | None = None) -> dict[str, A
         field = "relevance_threshold" if policy.score == "relevance" else "threshold"
         policy = policy.model_copy(update={field: sel.calibration["threshold"]})
     report = _score(cfg, cands, held, truth, by_id, sel, policy)
+    own = run / "triage" / "selection.json"
+    if (
+        own.is_file()
+    ):  # the selection the run trained with (all controls calibrating): the downstream subspace
+        picked = {c["candidate"] for c in json.loads(own.read_text(encoding="utf-8")).get("selected", [])}
+        true_ids = {r["id"] for r in report["directions"] if r["truly_undesired"] and not r["random"]}
+        report["run_selection"] = _pr(picked & {d.candidate.id for d in cands}, true_ids)
     report |= {
         "judge": res.summary.get("judge"),
         "out": str(out),
@@ -436,7 +452,10 @@ def _score(
     cand_ids = [d.candidate.id for d in cands]
     held_ids = [d.candidate.id for d in held]
     true_ids = {c for c in cand_ids if undesired(c)}
-    score = {c: control_score(by_id.get(c, []), policy) or 0.0 for c in [*cand_ids, *held_ids]}
+    carriers = {
+        c for c in cand_ids if abs(truth[c]["r_cue"]) >= cfg.r_cue
+    }  # the cue, with or without the label
+    score = {c: undesired_score(by_id.get(c, []), policy) for c in [*cand_ids, *held_ids]}
     counts: dict[int, int] = defaultdict(int)
     layer_of = {d.candidate.id: d.candidate.layer for d in [*cands, *held]}
     for c in selected & set(cand_ids):
@@ -471,6 +490,13 @@ def _score(
         "flagged": _pr(flagged & set(cand_ids), true_ids),
         "selected": _pr(selected & set(cand_ids), true_ids),
         "topk_matched": _pr(topk, true_ids),
+        "cue_carriers": {
+            "definition": f"|r_cue| >= {cfg.r_cue} (whatever r_intended)",
+            "n": len(carriers),
+            "auroc": auroc([score[c] for c in cand_ids], [c in carriers for c in cand_ids]),
+            "selected": _pr(selected & set(cand_ids), carriers),
+            "topk_matched": _pr(topk, carriers),
+        },
         "random_heldout": {
             "n": len(held_ids),
             "flagged": len(flagged & set(held_ids)),
@@ -478,6 +504,8 @@ def _score(
             "fpr_flagged": len(flagged & set(held_ids)) / len(held_ids) if held_ids else None,
             "fpr_selected": len(selected & set(held_ids)) / len(held_ids) if held_ids else None,
             "mean_score": statistics.fmean(score[c] for c in held_ids) if held_ids else None,
+            "truly_undesired": sum(undesired(c) for c in held_ids),
+            "selected_truly_undesired": sum(undesired(c) for c in selected & set(held_ids)),
         },
         "selected_per_layer": dict(sorted(counts.items())),
         "directions": rows,
@@ -510,7 +538,10 @@ def format_bench(r: dict[str, Any]) -> str:
         ("judge: undesired at the threshold (flagged)", "flagged", ("flagged", "fpr_flagged")),
         ("judge: selected (after the per-layer limits)", "selected", ("selected", "fpr_selected")),
         ("top PCs by variance, same count per layer", "topk_matched", None),
+        ("the run's own selection (the subspace it trained with)", "run_selection", None),
     ):
+        if key not in r:
+            continue
         m = r[key]
         f = f"{rh[fpr[0]]} ({_f(rh[fpr[1]], True)})" if fpr else "-"
         lines.append(f"| {name} | {m['n']} | {_f(m['precision'], True)} | {_f(m['recall'], True)} | {f} |")
@@ -519,6 +550,14 @@ def format_bench(r: dict[str, Any]) -> str:
         f"AUROC of the undesired score (candidates): {_f(r['auroc'])}; truly undesired against held-out "
         f"random: {_f(r['auroc_vs_random'])}; mean score of random directions {_f(rh['mean_score'])}.",
     ]
+    cc = r["cue_carriers"]
+    lines.append(
+        f"Cue carriers ({cc['definition']}): {cc['n']}; AUROC {_f(cc['auroc'])}; the judge's selection "
+        f"precision {_f(cc['selected']['precision'], True)} / recall {_f(cc['selected']['recall'], True)}, "
+        f"top-k {_f(cc['topk_matched']['precision'], True)} / {_f(cc['topk_matched']['recall'], True)}. "
+        f"Held-out random directions that are themselves truly undesired: {rh['truly_undesired']} "
+        f"({rh['selected_truly_undesired']} of them selected)."
+    )
     cal = r.get("calibration")
     if cal:
         lines.append(

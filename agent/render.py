@@ -50,6 +50,7 @@ __all__ = [
 PROMPTS_PACKAGE = "caft.prompts"
 PROMPTS_DIR = "agent"
 
+_TRAILING = ".,;:!?)\"'"
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
 
@@ -127,8 +128,9 @@ def render_window(w: Window, highlight_min: int) -> str:
     parts: list[str] = []
     for word in window_words(w):
         clean = escape_untrusted(word.text)
-        if word.scaled >= highlight_min and clean.strip():
-            parts.append(f"{HIGHLIGHT_OPEN}{clean}|{word.scaled}{HIGHLIGHT_CLOSE}")
+        core = clean.rstrip(_TRAILING)  # trailing punctuation stays outside the mark
+        if word.scaled >= highlight_min and core.strip():
+            parts.append(f"{HIGHLIGHT_OPEN}{core}|{word.scaled}{HIGHLIGHT_CLOSE}{clean[len(core) :]}")
         else:
             parts.append(clean)
     return " ".join(parts).replace("\n", "⏎")

@@ -143,6 +143,12 @@ def run_command(
             help="Skip malformed rows of the training data, diff inputs and evidence corpus (counted, listed).",
         ),
     ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="A dataset folder in the spurious format (docs/demo.md): classification."
+        ),
+    ] = None,
 ) -> None:
     """Run every stage of a CAFT run from one config: train -> diff (+ sae) -> evidence -> triage -> caft ->
     eval -> report. Finished stages with unchanged inputs are skipped, partial ones resume, stages whose inputs
@@ -155,6 +161,10 @@ def run_command(
     from caft.rundir import SUMMARY_FILE
 
     flags = [f"{path}=true" for path in RUN_SKIP_INVALID] if skip_invalid else []
+    if data is not None:
+        from caft.app.demo import dataset_overrides
+
+        flags += dataset_overrides(data)
     cfg = load_config(config, RunConfig, [*flags, *(set_ or [])])
     summary = run_pipeline(
         cfg, from_stage=from_stage, only=only, config_source=str(config), check=not no_check

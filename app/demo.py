@@ -88,6 +88,10 @@ class DemoConfig(CaftConfig):
     layers: list[int] | None = None
     """Layers analysed and ablated; None: every layer for the encoder, every third from the third for a
     causal LM."""
+    data: str | None = None
+    """A dataset folder in the spurious format (docs/demo.md) used for every seed instead of generating
+    `task` (each seed then varies the initialization only); the oracle row is skipped (it needs a separate
+    probe set)."""
 
     @field_validator("conditions")
     @classmethod
@@ -98,6 +102,60 @@ class DemoConfig(CaftConfig):
                 f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(CONDITIONS)}"
             )
         return v
+
+
+DATASET_FILES = {
+    "train": "train.jsonl",
+    "val": "val.jsonl",
+    "ood": "ood.jsonl",
+    "corpus": "corpus.jsonl",
+    "task": "task.yaml",
+}
+"""The files of a dataset folder in the spurious format, by role (meta.json's `files` may rename them)."""
+
+
+def dataset_files(folder: str | Path) -> dict[str, Path]:
+    """The files of a dataset folder in the spurious format (docs/demo.md), checked: meta.json with
+    `label_names` and `cue_names`, every file present, and the first rows of train / val / ood labelled."""
+    from caft.app.spurious import read_rows
+    from caft.errors import DataError
+
+    root = Path(folder)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"{root}: no meta.json; a dataset folder holds train/val/ood/corpus JSONL, task.yaml and "
+            "meta.json (format in docs/demo.md; `caft data spurious --out DIR` writes an example)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{meta_path} is not JSON: {e}") from None
+    missing_keys = [k for k in ("label_names", "cue_names") if not isinstance(meta.get(k), list)]
+    if missing_keys:
+        raise DataError(f"{meta_path} needs the lists {missing_keys} (names of label values 0, 1, ...)")
+    names = {**DATASET_FILES, **(meta.get("files") or {})}
+    files = {role: root / str(names[role]) for role in DATASET_FILES}
+    missing = [f"{role} ({p.name})" for role, p in files.items() if not p.is_file()]
+    if missing:
+        raise DataError(f"{root}: missing {', '.join(missing)}")
+    for role in ("train", "val", "ood"):
+        if not read_rows(files[role]):
+            raise DataError(f"{files[role]} holds no rows")
+    return files
+
+
+def dataset_overrides(folder: str | Path) -> list[str]:
+    """`--set` overrides that point a classification run config at a dataset folder (`caft run --data`)."""
+    f = dataset_files(folder)
+    return [
+        "task_kind=classification",
+        f"task={json.dumps(str(f['task']))}",
+        f"train.data.path={json.dumps(str(f['train']))}",
+        f"evidence.corpus={json.dumps(str(f['corpus']))}",
+        f"classification.val={json.dumps(str(f['val']))}",
+        f"classification.ood={json.dumps(str(f['ood']))}",
+    ]
 
 
 def _base_model(cfg: DemoConfig) -> ModelConfig:
@@ -125,9 +183,12 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
     from caft.training.config import build_train_config
 
     root = Path(seed_dir)
-    data = root / "data"
+    if cfg.data is not None:
+        files = dataset_files(cfg.data)
+    else:  # written by run_seed before the run starts
+        files = {role: root / "data" / name for role, name in DATASET_FILES.items()}
     model = _base_model(cfg)
-    train_path = str(data / "train.jsonl")
+    train_path = str(files["train"])
     want = set(cfg.conditions)
     return RunConfig(
         name=f"demo-{cfg.task}-seed{seed}",
@@ -135,7 +196,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
         seed=seed,
         task_kind="classification",
         model=model,
-        task=str(data / "task.yaml"),
+        task=str(files["task"]),
         train=build_train_config(
             "encoder",
             values={
@@ -154,7 +215,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             batch_size=64,
         ),
         evidence=EvidenceConfig(
-            corpus=str(data / "corpus.jsonl"),
+            corpus=str(files["corpus"]),
             top_k=cfg.top_k_windows,
             diff_summary=False,
             logit_lens=False,
@@ -170,8 +231,8 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],
         classification=ClassificationEvalConfig(
-            val=str(data / "val.jsonl"),
-            ood=str(data / "ood.jsonl"),
+            val=str(files["val"]),
+            ood=str(files["ood"]),
             test_time_baseline="test_time" in want,
             batch_size=EVAL_BATCH,
         ),
@@ -258,7 +319,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
 
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    if not (data / "meta.json").is_file():
+    if cfg.data is None and not (data / "meta.json").is_file():
         t = time.perf_counter()
         if cfg.model is None:
             write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes)
@@ -273,7 +334,9 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
         timings[name] = timings.get(name, 0.0) + float(stage.get("seconds", 0.0))
     results = seed_results(run_cfg.out_dir, summary)
     atomic_write_json(out / RESULTS_FILE, results)  # the pipeline's figures survive an oracle failure
-    if "oracle" in cfg.conditions and cfg.model is None:  # the probe reads an encoder
+    if "oracle" in cfg.conditions and cfg.data is not None:
+        log.info("seed %d: no oracle row for a user dataset (it needs a separate probe set)", seed)
+    elif "oracle" in cfg.conditions and cfg.model is None:  # the probe reads an encoder
         t = time.perf_counter()
         results["oracle"] = _run_oracle(cfg, run_cfg, out, seed)
         timings["oracle"] = timings.get("oracle", 0.0) + time.perf_counter() - t
@@ -300,7 +363,7 @@ def run_demo(
         per_seed[str(s)] = run_seed(cfg, root / f"seed{s}", s, timings)
     summary = summarize(per_seed)
     report = {
-        "task": cfg.task,
+        "task": cfg.task if cfg.data is None else f"{Path(cfg.data).name} (dataset folder {cfg.data})",
         "seeds": cfg.seeds,
         "config": cfg.model_dump(mode="json"),
         "per_seed": per_seed,
@@ -392,6 +455,27 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
         }
         for seed, r in per_seed.items()
     ]
+    from caft.app.report_evidence import run_evidence
+
+    evidence = {seed: run_evidence(Path(out) / f"seed{seed}" / RUN_DIR) for seed in per_seed}
+    spread = [
+        {
+            "name": name,
+            "ood": " / ".join(f"{v:.1%}" for v in vals),
+            "mean": f"{statistics.fmean(vals):.1%}",
+            "sd": f"{statistics.stdev(vals):.1%}" if len(vals) > 1 else "-",
+            "range": f"{min(vals):.1%} - {max(vals):.1%}",
+        }
+        for cond, name in zip(summary, groups, strict=True)
+        if (vals := [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)])
+    ]
+    commits = sorted(
+        {
+            str(e["git"].get("commit")) + (" (dirty)" if e["git"].get("dirty") else "")
+            for e in evidence.values()
+            if e.get("git")
+        }
+    )
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     template = env.from_string(
         (resources.files("caft.app") / "templates" / "demo.html.j2").read_text(encoding="utf-8")
@@ -403,6 +487,10 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
         picks=picks,
         timings=list(report.get("timings_s", {}).items()),
         wall_s=report.get("wall_s"),
+        spread=spread,
+        evidence=[(seed, e) for seed, e in evidence.items() if e],
+        commits=commits,
+        config=json.dumps(report.get("config", {}), indent=1, sort_keys=True),
     )
     path = Path(out) / "report.html"
     atomic_write_text(path, page)

@@ -228,3 +228,95 @@ def test_demo_on_a_causal_lm_runs_multiple_choice_with_one_ablation_mode(tmp_pat
     if row["k"]:
         summary = json.loads((run / "eval" / "test_time" / "summary.json").read_text())
         assert summary["test_time_ablation"]["mode"] == "mean" and "test_time" in row
+
+
+def test_demo_and_run_take_a_user_dataset_folder(tmp_path: Path) -> None:
+    """`caft demo --data DIR` / `caft run --data DIR`: any folder in the spurious format, files renamed in
+    meta.json; a folder without meta.json or with a missing file is refused with the file named."""
+    from caft.app.demo import dataset_files, dataset_overrides
+    from caft.app.run_config import RunConfig
+    from caft.app.spurious import write_spurious
+    from caft.config import apply_overrides
+    from caft.errors import DataError
+
+    data = tmp_path / "mine"
+    write_spurious("topic-sentiment", data, seed=1, sizes={"train": 20, "val": 8, "ood": 8, "corpus": 6})
+    (data / "ood.jsonl").rename(data / "shifted.jsonl")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["files"]["ood"] = "shifted.jsonl"
+    (data / "meta.json").write_text(json.dumps(meta))
+    cfg = DemoConfig(model_path=str(_fake_encoder(tmp_path)), data=str(data))
+    rc = demo_run_config(cfg, tmp_path / "seed0", 0)
+    assert rc.train.data.path == str(data / "train.jsonl") and rc.task == str(data / "task.yaml")
+    assert rc.classification.ood == str(data / "shifted.jsonl") and rc.evidence.corpus == str(
+        data / "corpus.jsonl"
+    )
+    base = {"model": {"name_or_path": "m", "kind": "encoder"}, "train": {"objective": "encoder_classifier"}}
+    run = RunConfig.model_validate(apply_overrides(base, dataset_overrides(data)))
+    assert run.task_kind == "classification" and run.classification.ood == str(data / "shifted.jsonl")
+    assert run.train.data.path == str(data / "train.jsonl")
+    (data / "corpus.jsonl").unlink()
+    with pytest.raises(DataError, match=r"missing corpus \(corpus.jsonl\)"):
+        dataset_files(data)
+    (data / "meta.json").unlink()
+    with pytest.raises(DataError, match="no meta.json"):
+        dataset_files(data)
+
+
+def test_report_shows_the_evidence_of_selected_and_close_rejected_directions(tmp_path: Path) -> None:
+    """Each seed's selected and closest rejected directions with readable windows, their score against the
+    random controls, the per-layer counts, the spread over seeds and the commit; corpus text stays escaped."""
+    from caft.interp.schema import dossier_filename
+    from caft.testing.dossiers import make_dossier
+
+    run = tmp_path / "seed0" / "run"
+    (run / "evidence" / "dossiers").mkdir(parents=True)
+    evil = make_dossier("pc:L1:0", 1, "evil", injection="<script>x</script>")
+    close = make_dossier("pc:L2:3", 2, "weather", index=3)
+    for d in (evil, close):
+        (run / "evidence" / "dossiers" / dossier_filename(d.candidate.id)).write_text(d.model_dump_json())
+    (run / "triage").mkdir()
+    sel = {
+        "selected": [{"candidate": "pc:L1:0", "layer": 1, "label": "evil"}],
+        "policy": {},
+        "calibration": None,
+    }
+    (run / "triage" / "selection.json").write_text(json.dumps(sel))
+
+    def rec(cid: str, z: float, relation: str) -> str:
+        v = {
+            "label": cid,
+            "relation": relation,
+            "confidence": 0.7,
+            "evidence": [],
+            "description": "",
+            "rationale": "",
+        }
+        return json.dumps({"candidate": cid, "verdict": v, "scores": {"z": z}}) + "\n"
+
+    lines = [
+        rec("pc:L1:0", 2.5, "undesired"),
+        rec("pc:L2:3", 0.9, "unrelated"),
+        rec("pc:L2:4", -1.0, "intended"),
+    ]
+    lines += [rec(f"vec:L1:null{i}", z, "unrelated") for i, z in enumerate([1.0, 0.2, -0.5])]
+    (run / "triage" / "verdicts.jsonl").write_text("".join(lines))
+    (run / "manifest.json").write_text(json.dumps({"git": {"commit": "abc123", "dirty": False}}))
+    per_seed = {
+        "0": {"plain": {"val": 1.0, "ood": 0.1}, "caft": {"val": 1.0, "ood": 0.9}, "selected": []},
+        "1": {"plain": {"val": 1.0, "ood": 0.3}, "caft": {"val": 1.0, "ood": 0.5}, "selected": []},
+    }
+    report = {
+        "task": "t",
+        "seeds": 2,
+        "summary": summarize(per_seed),
+        "per_seed": per_seed,
+        "config": {"seeds": 2},
+    }
+    page = write_demo_report(report, tmp_path).read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "<code>pc:L1:0</code><br>selected" in page and "<code>pc:L2:3</code><br>rejected" in page
+    assert "0 of 3 controls" in page and "1 of 3 controls" in page  # z 2.5 beats every control; 0.9 one
+    assert "Selected per layer: L1: 1." in page and "Random controls judged: 3" in page
+    assert "<b>destroy</b>" in page and "abc123" in page
+    assert "70.0%" in page and "28.3%" in page  # CAFT mean OOD and its sd over the two seeds

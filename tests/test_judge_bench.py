@@ -15,6 +15,7 @@ from caft.agent.bench import (
     balanced,
     correlations,
     labelled_rows,
+    replay_provider,
     run_bench,
     split_random,
 )
@@ -156,6 +157,10 @@ def test_bench_scores_a_judge_against_correlations(tmp_path: Path, tiny_encoder:
         "| judge: selected (after the per-layer limits) | 2 |" in table
         and "| caft | 100.0% | 90.0% |" in table
     )
+    # the recorded replies replay through the mock provider: the same verdicts, no live judge
+    replay = replay_provider(tmp_path / "bench" / "triage" / "exchanges.jsonl")
+    again = run_bench(cfg.model_copy(update={"out": str(tmp_path / "again")}), provider=replay)
+    assert again["selected"] == report["selected"] and again["auroc"] == report["auroc"]
 
 
 def test_correlations_use_the_layer_output_mean_pooled(tmp_path: Path, tiny_encoder: Path) -> None:

@@ -128,3 +128,40 @@ def test_llm_judge_threshold_comes_from_its_scores_on_controls(
     saved = json.loads((res.out_dir / "selection.json").read_text())
     assert saved["calibration"]["threshold"] == cal["threshold"]
     assert res.summary["calibration"] == cal and res.summary["controls"]["undesired"] <= 1
+
+
+def test_agent_session_is_blind_and_maps_ids_back(tmp_path: Path) -> None:
+    """The agent's overview and tool results show opaque ids and layers only; a verdict recorded under an
+    opaque id lands in verdicts.jsonl under the real candidate id, and a control mixed in stays a control."""
+    import asyncio
+
+    from caft.agent.loop import AgentSession
+    from caft.llm import LLMClient, MockProvider
+
+    ds = [make_dossier("pc:L1:0", 1, "evil"), make_dossier("vec:L1:null0", 1, "weather")]
+    shown = blind_aliases([d.candidate.id for d in ds], seed=0)
+    call = {
+        "name": "record_verdict",
+        "arguments": {"candidate": shown["pc:L1:0"], **verdict_for("evil").model_dump()},
+    }
+    script = [
+        {
+            "tool_calls": [
+                {"id": "a", "name": "get_examples", "arguments": {"candidate": shown["vec:L1:null0"]}}
+            ]
+        },
+        {"tool_calls": [{"id": "b", **call}]},
+        {"tool_calls": [{"id": "c", "name": "finish", "arguments": {"selected": [shown["pc:L1:0"]]}}]},
+    ]
+    provider = MockProvider("agent", script)
+    session = AgentSession(LLMClient(provider, max_retries=0), TASK, ds, TriageConfig(kind="agent"), tmp_path)
+    overview = session.overview({})
+    for leak in LEAKS:
+        assert leak not in overview, leak
+    assert shown["pc:L1:0"] in overview and "(layer 1)" in overview
+    outcome = asyncio.run(session.run())
+    assert outcome.finished and outcome.chosen == ["pc:L1:0"]
+    recs = [json.loads(x) for x in (tmp_path / "verdicts.jsonl").read_text().splitlines()]
+    assert [r["candidate"] for r in recs] == ["pc:L1:0"]
+    tool_result = provider.calls[1][0][-1].content
+    assert shown["vec:L1:null0"] in tool_result and "null" not in tool_result and "peak " not in tool_result

@@ -139,6 +139,12 @@ def triage(
             f"stopped early: {s['stopped']} (results so far are kept; rerun to resume)",
             fg=typer.colors.YELLOW,
         )
+    cal = s.get("calibration")
+    if cal:
+        typer.echo(
+            f"threshold {cal.get('threshold')} from {cal.get('controls')} random controls (alpha {cal.get('alpha')}; "
+            f"policy {cal.get('policy_threshold')}; controls at or above it: {cal.get('control_fpr')})"
+        )
     if result.selection.selected:
         typer.echo(
             f"selected {len(result.selection.selected)} directions -> {result.out_dir / 'selection.json'}"

@@ -1,6 +1,6 @@
-"""`caft demo [CONFIG] [--set a.b=c] [--task ...] [--seeds N] [--conditions ...] [--model M] [--form F] [--out DIR]`:
-the offline spurious-correlation demo (MiniLM, or a causal LM in multiple-choice form), run through the same
-pipeline as `caft run`. Light at import."""
+"""`caft demo [CONFIG] [--set a.b=c] [--task ... | --data DIR] [--seeds N] [--conditions ...] [--model M] [--form F]
+[--out DIR]`: the offline spurious-correlation demo (MiniLM, or a causal LM in multiple-choice form), run through the
+same pipeline as `caft run`. Light at import."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import typer
 
 from caft.app.commands.common import ConfigArg, SetOpt, flag_overrides, normalize_overrides
 
-DEMO_FLAGS = {"task": "task", "seeds": "seeds", "conditions": "conditions", "model": "model", "form": "form"}
+DEMO_FLAGS = {
+    "task": "task",
+    "seeds": "seeds",
+    "conditions": "conditions",
+    "model": "model",
+    "form": "form",
+    "data": "data",
+}
 
 
 def demo_command(
@@ -31,6 +38,12 @@ def demo_command(
     form: Annotated[
         str | None, typer.Option("--form", help="Causal LM: single | double (multiple-choice form).")
     ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data", help="Your dataset folder in the spurious format (docs/demo.md) instead of --task."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Output folder (a rerun resumes).")] = Path("caft-demo"),
     set_: SetOpt = None,
 ) -> None:
@@ -43,6 +56,7 @@ def demo_command(
     values = {
         "task": task,
         "seeds": seeds,
+        "data": data,
         "conditions": [c.strip() for c in conditions.split(",") if c.strip()] if conditions else None,
         "model": model,
         "form": form,
