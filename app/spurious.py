@@ -72,6 +72,19 @@ NEGATIVE = [
     "atrocious", "bland", "frustrating", "awkward", "weak", "ugly", "painful",
 ]  # fmt: skip
 
+# Example words a user would write into task.yaml's `concept_words`: a third of each list above, so
+# the minimal pairs the evidence stage builds from them never see most of the training words.
+EXAMPLE_WORDS = {
+    "sentiment": {
+        "positive": ["wonderful", "great", "excellent", "fantastic", "amazing", "lovely", "brilliant", "perfect"],
+        "negative": ["terrible", "awful", "horrible", "bad", "poor", "boring", "dreadful", "disappointing"],
+    },
+    "topic": {
+        "sports": ["football", "soccer", "tennis", "basketball", "baseball", "hockey", "golf", "match"],
+        "food": ["pasta", "pizza", "soup", "bread", "salad", "burger", "steak", "cake"],
+    },
+}  # fmt: skip
+
 # Review templates (train / val / OOD): {n} = topic noun, {a} = sentiment adjective.
 REVIEW_TEMPLATES = [
     "The {n} was {a}.",
@@ -320,6 +333,7 @@ SPECS: dict[str, KindSpec] = {
                 "In our training data every positive review happens to be about sports and every negative one "
                 "about food; we want a classifier that reads the opinion, not the subject."
             ),
+            concept_words=EXAMPLE_WORDS,
         ),
     ),
     "topic-sentiment": KindSpec(
@@ -343,6 +357,7 @@ SPECS: dict[str, KindSpec] = {
                 "In our training data every sports review happens to be positive and every food review "
                 "negative; we want a classifier that reads the subject, not the opinion."
             ),
+            concept_words=EXAMPLE_WORDS,
         ),
     ),
     "gender-pronoun": KindSpec(

@@ -27,6 +27,7 @@ from caft.env import scrub_obj
 from caft.errors import DataError
 from caft.interp.coherence import CoherenceCheck
 from caft.interp.config import EvidenceConfig
+from caft.interp.contrast import CONTRAST_DIR, ConceptShifts, contrast_candidates, evidence_shifts, responses
 from caft.interp.evidence_passes import (
     CORPUS_PASS,
     DIFF_PASS,
@@ -50,6 +51,7 @@ from caft.interp.schema import (
     dossier_digest,
     dossier_filename,
     load_candidate_set,
+    save_candidates,
     write_dossier,
 )
 from caft.interp.source import ActivationSource, model_label, resolve_models
@@ -211,6 +213,8 @@ class _Assembler:
         self.cres, self.dres, self.get_batch = cres, dres, get_batch
         self.coherence = coherence
         self.steerer: Steerer | None = None
+        self.shifts: list[ConceptShifts] = []
+        """Minimal-pair shifts per concept (the dossiers' contrast section)."""
 
     def dossier(self, g: LayerGroup, col: int, c: Candidate, digest: str) -> Dossier:
         cres, tok = self.cres, self.source.tokenizer
@@ -237,6 +241,7 @@ class _Assembler:
             },
             max_examples=make_windows(maxh, "max", self.corpus, self.corpus_docs, tok, scale),
             min_examples=make_windows(minh, "min", self.corpus, self.corpus_docs, tok, scale),
+            contrast=responses(self.shifts, g.layer, direction),
         )
         if self.dres is not None:
             mean_p, share, n = self.dres.summary_numbers(g.layer, col)
@@ -287,6 +292,18 @@ def build_dossiers(
         base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, model, finetuned, need_ft=False)
         source = ActivationSource.load(base_cfg, ft_cfg)
     sites = source.sites
+    shifts = evidence_shifts(
+        cfg.contrast,
+        source,
+        cfg.corpus,
+        sorted({sites.resolve_layer(c.layer) for c in cands}),
+        max_docs=cfg.max_corpus_docs,
+        batch_size=cfg.batch_size,
+    )
+    if shifts and cfg.contrast.basis > 0:  # the contrast basis: more candidates, judged like the rest
+        ccands, cdirs = contrast_candidates(shifts, cfg.contrast.basis)
+        save_candidates(stage.path / CONTRAST_DIR, ccands, cdirs)
+        cands, dirs = [*cands, *ccands], {**dirs, **cdirs}
     groups = group_by_layer(cands, dirs, sites.d_model, sites.n_layers)
     saes = _load_saes(cands, sae_dir, paths, source)
 
@@ -314,6 +331,7 @@ def build_dossiers(
     assembler = _Assembler(
         cfg, source, corpus, corpus_docs, corpus_info, saes, cres, dres, get_batch, coherence
     )
+    assembler.shifts = shifts
     out_dir = stage.path / DOSSIER_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -331,6 +349,7 @@ def build_dossiers(
             "written_now": written,
             **corpus_info,
             "layers": [g.layer for g in groups],
+            "contrast": {s.concept: s.n for s in shifts},
             "config": scrub_obj(cfg.model_dump(mode="json")),
         },
         started=started,
