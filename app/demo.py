@@ -53,7 +53,11 @@ class DemoConfig(CaftConfig):
     task: Literal["sentiment-topic", "topic-sentiment", "gender-pronoun"] = "sentiment-topic"
     """Which spurious-correlation task (caft.app.spurious)."""
     seeds: int = Field(default=1, gt=0)
-    """Seeds 0..N-1; each seed draws its own data and initialization."""
+    """Seeds first_seed..first_seed+N-1; each seed draws its own data and initialization."""
+    first_seed: int = Field(default=0, ge=0)
+    """The first seed (report on seeds that were not used to choose a rule)."""
+    loop_rounds: int = Field(default=0, ge=0)
+    """The closed loop after the CAFT fine-tune (`caft.loop_rounds`); 0 = off."""
     conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
     """Conditions to run (plain and caft always run: they are the pipeline's own models)."""
     sizes: dict[str, int] | None = None
@@ -100,7 +104,12 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
     training inputs, evidence on the generic corpus, the offline judge with the demo's selection policy,
     and the baselines of `cfg.conditions`."""
     from caft.agent.config import SelectionPolicy, TriageConfig
-    from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
+    from caft.app.run_config import (
+        BaselinesConfig,
+        CaftStageConfig,
+        ClassificationEvalConfig,
+        RunConfig,
+    )
     from caft.app.stages import model_n_layers
     from caft.interp.config import (
         ContrastConfig,
@@ -154,6 +163,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             controls_per_layer=cfg.null_per_layer,
             selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None),
         ),
+        caft=CaftStageConfig(loop_rounds=cfg.loop_rounds),
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],
         classification=ClassificationEvalConfig(
@@ -215,6 +225,17 @@ def _val_ood(mc: dict[str, Any]) -> dict[str, float]:
     return {"val": float(mc["id"]["rate"]), "ood": float(mc["ood"]["rate"])}
 
 
+def candidate_basis(cid: str) -> str:
+    """Which candidate basis an id comes from: `pca` (ft - base PCs), `contrast:<concept>`, `sae`, `vector`."""
+    if cid.startswith("pc:"):
+        return "pca"
+    if cid.startswith("sae:"):
+        return "sae"
+    if ":ct-" in cid:
+        return "contrast:" + cid.split(":ct-", 1)[1].rsplit("-", 1)[0]
+    return "vector"
+
+
 def seed_results(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
     """One seed's row of results.json from a finished pipeline run: {condition: {val, ood}} for every
     condition the eval stage measured, the judge's selection and `k` (the subspace's dimensions)."""
@@ -229,10 +250,19 @@ def seed_results(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]
             out[cond] = _val_ood(evals[row])
     selection = json.loads(layout.selection.read_text(encoding="utf-8"))
     out["selected"] = [
-        {"candidate": c["candidate"], "label": c.get("label"), "confidence": c.get("confidence")}
+        {
+            "candidate": c["candidate"],
+            "label": c.get("label"),
+            "confidence": c.get("confidence"),
+            "basis": candidate_basis(c["candidate"]),
+        }
         for c in selection["selected"]
     ]
     out["k"] = Subspace.load(layout.subspace).total_dims
+    loop = summary.get("stages", {}).get("caft", {}).get("loop")
+    if isinstance(loop, dict):
+        out["loop"] = loop.get("rounds", [])
+        out["k_final"] = loop.get("subspace_dims")
     return out
 
 
@@ -278,7 +308,7 @@ def run_demo(
     timings: dict[str, float] = {}
     per_seed: dict[str, Any] = {}
     started = time.perf_counter()
-    for s in range(cfg.seeds):
+    for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         per_seed[str(s)] = run_seed(cfg, root / f"seed{s}", s, timings)
     summary = summarize(per_seed)
     report = {
