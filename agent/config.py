@@ -121,6 +121,14 @@ class OfflineJudgeConfig(CaftConfig):
     """Fewest control dossiers at a layer to calibrate per layer; fewer pools the controls over all layers."""
     batch_size: int = Field(default=128, gt=0)
     """Texts per embedding batch."""
+    use_contrast: bool = False
+    """Score candidates by their dossiers' contrast section (minimal-pair responses to the task's
+    `concept_words`) where they have one, instead of by their windows: raw = |share| of the undesired
+    concepts minus `contrast_veto` x |share| of the intended ones, calibrated against the controls."""
+    contrast_veto: float = Field(default=1.0, ge=0)
+    """Weight of the response to intended concepts against a candidate (contrast scoring)."""
+    contrast_min_share: float = Field(default=0.0, ge=0, le=1)
+    """Contrast scoring: an undesired verdict also needs |share| of an undesired concept at least this."""
 
 
 class CalibrationConfig(CaftConfig):

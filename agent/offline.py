@@ -85,6 +85,8 @@ class CandidateScore:
     null_std: float = 1.0
     calibration: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    contrast_ids: frozenset[str] = frozenset()
+    """Concepts of the dossier's contrast section (what a contrast verdict may cite)."""
 
 
 def concept_terms(texts: Iterable[str]) -> list[str]:
@@ -175,6 +177,26 @@ class OfflineJudge:
         self.undesired_terms, self.intended_terms = task_terms(task)
         self._eu = self.embedder.embed(self.undesired_terms)  # (U, d)
         self._ei = self.embedder.embed(self.intended_terms)  # (I, d)
+        self._concept_margin: dict[str, float] = {}
+
+    def concept_margin(self, concept: str, values: Sequence[str] = ()) -> float:
+        """How undesired a named concept reads: the mean margin of its name, its values and its example
+        words (the task's `concept_words`). > 0: undesired, < 0: intended. The task description decides,
+        the concept words only name what varies."""
+        if concept not in self._concept_margin:
+            words = self.task.concept_words.get(concept, {})
+            texts = [concept, *(values or list(words)), *(w for ws in words.values() for w in ws)]
+            self._concept_margin[concept] = statistics.fmean(self.word_margins(texts))
+        return self._concept_margin[concept]
+
+    def contrast_shares(self, dossier: Dossier) -> tuple[float, float] | None:
+        """(largest |share| over the undesired concepts, over the intended ones) of the dossier's contrast
+        section; None when it has none or its concepts are all on one side."""
+        und = [abs(r.share) for r in dossier.contrast if self.concept_margin(r.concept, r.values) > 0]
+        itd = [abs(r.share) for r in dossier.contrast if self.concept_margin(r.concept, r.values) <= 0]
+        if not und:
+            return None
+        return max(und), max(itd, default=0.0)
 
     # ------------------------------------------------------------------ scoring
     def word_margins(self, words: Sequence[str]) -> list[float]:
@@ -205,7 +227,13 @@ class OfflineJudge:
             # a second end about the undesired concept adds (a contrast axis: food vs sports); an end
             # about the intended concept vetoes (a shortcut direction mixing both concepts)
             raw = hi + (self.config.both_ends * lo if lo > 0 else self.config.veto * lo)
-        return CandidateScore(dossier.candidate.id, dossier.candidate.layer, raw, top, bottom)
+        out = CandidateScore(dossier.candidate.id, dossier.candidate.layer, raw, top, bottom)
+        shares = self.contrast_shares(dossier) if self.config.use_contrast else None
+        if shares is not None:
+            out.raw = shares[0] - self.config.contrast_veto * shares[1]
+            out.extra = {"windows_raw": raw, "share_undesired": shares[0], "share_intended": shares[1]}
+            out.contrast_ids = frozenset(r.concept for r in dossier.contrast)
+        return out
 
     def score_all(
         self, dossiers: Sequence[Dossier], null_dossiers: Sequence[Dossier] = ()
@@ -250,7 +278,8 @@ class OfflineJudge:
     # ------------------------------------------------------------------ verdicts
     def verdict(self, s: CandidateScore) -> VerdictRecord:
         cfg = self.config
-        if s.z >= cfg.z_threshold:
+        weak = "share_undesired" in s.extra and s.extra["share_undesired"] < cfg.contrast_min_share
+        if s.z >= cfg.z_threshold and not weak:
             relation: Literal["undesired", "intended", "unrelated"] = "undesired"
             confidence = _sigmoid(s.z - cfg.z_threshold)
         elif s.z <= cfg.intended_z:
@@ -263,6 +292,8 @@ class OfflineJudge:
         strong = max((s.max_end, s.min_end), key=lambda e: e.score)
         label = _label(strong.words, relation)
         evidence = _cited(s.max_end) + _cited(s.min_end)
+        if "share_undesired" in s.extra:
+            evidence = [f"contrast:{c}" for c in sorted(s.contrast_ids)] + evidence
         desc = (
             f"Max windows peak on: {_top_words(s.max_end.words)}. "
             f"Min windows peak on: {_top_words(s.min_end.words)}."
@@ -272,6 +303,13 @@ class OfflineJudge:
             f"{s.max_end.score:+.3f}, min end {s.min_end.score:+.3f}; score {s.raw:+.3f} is {s.z:+.2f} sd from "
             f"{s.calibration} (mean {s.null_mean:+.3f}, sd {s.null_std:.3f}); threshold {cfg.z_threshold:+.2f}."
         )
+        if "share_undesired" in s.extra:
+            rationale = (
+                f"Minimal pairs: share of the undesired concepts' shift {s.extra['share_undesired']:.3f}, of the "
+                f"intended ones' {s.extra['share_intended']:.3f}; score {s.raw:+.3f} is {s.z:+.2f} sd from "
+                f"{s.calibration} (mean {s.null_mean:+.3f}, sd {s.null_std:.3f}); threshold "
+                f"{cfg.z_threshold:+.2f}. Windows: max end {s.max_end.score:+.3f}, min end {s.min_end.score:+.3f}."
+            )
         return VerdictRecord(
             candidate=s.candidate,
             judge=JUDGE_ID,
@@ -292,6 +330,7 @@ class OfflineJudge:
                 "min_end": s.min_end.score,
                 "null_mean": s.null_mean,
                 "null_std": s.null_std,
+                **s.extra,
             },
         )
 

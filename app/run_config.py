@@ -94,6 +94,17 @@ def penalty_name(coef: float) -> str:
     return f"penalty{coef:g}"
 
 
+class CaftStageConfig(CaftConfig):
+    """The `caft` stage: the fine-tune with the triage subspace ablated, and its optional closed loop."""
+
+    loop_rounds: int = Field(default=0, ge=0)
+    """After the CAFT fine-tune, rounds of: diff the CAFT model against the base on the training inputs,
+    evidence, judge, add the undesired directions to the subspace, fine-tune again (`caft.app.loop`). Stops
+    early when a round adds nothing. 0 = no loop."""
+    loop_components: int | None = Field(default=None, gt=0)
+    """PCs per layer in each round (None: `diff.n_components`)."""
+
+
 class RunConfig(CaftConfig):
     """A whole caft run: baseline fine-tune -> diff (+ SAE) -> evidence -> triage -> CAFT (+ baselines) -> eval ->
     report."""
@@ -124,6 +135,8 @@ class RunConfig(CaftConfig):
     triage: TriageConfig = Field(default_factory=TriageConfig)
     """The judge (`triage.kind`: single, agent or offline-embedding), its random controls, verdicts and the
     selected subspace."""
+    caft: CaftStageConfig = Field(default_factory=CaftStageConfig)
+    """The CAFT fine-tune's closed loop (`caft.loop_rounds`)."""
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     """Control fine-tunes (random subspace, top PCs) trained after the `caft` stage and evaluated with it."""
     eval: EvalConfig = Field(default_factory=EvalConfig)

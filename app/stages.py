@@ -42,6 +42,9 @@ class RunContext:
         """The model written by a training stage (`train` or `caft`): an adapter on the base, a full model, or
         a classifier folder."""
         final = self.path / stage / "final"
+        loop = _loop_record(self.path / stage) if stage == "caft" else None
+        if loop is not None:
+            final = Path(loop["final"])
         if not final.is_dir():
             raise RunDirError(
                 f"{final} does not exist: run the `{stage}` stage first (caft run --only {stage})"
@@ -56,6 +59,19 @@ class RunContext:
 
     def subspace_dir(self) -> Path:
         return self.path / "triage" / "subspace"
+
+    def final_subspace_dir(self) -> Path:
+        """The subspace the CAFT model was trained with: the closed loop's last one, else the triage's."""
+        loop = _loop_record(self.path / "caft")
+        if loop is not None and loop.get("subspace"):
+            return Path(loop["subspace"])
+        return self.subspace_dir()
+
+
+def _loop_record(caft_dir: Path) -> dict[str, Any] | None:
+    from caft.app.loop import read_loop
+
+    return read_loop(caft_dir)
 
 
 # ---- stages -------------------------------------------------------------------------------------------------
@@ -76,9 +92,8 @@ def stage_train(ctx: RunContext) -> dict[str, Any]:
     return {"final": str(res.final_path), "metrics": res.metrics}
 
 
-def stage_diff(ctx: RunContext) -> dict[str, Any]:
-    from caft.interp.pca import run_diff
-
+def diff_config(ctx: RunContext) -> Any:
+    """The diff config with the cross-stage defaults filled in (the training data as inputs)."""
     cfg = ctx.cfg.diff
     inputs = cfg.inputs
     if not inputs.data and not inputs.generate:
@@ -89,8 +104,14 @@ def stage_diff(ctx: RunContext) -> dict[str, Any]:
         inputs = inputs.model_copy(update={"data": [ctx.cfg.train.data.path]})
     if ctx.cfg.task_kind == "classification" and "tokens" not in inputs.model_fields_set:
         inputs = inputs.model_copy(update={"tokens": "all"})
-    cfg = cfg.model_copy(update={"inputs": inputs})
-    overlap = prompt_overlap(ctx.cfg, inputs.prompts, "diff") if inputs.generate else {}
+    return cfg.model_copy(update={"inputs": inputs})
+
+
+def stage_diff(ctx: RunContext) -> dict[str, Any]:
+    from caft.interp.pca import run_diff
+
+    cfg = diff_config(ctx)
+    overlap = prompt_overlap(ctx.cfg, cfg.inputs.prompts, "diff") if cfg.inputs.generate else {}
     folder = run_diff(cfg, ctx.path, model=ctx.cfg.model, finetuned=ctx.finetuned())
     return {**_marker_info(folder), **overlap}
 
@@ -154,6 +175,13 @@ def _candidate_dirs(ctx: RunContext) -> list[Path]:
     return ctx.run.layout.candidate_dirs()
 
 
+def contrast_dir(ctx: RunContext) -> Path:
+    """The evidence stage's contrast basis candidates (present when `evidence.contrast.basis` > 0)."""
+    from caft.interp.contrast import CONTRAST_DIR
+
+    return ctx.run.layout.stage("evidence") / CONTRAST_DIR
+
+
 def stage_evidence(ctx: RunContext) -> dict[str, Any]:
     from caft.interp.evidence import build_dossiers
 
@@ -165,10 +193,18 @@ def stage_evidence(ctx: RunContext) -> dict[str, Any]:
 
 
 def evidence_config(cfg: RunConfig, injected_judge: bool = False) -> Any:
-    """The evidence section, with the triage judge as the steering search's coherence judge when none is
-    set, the search's coherence is `auto` and triage uses an LLM (not when tests or demos inject a
-    scripted triage provider: its replies are not coherence verdicts)."""
+    """The evidence section with the cross-stage defaults filled in: the contrast concepts from the task's
+    `concept_words`, and the triage judge as the steering search's coherence judge when none is set, the
+    search's coherence is `auto` and triage uses an LLM (not when tests or demos inject a scripted triage
+    provider: its replies are not coherence verdicts)."""
     ev = cfg.evidence
+    task = cfg.triage.task or cfg.task
+    if ev.contrast.enabled and not ev.contrast.concepts and task is not None:
+        from caft.agent.task import load_task
+
+        words = load_task(task).concept_words
+        if words:
+            ev = ev.model_copy(update={"contrast": ev.contrast.model_copy(update={"concepts": words})})
     if ev.coherence_judge is not None or ev.steering.coherence == "perplexity" or not ev.steering.enabled:
         return ev
     if uses_offline_judge(cfg) or injected_judge:
@@ -192,7 +228,9 @@ def _build_controls(ctx: RunContext, n: int) -> Path:
     root = ctx.path / "triage" / CONTROLS_DIR
     cand_dir = write_random_candidates(root, d_model, sorted({c.layer for c in cands}), n, ctx.cfg.seed)
     ev = evidence_config(ctx.cfg, injected_judge=ctx.judge_provider is not None)
-    cfg = ev.model_copy(update={"candidates": [str(cand_dir)]})
+    cfg = ev.model_copy(
+        update={"candidates": [str(cand_dir)], "contrast": ev.contrast.model_copy(update={"basis": 0})}
+    )
     return build_dossiers(
         cfg, root, model=ctx.cfg.model, finetuned=ctx.finetuned(), diff_dir=ctx.run.layout.stage("diff")
     )
@@ -217,10 +255,14 @@ def _model_n_layers(ctx: RunContext) -> int | None:
     return None
 
 
-def stage_triage(ctx: RunContext) -> dict[str, Any]:
-    from caft.agent.judges import make_judge
-    from caft.agent.triage import run_triage
+def _direction_dirs(ctx: RunContext) -> list[Path]:
+    """Every folder whose directions the triage may select: the candidate stages and the contrast basis."""
+    extra = [contrast_dir(ctx)] if (contrast_dir(ctx) / DIRECTIONS_FILE).is_file() else []
+    return [*_candidate_dirs(ctx), *extra]
 
+
+def triage_config(ctx: RunContext) -> Any:
+    """The triage config with the run's task description as its default."""
     cfg = ctx.cfg.triage
     if cfg.task is None:
         if ctx.cfg.task is None:
@@ -228,6 +270,14 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
                 "the judge needs a task description: set `task` (or triage.task) in the run config"
             )
         cfg = cfg.model_copy(update={"task": ctx.cfg.task})
+    return cfg
+
+
+def stage_triage(ctx: RunContext) -> dict[str, Any]:
+    from caft.agent.judges import make_judge
+    from caft.agent.triage import run_triage
+
+    cfg = triage_config(ctx)
     judge = make_judge(cfg, provider=ctx.judge_provider)
     controls = _build_controls(ctx, judge.controls_per_layer) if judge.controls_per_layer > 0 else None
     res = run_triage(
@@ -235,7 +285,7 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
         ctx.run.layout.stage("evidence"),
         ctx.path / "triage",
         controls_dir=controls,
-        directions_path=[d / DIRECTIONS_FILE for d in _candidate_dirs(ctx)] or None,
+        directions_path=[d / DIRECTIONS_FILE for d in _direction_dirs(ctx)] or None,
         n_layers=_model_n_layers(ctx),
         judge=judge,
     )
@@ -266,7 +316,13 @@ def stage_caft(ctx: RunContext) -> dict[str, Any]:
             "the triage selected no directions: the CAFT stage equals plain fine-tuning with this seed"
         )
     res = train(_train_cfg(ctx), ctx.path / "caft", model=ctx.cfg.model, subspace=sub, resume=True)
-    return {"final": str(res.final_path), "metrics": res.metrics, "subspace_dims": sub.total_dims}
+    info = {"final": str(res.final_path), "metrics": res.metrics, "subspace_dims": sub.total_dims}
+    if ctx.cfg.caft.loop_rounds > 0:
+        from caft.app.loop import run_loop
+
+        loop = run_loop(ctx, sub, res.final_path)
+        info |= {"final": loop["final"], "subspace_dims": loop["subspace_dims"], "loop": loop}
+    return info
 
 
 BASELINES_DIR = "baselines"
@@ -424,7 +480,7 @@ def stage_baselines(ctx: RunContext) -> dict[str, Any]:
     sub: Subspace | None = None
     counts: dict[int, int] = {}
     if need_sub:
-        sub_dir = ctx.subspace_dir()
+        sub_dir = ctx.final_subspace_dir()
         if not sub_dir.is_dir():
             raise RunDirError(f"{sub_dir} does not exist: run the triage stage first")
         sub = Subspace.load(sub_dir)
@@ -536,7 +592,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
             cc.val,
             out / "test_time",
             ood_path=cc.ood,
-            subspace=ctx.subspace_dir(),
+            subspace=ctx.final_subspace_dir(),
             ablation_mode=ctx.cfg.train.ablation.mode,
             batch_size=cc.batch_size,
             ablation_means=ctx.path / "caft" / MEANS_FILE,  # read by mode `mean` only
@@ -548,7 +604,7 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
 def _nonempty_subspace(ctx: RunContext) -> bool:
     from caft.subspace import Subspace
 
-    sub_dir = ctx.subspace_dir()
+    sub_dir = ctx.final_subspace_dir()
     if not sub_dir.is_dir():
         return False
     if Subspace.load(sub_dir).is_empty:

@@ -200,6 +200,24 @@ class SteeringConfig(CaftConfig):
     """Which models generate the final steered and unsteered samples."""
 
 
+class ContrastConfig(CaftConfig):
+    """Minimal pairs from the task's concept words (`caft.interp.contrast`): a contrast section in every
+    dossier, and optionally a basis of contrast directions as extra candidates."""
+
+    enabled: bool = True
+    """Build the contrast section when there are concept words and a text corpus."""
+    concepts: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
+    """Concept -> {value -> example words}, two values each. Empty: the task description's `concept_words`
+    (filled in by `caft run`)."""
+    max_pairs: int = Field(default=512, gt=1)
+    """Most minimal pairs per concept."""
+    basis: int = Field(default=0, ge=0)
+    """Contrast directions per concept and layer added as candidates (`vec:L<l>:ct-<concept>-<i>`: the unit
+    mean shift, then the top PCs of the shifts); 0 = none. They are judged like every other candidate."""
+    seed: int = 0
+    """Seed of the word swaps."""
+
+
 class EvidenceConfig(CaftConfig):
     """Evidence dossiers: one JSON per candidate."""
 
@@ -254,3 +272,5 @@ class EvidenceConfig(CaftConfig):
     """Save the running top-k every this many batches (resume point)."""
     seed: int = 0
     """Sampling seed of the generations."""
+    contrast: ContrastConfig = Field(default_factory=ContrastConfig)
+    """Minimal-pair responses to the task's concepts (and an optional contrast basis)."""

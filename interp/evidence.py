@@ -27,6 +27,7 @@ from caft.env import scrub_obj
 from caft.errors import DataError
 from caft.interp.coherence import CoherenceCheck
 from caft.interp.config import EvidenceConfig
+from caft.interp.contrast import CONTRAST_DIR, ConceptShifts, contrast_candidates, evidence_shifts, responses
 from caft.interp.corpus import check_corpus, reference_corpus
 from caft.interp.evidence_passes import (
     CORPUS_PASS,
@@ -51,6 +52,7 @@ from caft.interp.schema import (
     dossier_digest,
     dossier_filename,
     load_candidate_set,
+    save_candidates,
     write_dossier,
 )
 from caft.interp.source import ActivationSource, model_label, resolve_models
@@ -200,6 +202,8 @@ class _Assembler:
         self.coherence = coherence
         self.steerer: Steerer | None = None
         self.detok = Detokenizer(source.tokenizer)
+        self.shifts: list[ConceptShifts] = []
+        """Minimal-pair shifts per concept (the dossiers' contrast section)."""
 
     def windows(self, hits: list[Hit], sign: str, scale: float) -> list[Window]:
         """The candidate's windows of one sign: near-duplicates dropped (`cfg.dedupe`), `cfg.top_k` kept."""
@@ -233,6 +237,7 @@ class _Assembler:
             },
             max_examples=self.windows(maxh, "max", scale),
             min_examples=self.windows(minh, "min", scale),
+            contrast=responses(self.shifts, g.layer, direction),
         )
         if self.dres is not None:
             mean_p, share, n = self.dres.summary_numbers(g.layer, col)
@@ -288,6 +293,18 @@ def build_dossiers(
         base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, model, finetuned, need_ft=False)
         source = ActivationSource.load(base_cfg, ft_cfg)
     sites = source.sites
+    shifts = evidence_shifts(
+        cfg.contrast,
+        source,
+        cfg.corpus,
+        sorted({sites.resolve_layer(c.layer) for c in cands}),
+        max_docs=cfg.max_corpus_docs,
+        batch_size=cfg.batch_size,
+    )
+    if shifts and cfg.contrast.basis > 0:  # the contrast basis: more candidates, judged like the rest
+        ccands, cdirs = contrast_candidates(shifts, cfg.contrast.basis)
+        save_candidates(stage.path / CONTRAST_DIR, ccands, cdirs)
+        cands, dirs = [*cands, *ccands], {**dirs, **cdirs}
     groups = group_by_layer(cands, dirs, sites.d_model, sites.n_layers)
     saes = _load_saes(cands, sae_dir, paths, source)
 
@@ -318,6 +335,7 @@ def build_dossiers(
     assembler = _Assembler(
         cfg, source, corpus, corpus_docs, corpus_info, saes, cres, dres, get_batch, coherence
     )
+    assembler.shifts = shifts
     out_dir = stage.path / DOSSIER_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -341,6 +359,7 @@ def build_dossiers(
             **corpus_info,
             "layers": [g.layer for g in groups],
             **coherence_info,
+            "contrast": {s.concept: s.n for s in shifts},
             "config": scrub_obj(cfg.model_dump(mode="json")),
         },
         started=started,

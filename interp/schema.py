@@ -145,6 +145,28 @@ class Steering(BaseModel):
     """Mean perplexity of the unsteered base generations (the reference of the coherence proxy)."""
 
 
+class ConceptResponse(BaseModel):
+    """How a direction responds to one concept of the task: the projections of minimal-pair activation shifts
+    (second value minus first, mean-pooled base activations; `caft.interp.contrast`)."""
+
+    id: str
+    """`contrast:<concept>`."""
+    concept: str
+    values: list[str]
+    """The concept's two values, in the order of the shift (first -> second)."""
+    mean: float
+    """Mean projection of the shifts on the direction."""
+    std: float
+    """Their standard deviation."""
+    n: int
+    """Minimal pairs."""
+    share: float
+    """`mean` over the length of the concept's mean shift: 1 when the direction is that shift, about
+    1/sqrt(d_model) for a random one."""
+    effect: float
+    """`mean / std`."""
+
+
 class Dossier(BaseModel):
     """Everything the judge sees about one candidate."""
 
@@ -158,6 +180,8 @@ class Dossier(BaseModel):
     diff: DiffSummary | None = None
     logit_lens: LogitLens | None = None
     steering: Steering | None = None
+    contrast: list[ConceptResponse] = Field(default_factory=list)
+    """The direction's response to each concept of the task's `concept_words` (empty when the task names none)."""
 
     def evidence_ids(self) -> set[str]:
         """Ids a verdict may cite."""
@@ -169,6 +193,7 @@ class Dossier(BaseModel):
         if self.steering is not None:
             ids.add(self.steering.id)
             ids |= {g.id for g in self.steering.generations}
+        ids |= {r.id for r in self.contrast}
         return ids
 
 

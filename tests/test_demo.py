@@ -10,6 +10,7 @@ import pytest
 
 from caft.app.demo import (
     DemoConfig,
+    candidate_basis,
     demo_run_config,
     format_table,
     run_demo,
@@ -138,7 +139,10 @@ def test_seed_results_are_built_from_the_pipeline_outputs(tmp_path: Path) -> Non
     row = seed_results(run, summary)
     assert row["plain"] == {"val": 1.0, "ood": 0.25} and row["caft"] == {"val": 1.0, "ood": 0.75}
     assert row["topk"] == {"val": 0.5, "ood": 0.5} and "random" not in row and "test_time" not in row
-    assert row["k"] == 3 and row["selected"] == [{"candidate": "pc:L1:0", "label": "food", "confidence": 0.9}]
+    assert row["k"] == 3 and row["selected"] == [
+        {"candidate": "pc:L1:0", "label": "food", "confidence": 0.9, "basis": "pca"}
+    ]
+    assert "loop" not in row
     table = format_table({"summary": summarize({"0": row}), "per_seed": {"0": row}})
     assert [line.split("  ")[0] for line in table.splitlines()[1:]] == [
         "plain fine-tuning",
@@ -320,3 +324,54 @@ def test_report_shows_the_evidence_of_selected_and_close_rejected_directions(tmp
     assert "Selected per layer: L1: 1." in page and "Random controls judged: 3" in page
     assert "<b>destroy</b>" in page and "abc123" in page
     assert "70.0%" in page and "28.3%" in page  # CAFT mean OOD and its sd over the two seeds
+
+
+def test_candidate_basis_names_where_a_direction_came_from() -> None:
+    assert candidate_basis("pc:L3:0") == "pca"
+    assert candidate_basis("vec:L2:ct-sentiment-0") == "contrast:sentiment"
+    assert candidate_basis("vec:L2:ct-word-order-3") == "contrast:word-order"
+    assert candidate_basis("sae:L1:77") == "sae"
+    assert candidate_basis("vec:L0:mean") == "vector"
+
+
+@pytest.mark.slow
+def test_demo_with_contrast_basis_and_loop_on_minilm(tmp_path: Path, minilm_dir: Path) -> None:
+    """The contrast basis flows through evidence, judge and selection; the loop runs one round and the
+    later stages use its final model and subspace."""
+    cfg = DemoConfig.model_validate(
+        {
+            "task": "topic-sentiment",
+            "sizes": {"train": 96, "val": 32, "ood": 32, "corpus": 96},
+            "n_components": 3,
+            "null_per_layer": 3,
+            "top_k_windows": 4,
+            "epochs": 1,
+            "model_path": str(minilm_dir),
+            "conditions": ["plain", "caft", "topk", "test_time"],
+            "contrast_basis": 1,
+            "loop_rounds": 1,
+            "judge": {"use_contrast": True, "contrast_veto": 2, "contrast_min_share": 0.5},
+        }
+    )
+    report = run_demo(out=tmp_path, config=cfg)
+    seed = report["per_seed"]["0"]
+    run = tmp_path / "seed0" / "run"
+    dossier = json.loads((run / "evidence" / "dossiers" / "vec_L0_ct-sentiment-0.json").read_text())
+    by = {r["concept"]: r for r in dossier["contrast"]}
+    assert by["sentiment"]["share"] == pytest.approx(1.0, abs=1e-3) and by["sentiment"]["n"] > 1
+    assert abs(by["topic"]["share"]) < 0.5
+    # the judge decides from the task text that sentiment is the undesired concept
+    picked = {p["candidate"]: p["basis"] for p in seed["selected"]}
+    assert picked.get("vec:L0:ct-sentiment-0") == "contrast:sentiment"
+    assert not any(b == "contrast:topic" for b in picked.values())
+    loop = json.loads((run / "caft" / "loop.json").read_text())
+    assert seed["loop"] == loop["rounds"] and loop["rounds"][0]["round"] == 0
+    assert 0.0 <= loop["rounds"][0]["eval"]["ood"] <= 1.0
+    assert len(loop["rounds"]) == 2 and loop["rounds"][1]["round"] == 1
+    if loop["rounds"][1]["added"]:
+        assert seed["k_final"] == loop["subspace_dims"] > seed["k"]
+        summary = json.loads((run / "summary.json").read_text())
+        counts = summary["stages"]["baselines"]["counts"]
+        assert sum(counts.values()) == loop["subspace_dims"]  # baselines match the final subspace
+    else:
+        assert loop["stopped"] == "nothing new" and loop["subspace"] is None
