@@ -158,8 +158,16 @@ def run_command(
     from caft.app.pipeline import run_pipeline
     from caft.app.run_config import RunConfig
     from caft.config import load_config
+    from caft.errors import ConfigError
     from caft.rundir import SUMMARY_FILE
+    from caft.training.distributed import launched_world_size
 
+    if launched_world_size() > 1:  # every rank would run the judges and evals
+        raise ConfigError(
+            "caft run was started as one of several ranks; launch only the training under accelerate "
+            "(accelerate launch ... -m caft.app.cli train run.yaml --out RUN/train) and run `caft run` in one "
+            "process (docs/scaling.md)"
+        )
     flags = [f"{path}=true" for path in RUN_SKIP_INVALID] if skip_invalid else []
     if data is not None:
         from caft.app.demo import dataset_overrides

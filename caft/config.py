@@ -63,6 +63,10 @@ class ModelConfig(CaftConfig):
     """Allow custom model code from the hub (off by default)."""
     revision: str | None = None
     """A hub revision (branch, tag or commit) to pin."""
+    remote: bool = False
+    """Run this model's forward passes on NDIF through nnsight's remote backend instead of loading its weights
+    (interp activation collection and the evidence corpus pass; needs NDIF_API_KEY in the environment and a
+    hub model NDIF serves, without an adapter)."""
     chat: ChatConfig = Field(default_factory=ChatConfig)
     """Chat formatting."""
 

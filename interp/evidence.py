@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from caft.config import ModelConfig
 from caft.env import scrub_obj
-from caft.errors import DataError
+from caft.errors import ConfigError, DataError
 from caft.interp.coherence import CoherenceCheck
 from caft.interp.config import EvidenceConfig
 from caft.interp.contrast import CONTRAST_DIR, ConceptShifts, contrast_candidates, evidence_shifts, responses
@@ -292,6 +292,12 @@ def build_dossiers(
     if source is None:
         base_cfg, ft_cfg = resolve_models(cfg.model, cfg.finetuned, model, finetuned, need_ft=False)
         source = ActivationSource.load(base_cfg, ft_cfg)
+    if source.remote and source.is_causal_lm and (cfg.logit_lens or cfg.steering.enabled):
+        raise ConfigError(
+            "with remote: true the evidence stage runs its corpus pass on NDIF, but the logit lens and the "
+            "steered generations need the weights here; set evidence.logit_lens: false and "
+            "evidence.steering.enabled: false (or load the model locally)"
+        )
     sites = source.sites
     shifts = evidence_shifts(
         cfg.contrast,

@@ -181,6 +181,8 @@ class ActivationSource:
         self.ft = ft
         self.shared = shared
         self.ft_config = ft_config if ft_config is not None else (ft.config if ft is not None else None)
+        self.remote: dict[Which, Any] = {}
+        """The models that run on NDIF (`caft.interp.remote.RemoteModel`), by role."""
         if ft is not None and not shared:
             check_same_tokenizer(base.tokenizer, ft.tokenizer, "base vs fine-tuned")
             sb, sf = base.sites, ft.sites
@@ -203,6 +205,8 @@ class ActivationSource:
 
     @classmethod
     def _load(cls, base_cfg: ModelConfig, ft_cfg: ModelConfig | None) -> ActivationSource:
+        if base_cfg.remote or (ft_cfg is not None and ft_cfg.remote):
+            return cls._load_remote(base_cfg, ft_cfg)
         base = load_model(base_cfg)
         if ft_cfg is None:
             return cls(base, None)
@@ -222,6 +226,32 @@ class ActivationSource:
         else:
             ft = _load_weights_only(ft_cfg, base.tokenizer)
         return cls(base, ft)
+
+    @classmethod
+    def _load_remote(cls, base_cfg: ModelConfig, ft_cfg: ModelConfig | None) -> ActivationSource:
+        """Models with `remote: true` run on NDIF (`caft.interp.remote`); the others load here."""
+        from caft.interp.remote import RemoteModel, preflight
+
+        remote: dict[Which, RemoteModel] = {}
+        loaded: list[LoadedModel | None] = []
+        roles: tuple[tuple[Which, ModelConfig | None], ...] = (("base", base_cfg), ("ft", ft_cfg))
+        for which, cfg in roles:
+            if cfg is None:
+                loaded.append(None)
+            elif cfg.remote:
+                preflight(cfg)
+                rm = remote[which] = RemoteModel(cfg)
+                module: nn.Module = rm.nn_model._module
+                loaded.append(
+                    LoadedModel(module, rm.tokenizer, rm.sites, torch.device("cpu"), torch.float32, cfg)
+                )
+            else:
+                loaded.append(load_model(cfg))
+        base, ft = loaded
+        assert base is not None
+        source = cls(base, ft)
+        source.remote = remote
+        return source
 
     # ---- properties -------------------------------------------------------------------------------------
     @property
@@ -268,14 +298,17 @@ class ActivationSource:
 
     def hidden(self, which: Which, batch: TokenBatch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """{layer: (B, T, d)} residual outputs of `which` on `batch`, checked for NaN/inf."""
-        with self.use(which) as lm:
-            out = capture_layers(
-                lm.model,
-                lm.sites,
-                layers,
-                batch.input_ids.to(lm.device),
-                batch.attention_mask.to(lm.device),
-            )
+        if which in self.remote:
+            out = self.remote[which].hidden(batch.input_ids, batch.attention_mask, layers)
+        else:
+            with self.use(which) as lm:
+                out = capture_layers(
+                    lm.model,
+                    lm.sites,
+                    layers,
+                    batch.input_ids.to(lm.device),
+                    batch.attention_mask.to(lm.device),
+                )
         for layer, h in out.items():
             bad = ~h.isfinite()
             if bool(bad.any()):

@@ -107,3 +107,14 @@ def test_two_ranks_equal_one_process_and_resume_after_kill_9(tmp_path: Path, lla
     final = tmp_path / "ddp_killed" / "final"
     assert (final / "adapter_config.json").is_file() and (final / "caft_training.json").is_file()
     assert json.loads((final / "caft_training.json").read_text())["output"] == "peft_adapter"
+
+
+def test_caft_run_refuses_to_run_once_per_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from caft.app.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(tmp_path / "run.yaml")])
+    assert info.value.code == 2 and "launch only the training under accelerate" in capsys.readouterr().err
