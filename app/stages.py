@@ -520,6 +520,10 @@ def _eval_figures(res: dict[str, Any]) -> dict[str, Any]:
         if isinstance(overall, dict):
             keys = ("of_coherent", "of_scored", "n_scored", "n_unscored", "flag")
             fig["misaligned"] = {k: overall.get(k) for k in keys}
+        st = summary.get("statistics")
+        if isinstance(st, dict):  # the question-clustered figures, and Misalign@k
+            fig["clustered"] = st["overall"]["figures"]
+            fig["misalign_at_k"] = {str(m["k"]): m["value"] for m in st.get("misalign_at_k", [])}
         out[kind] = fig
     return out
 

@@ -343,7 +343,12 @@ def html_page(
     if points:
         x_label, pts, as_pct = points
         svg = tradeoff_plot(
-            pts, "task metric vs misalignment", x_label, "misaligned / coherent", x_percent=as_pct
+            pts,
+            "task metric vs misalignment",
+            x_label,
+            "misaligned / coherent",
+            x_percent=as_pct,
+            curves=rs.sweep_curves([p.label for p in pts]),
         )
         tradeoff = {"label": x_label, "svg": svg}
     per_question = [

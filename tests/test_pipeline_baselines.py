@@ -82,6 +82,7 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     assert "Early stopping at matched task metric: steps@" in md
     page = (run / "report" / "report.html").read_text()
     assert "held-out loss vs misaligned rate, across runs" in page
+    assert page.count("<polyline") == 2  # the trade-off curves: ft -> penalty1 -> penalty100, steps -> ft
 
 
 def test_baselines_config_names_and_checks() -> None:

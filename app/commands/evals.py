@@ -302,11 +302,15 @@ def report_command(
     label: Annotated[
         list[str] | None, Opt("--label", help="Display name per folder, in order (repeatable).")
     ] = None,
+    reference: Annotated[
+        str | None,
+        Opt("--reference", help="A run label: every other run gets its paired difference from it."),
+    ] = None,
 ) -> None:
     """Compare eval runs in a markdown table and one self-contained HTML page with plots."""
     from caft.evals.report import write_report
 
-    md, page = write_report(dirs, out, label or None)
+    md, page = write_report(dirs, out, label or None, reference=reference)
     typer.echo(md.read_text(encoding="utf-8"))
     typer.echo(f"wrote {md} and {page}")
 
