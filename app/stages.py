@@ -433,7 +433,7 @@ def _task_metric(ctx: RunContext, row: str) -> dict[str, Any] | None:
 
     folders = dict(_baseline_models(ctx))
     if row == "ft" and ctx.cfg.finetuned is None:
-        folder: Path | None = ctx.path / "train"
+        folder = ctx.path / "train"
     elif row == "caft":
         folder = ctx.path / "caft"
     elif row in folders:
