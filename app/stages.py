@@ -463,6 +463,15 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
             if task is not None:
                 atomic_write_json(out / row / TASK_KIND / SUMMARY_FILE, {"kind": TASK_KIND, "task": task})
                 results[row]["task"] = task
+        if ctx.cfg.baselines.test_time and _nonempty_subspace(ctx):
+            from caft.evals.test_time import test_time_generator
+
+            model = ctx.finetuned()
+            gen = test_time_generator(model, ctx.cfg.eval.sample, ctx.subspace_dir())
+            res = run_eval_stage(
+                model, ctx.cfg.eval, out / "test_time", client_factory=ctx.grade_client_factory, generator=gen
+            )
+            results["test_time"] = _eval_figures(res)
         return results
 
     from caft.evals.mc import run_mc_eval
@@ -541,10 +550,11 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     reference = "ft" if "ft" in names else None
     marker = ctx.run.stage(BASELINES_DIR).marker()
     binfo = (marker or {}).get("info", {})
+    ran = [*binfo.get("ran", []), *(["test_time"] if "test_time" in names else [])]
     notes = [
         "Rows: base = the base model graded on the same prompts and samples; ft = the plain fine-tune; "
         "caft = CAFT; then every baseline that ran.",
-        f"Baselines that ran: {', '.join(binfo.get('ran', [])) or 'none'}"
+        f"Baselines that ran: {', '.join(ran) or 'none'}"
         + (
             f" (skipped: {', '.join(binfo['skipped'])}: {binfo.get('note', '')})"
             if binfo.get("skipped")
@@ -568,7 +578,7 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
         "html": str(page),
         "rows": names,
         "reference": reference,
-        "baselines_ran": binfo.get("ran", []),
+        "baselines_ran": ran,
     }
 
 

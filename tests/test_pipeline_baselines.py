@@ -33,7 +33,13 @@ def _with_baselines(cfg_path: Path) -> Path:
     cfg["train"]["data"]["eval_fraction"] = 0.25  # a held-out loss: the chat run's task metric
     cfg["eval"]["sample"]["samples_per_paraphrase"] = 6
     cfg["eval"]["thresholds"] = {"min_coherent": 1, "bootstrap_resamples": 500}
-    cfg["baselines"] = {"random": True, "steer": [4.0], "penalty": [1.0, 100.0], "steps": 2}
+    cfg["baselines"] = {
+        "random": True,
+        "steer": [4.0],
+        "penalty": [1.0, 100.0],
+        "steps": 2,
+        "test_time": True,
+    }
     cfg_path.write_text(yaml.safe_dump(cfg))
     return cfg_path
 
@@ -59,8 +65,15 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     assert all(p["eval_loss"] is not None for p in b["steps"]["checkpoints"])
     assert b["steps"]["matched_to_caft"]["row"] in ("steps@1", "steps@2")
     rows = ["base", "ft", "caft", "random", "steer+4", "penalty1", "penalty100", "steps@1", "steps@2"]
+    rows.append("test_time")
     assert [k for k in stages["eval"] if k not in ("seconds", "fingerprint")] == rows
     assert stages["report"]["rows"] == rows and stages["report"]["reference"] == "ft"
+    # The test-time row samples the plain fine-tune with the subspace projected out: other answers.
+    answers = {
+        row: [json.loads(x)["answer"] for x in (run / "eval" / row / "misalignment" / "answers.jsonl").open()]
+        for row in ("ft", "test_time")
+    }
+    assert answers["ft"] != answers["test_time"]
     for row in rows:
         assert stages["eval"][row]["misalignment"]["rates"]["aligned"]["n"] == 12
         summary = json.loads((run / "eval" / row / "misalignment" / "summary.json").read_text())
@@ -78,7 +91,7 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     table = [line for line in lines[start:end] if line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in table[1:]] == rows
     assert "vs ft: misaligned / coherent" in table[0]
-    assert "Baselines that ran: random, steer+4, penalty1, penalty100, steps." in md
+    assert "Baselines that ran: random, steer+4, penalty1, penalty100, steps, test_time." in md
     assert "Early stopping at matched task metric: steps@" in md
     page = (run / "report" / "report.html").read_text()
     assert "held-out loss vs misaligned rate, across runs" in page
