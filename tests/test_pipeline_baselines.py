@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from evals_helpers import metric_of
 from test_pipeline import router, write_config
@@ -64,6 +65,16 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     assert [p["step"] for p in b["steps"]["checkpoints"]] == [1, 2]
     assert all(p["eval_loss"] is not None for p in b["steps"]["checkpoints"])
     assert b["steps"]["matched_to_caft"]["row"] in ("steps@1", "steps@2")
+    # The sweep's run is the plain fine-tune again: same config and seed, so the same final weights.
+    from safetensors.torch import load_file
+
+    ours = load_file(str(run / "baselines" / "steps" / "final" / "adapter_model.safetensors"))
+    theirs = load_file(str(run / "train" / "final" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    step1 = load_file(
+        str(run / "baselines" / "steps" / "step-000001" / "final" / "adapter_model.safetensors")
+    )
+    assert any(not torch.equal(step1[k], ours[k]) for k in ours)  # an earlier point of the same run
     rows = ["base", "ft", "caft", "random", "steer+4", "penalty1", "penalty100", "steps@1", "steps@2"]
     rows.append("test_time")
     assert [k for k in stages["eval"] if k not in ("seconds", "fingerprint")] == rows
