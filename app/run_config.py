@@ -155,6 +155,11 @@ class RunConfig(CaftConfig):
                 "task_kind is classification but train.objective is chat: set train.objective to "
                 "encoder_classifier or choice_lm"
             )
+        if self.task_kind == "classification" and self.baselines.test_time:
+            raise ValueError(
+                "baselines.test_time samples a chat model; for task_kind classification set "
+                "classification.test_time_baseline"
+            )
         if self.task_kind == "chat" and self.train.objective != "chat":
             raise ValueError(
                 f"task_kind is chat but train.objective is {self.train.objective}: set task_kind"

@@ -341,6 +341,10 @@ def _steps_baseline(ctx: RunContext) -> dict[str, Any]:
     if caft_loss is not None and scored:
         best = min(scored, key=lambda p: abs(p["eval_loss"] - caft_loss))
         info["matched_to_caft"] = {"row": f"steps@{best['step']}", "caft_eval_loss": caft_loss, **best}
+    else:
+        info["note"] = (
+            "no held-out loss to match the checkpoints to CAFT's: set train.data.eval_fraction or eval_path"
+        )
     return info
 
 

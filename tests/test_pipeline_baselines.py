@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import yaml
 from evals_helpers import metric_of
@@ -113,10 +114,18 @@ def test_baselines_config_names_and_checks() -> None:
     cfg = BaselinesConfig(topk=True, steer=[4, -2.5], penalty=[0.1, 10], steps=3)
     assert cfg.enabled == ["topk", "steer+4", "steer-2.5", "penalty0.1", "penalty10", "steps"]
     assert BaselinesConfig().enabled == []
-    for bad in ({"steer": [1, 1]}, {"penalty": [-1]}):
-        try:
-            BaselinesConfig.model_validate(bad)
-        except ValueError as e:
-            assert "baselines." in str(e)
-        else:
-            raise AssertionError(f"{bad} was accepted")
+    with pytest.raises(ValueError, match="lists a coefficient twice"):
+        BaselinesConfig.model_validate({"steer": [1, 1]})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BaselinesConfig.model_validate({"penalty": [-1]})
+    from caft.app.run_config import RunConfig
+
+    with pytest.raises(ValueError, match="classification.test_time_baseline"):
+        RunConfig.model_validate(
+            {
+                "model": {"name_or_path": "m"},
+                "task_kind": "classification",
+                "train": {"objective": "encoder_classifier"},
+                "baselines": {"test_time": True},
+            }
+        )
