@@ -165,6 +165,10 @@ def test_cli_rescore_with_several_judges_writes_the_agreement_and_the_report_sho
         g1, g2, g3 = (tmp_path / f"g{i}" for i in (1, 2, 3))
         res = runner.invoke(app, ["grade", str(data), "--out", str(g1), "--judge", "openai/lenient", *common])
         assert res.exit_code == 0, res.output
+        # 6 of 15 misaligned, every answer coherent; each question has 5 samples, 2 of them misaligned
+        assert "misaligned of_coherent: 40.00% [" in res.output and "CI clustered by question" in res.output
+        # Misalign@5 = 1 for every question (5 samples, 2 misaligned: every 5-subset holds one)
+        assert "Misalign@k: @1 40.0%, @5 100.0%" in res.output
         res = runner.invoke(
             app,
             [
@@ -215,3 +219,26 @@ def test_cli_rescore_with_several_judges_writes_the_agreement_and_the_report_sho
     assert res.exit_code == 0, res.output
     page = (tmp_path / "rep" / "report.html").read_text()
     assert "Where the judges disagree (3 answers)" in page and "text A=45 C=80 &lt;b&gt;" in page
+
+
+def test_sweep_curves_and_a_loss_axis() -> None:
+    import re
+
+    from caft.evals.report_stats import sweep_curves
+    from caft.evals.svg import RunPoint, tradeoff_plot
+
+    labels = ["base", "ft", "caft", "penalty100", "penalty1", "penalty0.5", "steps@20", "steps@5", "penaltyx"]
+    assert sweep_curves(labels) == [
+        ["ft", "penalty0.5", "penalty1", "penalty100"],
+        ["steps@5", "steps@20", "ft"],
+    ]
+    assert sweep_curves(["base", "caft"]) == []
+    pts = [RunPoint("ft", 2.0, 0.5, 0.4, 0.6), RunPoint("penalty1", 2.5, 0.2, 0.1, 0.3)]
+    svg = tradeoff_plot(pts, "t", "held-out loss", "m", x_percent=False, curves=[["ft", "penalty1"]])
+    ticks = re.findall(r'font-size="10">([^<]*)<', svg)[::2]  # the x ticks (y ticks alternate)
+    assert ticks[0] == "1.95" and ticks[-1] == "2.55"  # the points' range padded by 10% each side
+    (line,) = re.findall(r'<polyline points="([^"]+)"', svg)
+    assert len(line.split()) == 2
+    assert "&lt;" not in svg and "110.0%" not in tradeoff_plot(
+        [RunPoint("a", 0.5, 0.9, 0.8, 1.0)], "t", "x", "y"
+    )  # the rate axis ends at 100%
