@@ -329,7 +329,7 @@ def _eval_figures(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_report(ctx: RunContext) -> dict[str, Any]:
-    from caft.evals.report import write_report
+    from caft.evals.report import PAIRED_FILE, write_report
 
     eval_dir = ctx.path / "eval"
     found = {p.name: p for p in eval_dir.iterdir() if p.is_dir()} if eval_dir.is_dir() else {}
@@ -364,9 +364,16 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     md, page = write_report(
         [found[n] for n in names], ctx.path / "report", names, reference=reference, notes=notes
     )
+    caft_vs_ft = None
+    if reference and (md.parent / PAIRED_FILE).is_file():
+        pair = json.loads((md.parent / PAIRED_FILE).read_text(encoding="utf-8"))["runs"].get("caft")
+        if pair:
+            keys = ("difference", "ci_low", "ci_high", "p_value", "p_exact", "rate_a", "rate_b", "questions")
+            caft_vs_ft = {k: pair[k] for k in keys}
     return {
         "markdown": str(md),
         "html": str(page),
+        "caft_vs_ft": caft_vs_ft,
         "rows": names,
         "reference": reference,
         "baselines_ran": ran,

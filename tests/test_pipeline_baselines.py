@@ -80,6 +80,12 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     rows.append("test_time")
     assert [k for k in stages["eval"] if k not in ("seconds", "fingerprint")] == rows
     assert stages["report"]["rows"] == rows and stages["report"]["reference"] == "ft"
+    paired = json.loads((run / "report" / "paired.json").read_text())
+    assert paired["reference"] == "ft" and set(paired["runs"]) == set(rows) - {"ft"}
+    pair = stages["report"]["caft_vs_ft"]
+    assert pair == {k: paired["runs"]["caft"][k] for k in pair}
+    assert pair["difference"] == pytest.approx(pair["rate_b"] - pair["rate_a"])
+    assert pair["questions"] == ["bored", "wish"] and pair["p_exact"]
     # The test-time row samples the plain fine-tune with the subspace projected out: other answers.
     answers = {
         row: [json.loads(x)["answer"] for x in (run / "eval" / row / "misalignment" / "answers.jsonl").open()]
