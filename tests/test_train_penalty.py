@@ -161,3 +161,14 @@ def test_caft_train_cli_penalty_flags(tmp_path: Path, llama_dir: Path) -> None:
     assert (tmp_path / "o" / PENALTY_FILE).is_file()
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "penalty_coef" in res.output
+
+
+def test_the_penalty_fields_leave_older_fingerprints_matching(tmp_path: Path, llama_dir: Path) -> None:
+    from caft.training.runstate import fingerprint_changes, training_fingerprint
+
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    now = training_fingerprint(_cfg(llama_dir, data, ablation={"random": "1:4", "mode": "project"}))
+    older = json.loads(json.dumps(now))
+    for key in ("penalty_coef", "penalty_quantile"):  # a run recorded before the mode existed
+        del older["config"]["ablation"][key]
+    assert fingerprint_changes(older, now) == []

@@ -51,6 +51,7 @@ from caft.training.data import Tokenized, batch_order, collate, count_tokens
 from caft.training.forward import ablated_forward, wrap
 from caft.training.objectives import ObjectiveLoss
 from caft.training.penalty import (
+    DEFAULT_QUANTILE,
     PENALTY_FILE,
     load_reference,
     reference_magnitudes,
@@ -358,8 +359,9 @@ def _penalty_reference(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool
     path = out / PENALTY_FILE
     if resume and path.is_file():
         return load_reference(path)
+    q = cfg.ablation.penalty_quantile
     ref = reference_magnitudes(
-        prep.model, _mean_batches(cfg, prep), prep.subspace, cfg.ablation.penalty_quantile
+        prep.model, _mean_batches(cfg, prep), prep.subspace, DEFAULT_QUANTILE if q is None else q
     )
     out.mkdir(parents=True, exist_ok=True)
     save_reference(path, ref)
