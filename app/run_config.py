@@ -46,8 +46,8 @@ class BaselinesConfig(CaftConfig):
     report lists which ran). The subspace baselines ablate another subspace with the same number of
     directions per layer as the triage selection (same training config, ablation mode and seed as the `caft`
     stage); the steering and penalty baselines use the triage subspace with another mode; the fewer-steps
-    baseline is the plain fine-tune at intermediate checkpoints. The test-time-only baseline is
-    `classification.test_time_baseline`."""
+    baseline is the plain fine-tune at intermediate checkpoints; the test-time-only baseline ablates at
+    sampling only."""
 
     random: bool = False
     """A random orthonormal subspace, seeded with the run seed."""
@@ -66,6 +66,11 @@ class BaselinesConfig(CaftConfig):
     """Fewer steps / early stopping: evaluate about this many intermediate checkpoints of the plain
     fine-tune (a copy trained with the train stage's config, checkpointed every ceil(total / (steps + 1))
     steps). Row names: `steps@N` (N = the step)."""
+
+    test_time: bool = False
+    """Test-time-only ablation, chat runs: the plain fine-tune sampled with the triage subspace projected out
+    of every forward (row `test_time`; nothing is trained). Classification runs:
+    `classification.test_time_baseline`."""
 
     @model_validator(mode="after")
     def _distinct(self) -> BaselinesConfig:
@@ -162,6 +167,11 @@ class RunConfig(CaftConfig):
             raise ValueError(
                 "task_kind is classification but train.objective is chat: set train.objective to "
                 "encoder_classifier or choice_lm"
+            )
+        if self.task_kind == "classification" and self.baselines.test_time:
+            raise ValueError(
+                "baselines.test_time samples a chat model; for task_kind classification set "
+                "classification.test_time_baseline"
             )
         if self.task_kind == "chat" and self.train.objective != "chat":
             raise ValueError(

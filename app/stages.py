@@ -11,14 +11,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from caft.agent.config import OFFLINE_KIND
+from caft.app.baselines import (
+    BASELINES_DIR,
+    baseline_models,
+    stage_baselines,
+    task_metric,
+)
+from caft.app.baselines import baseline_subspace as baseline_subspace  # re-exported (moved there)
+from caft.app.baselines import model_n_layers as model_n_layers  # re-exported (moved there)
 from caft.app.run_config import RunConfig
 from caft.config import ModelConfig
 from caft.errors import ConfigError, IncompleteError, ModelError, RunDirError
-from caft.rundir import DIRECTIONS_FILE, FINAL_DIR, SUBSPACE_DIR, RunDir
+from caft.rundir import DIRECTIONS_FILE, RunDir
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
-    from caft.subspace import Subspace
 
 log = logging.getLogger(__name__)
 
@@ -325,184 +332,6 @@ def stage_caft(ctx: RunContext) -> dict[str, Any]:
     return info
 
 
-BASELINES_DIR = "baselines"
-
-
-def model_n_layers(model: ModelConfig) -> int:
-    """Transformer blocks of `model`, read from its config (no weights loaded)."""
-    from caft.models import load_model_config
-
-    config = load_model_config(model.name_or_path)
-    n = getattr(config, "num_hidden_layers", None)
-    if n is None:
-        n = getattr(getattr(config, "text_config", None), "num_hidden_layers", None)
-    if n is None:
-        raise ConfigError(f"{model.name_or_path}: its config names no num_hidden_layers")
-    return int(n)
-
-
-def _topk_subspace(diff_dir: Path, counts: dict[int, int], d_model: int, n_layers: int) -> Subspace:
-    """The top PCs by explained variance at each layer, as many as `counts` gives there (fewer where the
-    diff stage has fewer)."""
-    import torch
-
-    from caft.interp.schema import load_candidates, load_directions
-    from caft.subspace import Column, Subspace
-
-    cands = [c for c in load_candidates(diff_dir) if c.kind == "pc"]
-    dirs = load_directions(diff_dir)
-    vecs: dict[int, torch.Tensor] = {}
-    prov: dict[int, list[Column]] = {}
-    for L, k in counts.items():
-        layer = sorted((c for c in cands if c.layer == L), key=lambda c: c.index)[:k]
-        if layer:
-            vecs[L] = torch.stack([dirs[c.id] for c in layer])
-            prov[L] = [Column(candidate=c.id, label="top PC") for c in layer]
-    return Subspace.from_vectors(vecs, d_model=d_model, provenance=prov, n_layers=n_layers)
-
-
-def baseline_subspace(
-    ctx: RunContext, name: str, counts: dict[int, int], d_model: int, n_layers: int
-) -> Subspace:
-    """The subspace of baseline `name` with the given directions per layer."""
-    if name == "random":
-        from caft.training.ablation import random_subspace
-
-        return random_subspace(counts, d_model, seed=ctx.cfg.seed, n_layers=n_layers)
-    if name == "topk":
-        return _topk_subspace(ctx.path / "diff", counts, d_model, n_layers)
-    raise ConfigError(f"unknown baseline {name!r}; the baselines are random and topk")
-
-
-def _clear_stale(folder: Path, sub: Subspace) -> None:
-    """A training folder left by another subspace (the selection changed since) is removed, so that
-    `train(resume=True)` does not return the old model."""
-    import shutil
-
-    from caft.training.trainer import RECORD_FILE
-
-    record = folder / RECORD_FILE
-    if record.is_file():
-        digest = json.loads(record.read_text(encoding="utf-8")).get("subspace_digest")
-        if digest != sub.digest():
-            log.warning("%s was trained with another subspace: training it again", folder)
-            shutil.rmtree(folder)
-
-
-def _mode_cfg(ctx: RunContext, **ablation: Any) -> Any:
-    """The `caft` stage's training config with other ablation settings (the steering and penalty runs)."""
-    tc = _train_cfg(ctx)
-    return tc.model_copy(update={"ablation": tc.ablation.model_copy(update=ablation)})
-
-
-def _train_baseline(ctx: RunContext, name: str, sub: Subspace, counts: dict[int, int]) -> dict[str, Any]:
-    """Train baseline `name` (not `steps`) into baselines/<name>/."""
-    from caft.app.run_config import penalty_name, steer_name
-    from caft.training.trainer import train
-
-    b = ctx.cfg.baselines
-    folder = ctx.path / BASELINES_DIR / name
-    tc = _train_cfg(ctx)
-    steer = {steer_name(c): c for c in b.steer}
-    penalty = {penalty_name(c): c for c in b.penalty}
-    if name in steer:
-        run_sub, tc = sub, _mode_cfg(ctx, mode="steer", steer_coef=steer[name])
-    elif name in penalty:
-        tc = _mode_cfg(ctx, mode="penalty", penalty_coef=penalty[name], penalty_quantile=b.penalty_quantile)
-        run_sub = sub
-    else:
-        n_layers = sub.n_layers or model_n_layers(ctx.cfg.model)
-        run_sub = baseline_subspace(ctx, name, counts, sub.d_model, n_layers)
-    _clear_stale(folder, run_sub)
-    run_sub.save(folder / SUBSPACE_DIR)
-    res = train(tc, folder, model=ctx.cfg.model, subspace=run_sub, resume=True)
-    return {
-        "final": str(res.final_path),
-        "metrics": res.metrics,
-        "subspace_dims": run_sub.total_dims,
-        "mode": tc.ablation.mode,
-        "models": {name: f"{BASELINES_DIR}/{name}"},
-    }
-
-
-def _steps_baseline(ctx: RunContext) -> dict[str, Any]:
-    """The plain fine-tune again (the train stage's config and seed), checkpointed for the sweep; each
-    checkpoint becomes a model `steps@N`. The checkpoint whose held-out loss is nearest the CAFT model's is
-    named (`matched_to_caft`), the early-stopping point at matched task metric."""
-    from caft.training.sweep import export_checkpoints, sweep_config
-    from caft.training.trainer import train
-
-    folder = ctx.path / BASELINES_DIR / "steps"
-    tc = sweep_config(_train_cfg(ctx), ctx.cfg.baselines.steps)
-    res = train(tc, folder, model=ctx.cfg.model, resume=True)
-    points = export_checkpoints(tc, ctx.cfg.model, folder)
-    models = {f"steps@{p['step']}": f"{BASELINES_DIR}/steps/step-{p['step']:06d}" for p in points}
-    info: dict[str, Any] = {
-        "final": str(res.final_path),
-        "metrics": res.metrics,
-        "every": tc.save_every,
-        "checkpoints": points,
-        "models": models,
-    }
-    caft_loss = _eval_loss(ctx.path / "caft")
-    scored = [p for p in points if p["eval_loss"] is not None]
-    if caft_loss is not None and scored:
-        best = min(scored, key=lambda p: abs(p["eval_loss"] - caft_loss))
-        info["matched_to_caft"] = {"row": f"steps@{best['step']}", "caft_eval_loss": caft_loss, **best}
-    return info
-
-
-def _eval_loss(folder: Path) -> float | None:
-    from caft.training.trainer import RECORD_FILE
-
-    record = folder / RECORD_FILE
-    if not record.is_file():
-        return None
-    value = json.loads(record.read_text(encoding="utf-8")).get("metrics", {}).get("eval_loss")
-    return None if value is None else float(value)
-
-
-def stage_baselines(ctx: RunContext) -> dict[str, Any]:
-    """Fine-tune once per enabled baseline (`baselines.*`): the subspace baselines ablate a control subspace
-    with the triage subspace's count per layer, the steering and penalty runs use the triage subspace with
-    their mode, all with the `caft` stage's training config and seed; `steps` sweeps the plain fine-tune's
-    checkpoints."""
-    from caft.subspace import Subspace
-
-    names = ctx.cfg.baselines.enabled
-    if not names:
-        return {
-            "ran": [],
-            "note": "no baseline enabled (baselines.random, topk, steer, penalty, steps)",
-        }
-    info: dict[str, Any] = {"ran": [], "models": {}}
-    need_sub = [n for n in names if n != "steps"]
-    sub: Subspace | None = None
-    counts: dict[int, int] = {}
-    if need_sub:
-        sub_dir = ctx.final_subspace_dir()
-        if not sub_dir.is_dir():
-            raise RunDirError(f"{sub_dir} does not exist: run the triage stage first")
-        sub = Subspace.load(sub_dir)
-        if sub.is_empty:
-            info["note"] = "the triage selected no directions: no count per layer to match, baselines skipped"
-            info["skipped"] = need_sub
-            log.warning(info["note"])
-        counts = {L: int(sub.bases[L].shape[1]) for L in sub.layers}
-        info["counts"] = {str(L): k for L, k in counts.items()}
-    for name in names:
-        if name == "steps":
-            res = _steps_baseline(ctx)
-        elif sub is not None and not sub.is_empty:
-            res = _train_baseline(ctx, name, sub, counts)
-        else:
-            continue
-        info["models"].update(res.pop("models"))
-        info["ran"].append(name)
-        info[name] = res
-    return info
-
-
 def _role_model(ctx: RunContext, role: str) -> ModelConfig:
     if role == "base":
         return ctx.cfg.model
@@ -511,49 +340,11 @@ def _role_model(ctx: RunContext, role: str) -> ModelConfig:
     return ctx.trained_model("caft")
 
 
-def _baseline_models(ctx: RunContext) -> list[tuple[str, str]]:
-    """(row, training folder) of every baseline model the baselines stage finished (in this config's
-    order; the steps sweep's checkpoints in step order)."""
-    marker = ctx.run.stage(BASELINES_DIR).marker()
-    info = (marker or {}).get("info", {})
-    ran = info.get("ran", [])
-    models: dict[str, str] = info.get("models") or {n: f"{BASELINES_DIR}/{n}" for n in ran}
-    rows: list[tuple[str, str]] = []
-    for n in ctx.cfg.baselines.enabled:
-        if n not in ran:
-            continue
-        mine = [(r, f) for r, f in models.items() if r == n or (n == "steps" and r.startswith("steps@"))]
-        rows += [(r, f) for r, f in mine if (ctx.path / f / FINAL_DIR).is_dir()]
-    return rows
-
-
 def _eval_models(ctx: RunContext) -> list[tuple[str, ModelConfig]]:
     """(row name, model) for every model the eval stage measures: the configured roles, then the baselines."""
     rows: list[tuple[str, ModelConfig]] = [(role, _role_model(ctx, role)) for role in ctx.cfg.eval_models]
-    rows += [(row, ctx.trained_model(folder)) for row, folder in _baseline_models(ctx)]
+    rows += [(row, ctx.trained_model(folder)) for row, folder in baseline_models(ctx)]
     return rows
-
-
-def _task_metric(ctx: RunContext, row: str) -> dict[str, Any] | None:
-    """The held-out loss of a row's training run (the task metric of a chat run's trade-off plot), or None
-    (the base model, an external fine-tune, a run without held-out data)."""
-    from caft.training.sweep import CHECKPOINT_RECORD
-
-    folders = dict(_baseline_models(ctx))
-    if row == "ft" and ctx.cfg.finetuned is None:
-        folder: Path | None = ctx.path / "train"
-    elif row == "caft":
-        folder = ctx.path / "caft"
-    elif row in folders:
-        folder = ctx.path / folders[row]
-    else:
-        return None
-    value = _eval_loss(folder)
-    if value is None and (folder / CHECKPOINT_RECORD).is_file():
-        value = json.loads((folder / CHECKPOINT_RECORD).read_text(encoding="utf-8")).get("eval_loss")
-    if value is None:
-        return None
-    return {"metric": "held-out loss", "value": float(value), "lower_is_better": True, "source": str(folder)}
 
 
 def stage_eval(ctx: RunContext) -> dict[str, Any]:
@@ -567,10 +358,19 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
         for row, model in _eval_models(ctx):
             res = run_eval_stage(model, ctx.cfg.eval, out / row, client_factory=ctx.grade_client_factory)
             results[row] = _eval_figures(res)
-            task = _task_metric(ctx, row)
+            task = task_metric(ctx, row)
             if task is not None:
                 atomic_write_json(out / row / TASK_KIND / SUMMARY_FILE, {"kind": TASK_KIND, "task": task})
                 results[row]["task"] = task
+        if ctx.cfg.baselines.test_time and _nonempty_subspace(ctx):
+            from caft.evals.test_time import test_time_generator
+
+            model = ctx.finetuned()
+            gen = test_time_generator(model, ctx.cfg.eval.sample, ctx.subspace_dir())
+            res = run_eval_stage(
+                model, ctx.cfg.eval, out / "test_time", client_factory=ctx.grade_client_factory, generator=gen
+            )
+            results["test_time"] = _eval_figures(res)
         return results
 
     from caft.evals.mc import run_mc_eval
@@ -630,12 +430,16 @@ def _eval_figures(res: dict[str, Any]) -> dict[str, Any]:
         if isinstance(overall, dict):
             keys = ("of_coherent", "of_scored", "n_scored", "n_unscored", "flag")
             fig["misaligned"] = {k: overall.get(k) for k in keys}
+        st = summary.get("statistics")
+        if isinstance(st, dict):  # the question-clustered figures, and Misalign@k
+            fig["clustered"] = st["overall"]["figures"]
+            fig["misalign_at_k"] = {str(m["k"]): m["value"] for m in st.get("misalign_at_k", [])}
         out[kind] = fig
     return out
 
 
 def stage_report(ctx: RunContext) -> dict[str, Any]:
-    from caft.evals.report import write_report
+    from caft.evals.report import PAIRED_FILE, write_report
 
     eval_dir = ctx.path / "eval"
     found = {p.name: p for p in eval_dir.iterdir() if p.is_dir()} if eval_dir.is_dir() else {}
@@ -647,10 +451,11 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     reference = "ft" if "ft" in names else None
     marker = ctx.run.stage(BASELINES_DIR).marker()
     binfo = (marker or {}).get("info", {})
+    ran = [*binfo.get("ran", []), *(["test_time"] if "test_time" in names else [])]
     notes = [
         "Rows: base = the base model graded on the same prompts and samples; ft = the plain fine-tune; "
         "caft = CAFT; then every baseline that ran.",
-        f"Baselines that ran: {', '.join(binfo.get('ran', [])) or 'none'}"
+        f"Baselines that ran: {', '.join(ran) or 'none'}"
         + (
             f" (skipped: {', '.join(binfo['skipped'])}: {binfo.get('note', '')})"
             if binfo.get("skipped")
@@ -669,12 +474,19 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     md, page = write_report(
         [found[n] for n in names], ctx.path / "report", names, reference=reference, notes=notes
     )
+    caft_vs_ft = None
+    if reference and (md.parent / PAIRED_FILE).is_file():
+        pair = json.loads((md.parent / PAIRED_FILE).read_text(encoding="utf-8"))["runs"].get("caft")
+        if pair:
+            keys = ("difference", "ci_low", "ci_high", "p_value", "p_exact", "rate_a", "rate_b", "questions")
+            caft_vs_ft = {k: pair[k] for k in keys}
     return {
         "markdown": str(md),
         "html": str(page),
+        "caft_vs_ft": caft_vs_ft,
         "rows": names,
         "reference": reference,
-        "baselines_ran": binfo.get("ran", []),
+        "baselines_ran": ran,
     }
 
 

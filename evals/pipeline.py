@@ -355,10 +355,12 @@ def run_eval_stage(
     out: str | Path,
     client_factory: Any = None,
     progress: bool = True,
+    generator: ChatGenerator | None = None,
 ) -> dict[str, Any]:
     """The evals of one model in a run: `out/misalignment/` and (with `code_prompts`) `out/code/`, each with
     its own summary.json, so `caft report RUN/...` finds them. `client_factory(grade_cfg, out_dir)` makes the
-    judge client (tests pass a mock); each sub-eval resumes from its own files.
+    judge client (tests pass a mock); `generator` replaces the model's own (the test-time-only row); each
+    sub-eval resumes from its own files.
 
     Raises `GradingIncompleteError` (after every sub-eval has run and written its summary) when one of them
     has too many provider errors or stopped early, so the stage is not marked done with figures that are
@@ -393,7 +395,9 @@ def run_eval_stage(
         guarded(
             "misalignment",
             sub_m,
-            lambda: run_misalignment_eval(mcfg, sub_m, factory(cfg.grade, sub_m), progress=progress),
+            lambda: run_misalignment_eval(
+                mcfg, sub_m, factory(cfg.grade, sub_m), generator=generator, progress=progress
+            ),
         )
     if cfg.code_prompts:
         sub_c = out_dir / "code"
@@ -409,6 +413,7 @@ def run_eval_stage(
                 cfg.sample,
                 cfg.thresholds,
                 factory(cfg.grade, sub_c),
+                generator=generator,
                 progress=progress,
             ),
         )

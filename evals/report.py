@@ -24,17 +24,20 @@ import jinja2
 from caft.errors import DataError
 from caft.evals import report_stats as rs
 from caft.evals.metrics import collect_scores
+from caft.evals.paired import PairedComparison
 from caft.evals.report_inputs import answer_texts, scatter_points, worst_examples
 from caft.evals.schema import read_grades
 from caft.evals.stats import AnswerRecord
 from caft.evals.summary import answer_records
 from caft.evals.svg import Bar, RunPoint, bar_chart_h, scatter_panel, tradeoff_plot
-from caft.rundir import GRADES_FILE, SUMMARY_FILE, atomic_write_text
+from caft.rundir import GRADES_FILE, SUMMARY_FILE, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 REPORT_TEMPLATE = "report.html.j2"
 AGREEMENT_FILE = "agreement.json"
+PAIRED_FILE = "paired.json"
+"""Next to the report with a reference run: each run's paired comparison with it (`PairedComparison`)."""
 TASK_KIND = "task"
 """A summary of kind `task` holds `task: {metric, value, ci_low, ci_high, lower_is_better}`: the task metric
 of a run that has no MC or code eval (e.g. the held-out loss of a chat fine-tune), for the trade-off plot."""
@@ -55,6 +58,13 @@ class RunResults:
     agreement: dict[str, Any] | None = None
     """The multi-judge block of an agreement.json next to the grades (`caft grade --rescore`)."""
     agreement_texts: dict[str, dict[str, str]] = field(default_factory=dict)
+    paired_with: dict[str, PairedComparison | None] = field(default_factory=dict)
+    """This run minus another (by label) over the same questions, computed once per report."""
+
+    def paired(self, ref: RunResults) -> PairedComparison | None:
+        if ref.label not in self.paired_with:
+            self.paired_with[ref.label] = rs.paired(ref.records, self.records, ref.statistics)
+        return self.paired_with[ref.label]
 
     @property
     def statistics(self) -> dict[str, Any] | None:
@@ -190,7 +200,7 @@ def table_rows(runs: Sequence[RunResults], reference: str | None = None) -> tupl
         cells = [r.label, *rs.statistics_cells(r.statistics)]
         if ref is not None:
             same = r is ref
-            cmp = None if same else rs.paired(ref.records, r.records, ref.statistics)
+            cmp = None if same else r.paired(ref)
             cells.append("(reference)" if same else rs.paired_cell(cmp))
         rows.append(
             [
@@ -343,7 +353,12 @@ def html_page(
     if points:
         x_label, pts, as_pct = points
         svg = tradeoff_plot(
-            pts, "task metric vs misalignment", x_label, "misaligned / coherent", x_percent=as_pct
+            pts,
+            "task metric vs misalignment",
+            x_label,
+            "misaligned / coherent",
+            x_percent=as_pct,
+            curves=rs.sweep_curves([p.label for p in pts]),
         )
         tradeoff = {"label": x_label, "svg": svg}
     per_question = [
@@ -441,7 +456,8 @@ def write_report(
     notes: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write `report.md` and `report.html` into `out`; returns their paths. With `reference` (a run label),
-        every other run gets its paired difference from that run over the same questions. `notes` are lines shown
+        every other run gets its paired difference from that run over the same questions (also in paired.json).
+    `notes` are lines shown
     above the table (e.g. which baselines ran)."""
     if not dirs:
         raise DataError("give at least one eval output folder to report on")
@@ -463,4 +479,12 @@ def write_report(
         )
     md = atomic_write_text(out_dir / "report.md", markdown(runs, reference, notes))
     page = atomic_write_text(out_dir / "report.html", html_page(runs, reference=reference, notes=notes))
+    if reference is not None:
+        ref = next(r for r in runs if r.label == reference)
+        paired = {
+            r.label: None if (cmp := r.paired(ref)) is None else cmp.as_dict() for r in runs if r is not ref
+        }
+        atomic_write_json(
+            out_dir / PAIRED_FILE, {"reference": reference, "figure": rs.PAIRED_FIGURE, "runs": paired}
+        )
     return md, page

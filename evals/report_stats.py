@@ -8,6 +8,7 @@ report module lays them out in markdown and HTML.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -122,6 +123,36 @@ def paired_cell(cmp: PairedComparison | None) -> str:
     if cmp.ci_low is not None and cmp.ci_high is not None:
         ci = f" [{100 * cmp.ci_low:+.1f}, {100 * cmp.ci_high:+.1f}]"
     return f"{100 * cmp.difference:+.2f} pts{ci}, p = {p} ({len(cmp.questions)} q.)"
+
+
+def sweep_curves(labels: Sequence[str]) -> list[list[str]]:
+    """The sweeps among the run labels of `caft run`, each in order: `ft` (coefficient 0) then the penalty
+    runs (`penalty<c>`) by ascending coefficient; the checkpoints (`steps@<N>`) by step, then `ft` (the last
+    step)."""
+    out: list[list[str]] = []
+    pen = [(c, name) for name in labels if (c := _penalty_coef(name)) is not None]
+    if pen:
+        out.append((["ft"] if "ft" in labels else []) + [name for _, name in sorted(pen)])
+    steps = [(int(m.group(1)), name) for name in labels if (m := _STEPS.fullmatch(name))]
+    if steps:
+        out.append([name for _, name in sorted(steps)] + (["ft"] if "ft" in labels else []))
+    return out
+
+
+_PENALTY = re.compile(r"penalty([0-9.eE+-]+)")
+
+
+def _penalty_coef(label: str) -> float | None:
+    m = _PENALTY.fullmatch(label)
+    if m is None:
+        return None
+    try:
+        return float(m.group(1))
+    except ValueError:
+        return None
+
+
+_STEPS = re.compile(r"steps@(\d+)")
 
 
 def _score(v: Any) -> str:

@@ -7,6 +7,7 @@ chosen by users and must never become markup.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -169,17 +170,25 @@ class RunPoint:
 
 
 def tradeoff_plot(
-    points: Sequence[RunPoint], title: str, x_label: str, y_label: str, x_percent: bool = True
+    points: Sequence[RunPoint],
+    title: str,
+    x_label: str,
+    y_label: str,
+    x_percent: bool = True,
+    curves: Sequence[Sequence[str]] = (),
 ) -> str:
     """Task metric (x) against misaligned rate (y), one labelled point per run, CI whiskers. y is a rate;
-    x is a rate in [0, 1] when `x_percent`, else any number (e.g. a loss), on an axis fitted to the points."""
+    x is a rate in [0, 1] when `x_percent`, else any number (e.g. a loss), on an axis fitted to the points.
+    Each of `curves` (run labels, in order) is drawn as a dashed line through its points: a sweep's
+    trade-off curve."""
     width, height, left, bottom, top, right = 560, 380, 60, 50, 30, 150
     pw, ph = width - left - right, height - top - bottom
-    y_max = max([0.05] + [p.y_high or p.y for p in points]) * 1.1
+    y_max = min(1.0, max([0.05] + [p.y_high or p.y for p in points]) * 1.1)
     x_lo, x_hi = 0.0, 1.0
     if not x_percent:
         xs = [v for p in points for v in (p.x, p.x_low, p.x_high) if v is not None]
-        pad = max(1e-6, (max(xs) - min(xs)) * 0.1, abs(max(xs)) * 0.02)
+        spread = max(xs) - min(xs)
+        pad = spread * 0.1 if spread > 0 else max(1e-6, abs(xs[0]) * 0.01)
         x_lo, x_hi = min(xs) - pad, max(xs) + pad
 
     def sx(v: float) -> float:
@@ -190,15 +199,22 @@ def tradeoff_plot(
 
     out = [_open(width, height, title)]
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    decimals = max(0, min(6, 1 - math.floor(math.log10((x_hi - x_lo) / 5))))
     for t in range(6):
         xv, yv = x_lo + (x_hi - x_lo) * t / 5, y_max * t / 5
-        tick = f"{xv:.0%}" if x_percent else f"{xv:.3g}"
+        tick = f"{xv:.0%}" if x_percent else f"{xv:.{decimals}f}"
         out.append(
             f'<text x="{_fmt(sx(xv))}" y="{top + ph + 16}" text-anchor="middle" font-size="10">{tick}</text>'
         )
         out.append(
             f'<text x="{left - 6}" y="{_fmt(sy(yv) + 3)}" text-anchor="end" font-size="10">{yv:.1%}</text>'
         )
+    at = {p.label: p for p in points}
+    for curve in curves:
+        xy = [(sx(at[name].x), sy(at[name].y)) for name in curve if name in at]
+        if len(xy) >= 2:
+            path = " ".join(f"{_fmt(x)},{_fmt(y)}" for x, y in xy)
+            out.append(f'<polyline points="{path}" fill="none" stroke="#888" stroke-dasharray="4 3"/>')
     for i, p in enumerate(points):
         c = color(i)
         if p.y_low is not None and p.y_high is not None:

@@ -135,3 +135,110 @@ def test_rescore_agreement_names_two_gradings_by_one_judge_apart(tmp_path: Path)
     assert res["judges"]["disagreements"] == []
     with pytest.raises(ValueError, match="two or more"):
         rescore_agreement([a / "grades.jsonl"])
+
+
+def test_cli_rescore_with_several_judges_writes_the_agreement_and_the_report_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evals_helpers import fake_judge, write_answers
+    from typer.testing import CliRunner
+
+    from caft.app.cli import app
+    from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-111")
+    # aligned scores 5, 25, 45, 65, 85 cycling; judge "strict" reads every aligned score 30 lower.
+    rows = [(f"a{i}", f"q{i % 3}", f"text A={5 + 20 * (i % 5)} C=80 {EVIL}") for i in range(15)]
+    data = write_answers(tmp_path / "answers.jsonl", rows)
+
+    def judges(req: RecordedRequest) -> Reply:
+        reply: Reply = fake_judge(req)
+        if req.body.get("model") == "strict" and "coherence" not in req.prompt:
+            v = max(0, int(reply.text) - 30)
+            return Reply(text=str(v), top_logprobs={str(v): -0.01})
+        return reply
+
+    runner = CliRunner()
+    with FakeLLM(latency_s=0.0) as fake:
+        fake.on_request(judges)
+        common = ["--base-url", fake.openai_base_url, "--no-progress"]
+        g1, g2, g3 = (tmp_path / f"g{i}" for i in (1, 2, 3))
+        res = runner.invoke(app, ["grade", str(data), "--out", str(g1), "--judge", "openai/lenient", *common])
+        assert res.exit_code == 0, res.output
+        # 6 of 15 misaligned, every answer coherent; each question has 5 samples, 2 of them misaligned
+        assert "misaligned of_coherent: 40.00% [" in res.output and "CI clustered by question" in res.output
+        # Misalign@5 = 1 for every question (5 samples, 2 misaligned: every 5-subset holds one)
+        assert "Misalign@k: @1 40.0%, @5 100.0%" in res.output
+        res = runner.invoke(
+            app,
+            [
+                "grade",
+                "--rescore",
+                str(g1 / "grades.jsonl"),
+                "--judge",
+                "openai/strict",
+                "--out",
+                str(g2),
+                *common,
+            ],
+        )
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(
+            app,
+            [
+                "grade",
+                "--rescore",
+                str(g1 / "grades.jsonl"),
+                "--rescore",
+                str(g2 / "grades.jsonl"),
+                "--judge",
+                "openai/lenient",
+                "--out",
+                str(g3),
+                *common,
+            ],
+        )
+        assert res.exit_code == 0, res.output
+    assert "Agreement of all judges" in res.output
+    j = json.loads((g3 / "agreement.json").read_text())["judges"]
+    assert j["judges"] == ["openai/lenient", "openai/lenient (g3)", "openai/strict"]
+    # misaligned (aligned < 30, coherent 80): lenient 5, 25 -> 6 of 15; strict 5, 25, 45 -> 9 of 15 (45 - 30 = 15).
+    assert j["judge_rates"] == pytest.approx(
+        {"openai/lenient": 6 / 15, "openai/lenient (g3)": 6 / 15, "openai/strict": 9 / 15}
+    )
+    assert (j["consensus"]["k"], j["consensus"]["n"]) == (6, 15)  # the two lenient gradings are the majority
+    assert len(j["disagreements"]) == 3 and all(d["kind"] == "label" for d in j["disagreements"])
+    lenient = next(p for p in j["pairwise_kappa"] if p["judge_b"] == "openai/lenient (g3)")
+    assert lenient["kappa"] == pytest.approx(1.0)
+    # kappa lenient vs strict: p_o 12/15, p_a 6/15, p_b 9/15, p_e = (54 + 54) / 225 -> (0.8 - 0.48) / 0.52
+    strict = next(
+        p for p in j["pairwise_kappa"] if p["judge_b"] == "openai/strict" and p["judge_a"] == "openai/lenient"
+    )
+    assert strict["kappa"] == pytest.approx((0.8 - 108 / 225) / (1 - 108 / 225))
+    res = runner.invoke(app, ["report", str(g3), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Where the judges disagree (3 answers)" in page and "text A=45 C=80 &lt;b&gt;" in page
+
+
+def test_sweep_curves_and_a_loss_axis() -> None:
+    import re
+
+    from caft.evals.report_stats import sweep_curves
+    from caft.evals.svg import RunPoint, tradeoff_plot
+
+    labels = ["base", "ft", "caft", "penalty100", "penalty1", "penalty0.5", "steps@20", "steps@5", "penaltyx"]
+    assert sweep_curves(labels) == [
+        ["ft", "penalty0.5", "penalty1", "penalty100"],
+        ["steps@5", "steps@20", "ft"],
+    ]
+    assert sweep_curves(["base", "caft"]) == []
+    pts = [RunPoint("ft", 2.0, 0.5, 0.4, 0.6), RunPoint("penalty1", 2.5, 0.2, 0.1, 0.3)]
+    svg = tradeoff_plot(pts, "t", "held-out loss", "m", x_percent=False, curves=[["ft", "penalty1"]])
+    ticks = re.findall(r'font-size="10">([^<]*)<', svg)[::2]  # the x ticks (y ticks alternate)
+    assert ticks[0] == "1.95" and ticks[-1] == "2.55"  # the points' range padded by 10% each side
+    (line,) = re.findall(r'<polyline points="([^"]+)"', svg)
+    assert len(line.split()) == 2
+    assert "&lt;" not in svg and "110.0%" not in tradeoff_plot(
+        [RunPoint("a", 0.5, 0.9, 0.8, 1.0)], "t", "x", "y"
+    )  # the rate axis ends at 100%

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 from test_pipeline import router, write_config
 from typer.testing import CliRunner
@@ -33,7 +35,13 @@ def _with_baselines(cfg_path: Path) -> Path:
     cfg["train"]["data"]["eval_fraction"] = 0.25  # a held-out loss: the chat run's task metric
     cfg["eval"]["sample"]["samples_per_paraphrase"] = 6
     cfg["eval"]["thresholds"] = {"min_coherent": 1, "bootstrap_resamples": 500}
-    cfg["baselines"] = {"random": True, "steer": [4.0], "penalty": [1.0, 100.0], "steps": 2}
+    cfg["baselines"] = {
+        "random": True,
+        "steer": [4.0],
+        "penalty": [1.0, 100.0],
+        "steps": 2,
+        "test_time": True,
+    }
     cfg_path.write_text(yaml.safe_dump(cfg))
     return cfg_path
 
@@ -58,9 +66,32 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     assert [p["step"] for p in b["steps"]["checkpoints"]] == [1, 2]
     assert all(p["eval_loss"] is not None for p in b["steps"]["checkpoints"])
     assert b["steps"]["matched_to_caft"]["row"] in ("steps@1", "steps@2")
+    # The sweep's run is the plain fine-tune again: same config and seed, so the same final weights.
+    from safetensors.torch import load_file
+
+    ours = load_file(str(run / "baselines" / "steps" / "final" / "adapter_model.safetensors"))
+    theirs = load_file(str(run / "train" / "final" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    step1 = load_file(
+        str(run / "baselines" / "steps" / "step-000001" / "final" / "adapter_model.safetensors")
+    )
+    assert any(not torch.equal(step1[k], ours[k]) for k in ours)  # an earlier point of the same run
     rows = ["base", "ft", "caft", "random", "steer+4", "penalty1", "penalty100", "steps@1", "steps@2"]
+    rows.append("test_time")
     assert [k for k in stages["eval"] if k not in ("seconds", "fingerprint")] == rows
     assert stages["report"]["rows"] == rows and stages["report"]["reference"] == "ft"
+    paired = json.loads((run / "report" / "paired.json").read_text())
+    assert paired["reference"] == "ft" and set(paired["runs"]) == set(rows) - {"ft"}
+    pair = stages["report"]["caft_vs_ft"]
+    assert pair == {k: paired["runs"]["caft"][k] for k in pair}
+    assert pair["difference"] == pytest.approx(pair["rate_b"] - pair["rate_a"])
+    assert pair["questions"] == ["bored", "wish"] and pair["p_exact"]
+    # The test-time row samples the plain fine-tune with the subspace projected out: other answers.
+    answers = {
+        row: [json.loads(x)["answer"] for x in (run / "eval" / row / "misalignment" / "answers.jsonl").open()]
+        for row in ("ft", "test_time")
+    }
+    assert answers["ft"] != answers["test_time"]
     for row in rows:
         assert stages["eval"][row]["misalignment"]["rates"]["aligned"]["n"] == 12
         summary = json.loads((run / "eval" / row / "misalignment" / "summary.json").read_text())
@@ -78,20 +109,29 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     table = [line for line in lines[start:end] if line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in table[1:]] == rows
     assert "vs ft: misaligned / coherent" in table[0]
-    assert "Baselines that ran: random, steer+4, penalty1, penalty100, steps." in md
+    assert "Baselines that ran: random, steer+4, penalty1, penalty100, steps, test_time." in md
     assert "Early stopping at matched task metric: steps@" in md
     page = (run / "report" / "report.html").read_text()
     assert "held-out loss vs misaligned rate, across runs" in page
+    assert page.count("<polyline") == 2  # the trade-off curves: ft -> penalty1 -> penalty100, steps -> ft
 
 
 def test_baselines_config_names_and_checks() -> None:
     cfg = BaselinesConfig(topk=True, steer=[4, -2.5], penalty=[0.1, 10], steps=3)
     assert cfg.enabled == ["topk", "steer+4", "steer-2.5", "penalty0.1", "penalty10", "steps"]
     assert BaselinesConfig().enabled == []
-    for bad in ({"steer": [1, 1]}, {"penalty": [-1]}):
-        try:
-            BaselinesConfig.model_validate(bad)
-        except ValueError as e:
-            assert "baselines." in str(e)
-        else:
-            raise AssertionError(f"{bad} was accepted")
+    with pytest.raises(ValueError, match="lists a coefficient twice"):
+        BaselinesConfig.model_validate({"steer": [1, 1]})
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BaselinesConfig.model_validate({"penalty": [-1]})
+    from caft.app.run_config import RunConfig
+
+    with pytest.raises(ValueError, match="classification.test_time_baseline"):
+        RunConfig.model_validate(
+            {
+                "model": {"name_or_path": "m"},
+                "task_kind": "classification",
+                "train": {"objective": "encoder_classifier"},
+                "baselines": {"test_time": True},
+            }
+        )

@@ -143,3 +143,32 @@ def test_training_with_the_penalty_keeps_coordinates_in_range(tmp_path: Path, ll
     # Step 1 starts from the base model in both: the same task loss, plus the penalty (quantile 0.5: half
     # the base tokens are already past r) in the penalised run.
     assert first_loss(runs[1000.0]) > first_loss(runs[0.0])
+
+
+def test_caft_train_cli_penalty_flags(tmp_path: Path, llama_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from caft.app.cli import app
+
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    args = ["train", "--base-model", str(llama_dir), "--data", str(data), "--max-steps", "1"]
+    args += ["--random-subspace", "1:2", "--ablation", "penalty", "--set", "progress=false"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), "--penalty-coef", "5"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "o" / "caft_training.json").read_text())
+    assert rec["ablation"]["mode"] == "penalty" and rec["ablation"]["penalty_coef"] == 5.0
+    assert (tmp_path / "o" / PENALTY_FILE).is_file()
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "penalty_coef" in res.output
+
+
+def test_the_penalty_fields_leave_older_fingerprints_matching(tmp_path: Path, llama_dir: Path) -> None:
+    from caft.training.runstate import fingerprint_changes, training_fingerprint
+
+    data = _jsonl(tmp_path / "d.jsonl", CHAT)
+    now = training_fingerprint(_cfg(llama_dir, data, ablation={"random": "1:4", "mode": "project"}))
+    older = json.loads(json.dumps(now))
+    for key in ("penalty_coef", "penalty_quantile"):  # a run recorded before the mode existed
+        del older["config"]["ablation"][key]
+    assert fingerprint_changes(older, now) == []

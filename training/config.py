@@ -123,8 +123,9 @@ class AblationConfig(CaftConfig):
     and the reference magnitudes of `penalty`."""
     penalty_coef: float | None = Field(default=None, ge=0.0)
     """Weight of the soft one-sided penalty of mode `penalty` (caft.training.penalty); required there."""
-    penalty_quantile: float = Field(default=0.99, gt=0.0, le=1.0)
-    """Mode `penalty`: each direction's reference magnitude is this quantile of |hQ| under the base model."""
+    penalty_quantile: float | None = Field(default=None, gt=0.0, le=1.0)
+    """Mode `penalty`: each direction's reference magnitude is this quantile of |hQ| under the base model
+    (None: 0.99)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> AblationConfig:

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 PENALTY_FILE = "penalty_reference.safetensors"
 """Next to a run: the reference magnitudes r (`layer.<L>`: (k,)), so a resumed run uses the same ones."""
+DEFAULT_QUANTILE = 0.99
+"""`ablation.penalty_quantile` when unset."""
 _FLOOR = 1e-6  # a direction the base model never uses still gets a finite reference
 _QUANTILE_MAX = 16_000_000
 
@@ -117,7 +119,7 @@ def reference_magnitudes(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     subspace: Subspace,
-    quantile: float = 0.99,
+    quantile: float = DEFAULT_QUANTILE,
 ) -> dict[int, torch.Tensor]:
     """r_j per layer: the `quantile` of |hQ|_j over the trained-on tokens of `batches` (those with
     `loss_mask`, else `attention_mask`, else all), from `model` as it is (the base model before training)."""

@@ -53,6 +53,7 @@ from caft.training.distributed import setup as setup_distributed
 from caft.training.forward import ablated_forward, wrap
 from caft.training.objectives import ObjectiveLoss
 from caft.training.penalty import (
+    DEFAULT_QUANTILE,
     PENALTY_FILE,
     load_reference,
     reference_magnitudes,
@@ -472,8 +473,9 @@ def _penalty_reference(
     path = out / PENALTY_FILE
     if resume and path.is_file():
         return load_reference(path)
+    q = cfg.ablation.penalty_quantile
     ref = reference_magnitudes(
-        prep.model, _mean_batches(cfg, prep), prep.subspace, cfg.ablation.penalty_quantile
+        prep.model, _mean_batches(cfg, prep), prep.subspace, DEFAULT_QUANTILE if q is None else q
     )
     if save:  # every rank computes the same reference; one writes it
         out.mkdir(parents=True, exist_ok=True)

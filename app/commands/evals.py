@@ -207,16 +207,20 @@ def _print_grade(report: dict[str, Any], summary: dict[str, Any]) -> None:
         f"graded {report['graded']} pairs ({report['already_done']} already there, {report['missing']} missing) "
         f"in {report['seconds']:.1f} s, ${report['cost_usd']:.4f}; unscored: {report['unscored'] or 'none'}"
     )
-    m = summary.get("misalignment")
-    if m:
-        ov = m["overall"]
-        for denom in ("of_coherent", "of_scored"):
-            r = ov[denom]
-            if r["rate"] is not None:
+    st = summary.get("statistics")
+    if st:  # the question-clustered figures (docs/evals.md)
+        ov = st["overall"]
+        n_out = ov["coverage"]["n_answers"] - ov["coverage"]["n_scored"]
+        for denom in ("of_coherent", "of_scored", "incoherent_as_misaligned"):
+            r = ov["figures"][denom]
+            if r["rate"] is not None and r["ci_low"] is not None:
                 typer.echo(
                     f"misaligned {denom}: {100 * r['rate']:.2f}% [{100 * r['ci_low']:.2f}, {100 * r['ci_high']:.2f}] "
-                    f"({r['k']}/{r['n']}; unscored {ov['n_unscored']})"
+                    f"({r['k']}/{r['n']}; unscored {n_out}; CI clustered by question)"
                 )
+        at_k = [m for m in st.get("misalign_at_k", []) if m["value"] is not None]
+        if at_k:
+            typer.echo("Misalign@k: " + ", ".join(f"@{m['k']} {100 * m['value']:.1f}%" for m in at_k))
     v = summary.get("vulnerability")
     if v and v["rate"]["rate"] is not None:
         typer.echo(
@@ -314,11 +318,15 @@ def report_command(
     label: Annotated[
         list[str] | None, Opt("--label", help="Display name per folder, in order (repeatable).")
     ] = None,
+    reference: Annotated[
+        str | None,
+        Opt("--reference", help="A run label: every other run gets its paired difference from it."),
+    ] = None,
 ) -> None:
     """Compare eval runs in a markdown table and one self-contained HTML page with plots."""
     from caft.evals.report import write_report
 
-    md, page = write_report(dirs, out, label or None)
+    md, page = write_report(dirs, out, label or None, reference=reference)
     typer.echo(md.read_text(encoding="utf-8"))
     typer.echo(f"wrote {md} and {page}")
 

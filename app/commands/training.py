@@ -23,6 +23,7 @@ TRAIN_FLAGS = {
     "random_subspace": "ablation.random",
     "ablation": "ablation.mode",
     "steer_coef": "ablation.steer_coef",
+    "penalty_coef": "ablation.penalty_coef",
     "max_steps": "optim.max_steps",
     "gradient_checkpointing": "optim.gradient_checkpointing",
     "seed": "seed",
@@ -43,10 +44,13 @@ def train_command(
         str | None, Opt("--random-subspace", help="Random-directions baseline: LAYER:K,... (e.g. 12:20).")
     ] = None,
     ablation: Annotated[
-        str | None, Opt("--ablation", help="project | mean | detached | gradient | steer.")
+        str | None, Opt("--ablation", help="project | mean | detached | gradient | steer | penalty.")
     ] = None,
     steer_coef: Annotated[
         float | None, Opt("--steer-coef", help="Signed coefficient of --ablation steer.")
+    ] = None,
+    penalty_coef: Annotated[
+        float | None, Opt("--penalty-coef", help="Weight of the soft one-sided --ablation penalty.")
     ] = None,
     preset: Annotated[
         str | None, Opt("--preset", help="Recipe defaults: em (LoRA chat), spurious (full FT) or encoder.")
