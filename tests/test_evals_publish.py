@@ -140,11 +140,12 @@ def test_rescore_agreement_names_two_gradings_by_one_judge_apart(tmp_path: Path)
 def test_cli_rescore_with_several_judges_writes_the_agreement_and_the_report_shows_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from evals_helpers import fake_judge, write_answers
+    from evals_helpers import write_answers
     from typer.testing import CliRunner
 
     from caft.app.cli import app
     from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
+    from caft.testing.grading import fake_judge
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-111")
     # aligned scores 5, 25, 45, 65, 85 cycling; judge "strict" reads every aligned score 30 lower.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from evals_helpers import fake_judge, write_answers
+from evals_helpers import write_answers
 from typer.testing import CliRunner
 
 from caft.app.cli import app
@@ -16,6 +16,7 @@ from caft.errors import EXIT_ERROR, EXIT_INCOMPLETE, ConfigError, IncompleteErro
 from caft.evals.pipeline import GradingIncompleteError
 from caft.testing import save_tiny
 from caft.testing.fakellm import FakeLLM, Fault
+from caft.testing.grading import fake_judge
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from evals_helpers import fake_judge, write_answers
+from evals_helpers import write_answers
 from interp_helpers import chat_rows, make_pair
 from typer.testing import CliRunner
 
@@ -20,6 +20,7 @@ from caft.interp.source import ActivationSource
 from caft.jsonl import SKIP_HINT, ReadReport, iter_rows, read_jsonl
 from caft.models import load_model
 from caft.testing.fakellm import FakeLLM
+from caft.testing.grading import fake_judge
 from caft.training.data import read_chat_jsonl
 
 GOOD = json.dumps({"messages": chat_rows(1)[0]["messages"]}).encode()
