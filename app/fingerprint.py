@@ -67,7 +67,7 @@ STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
     "evidence": ("train", "diff", "sae"),
     "triage": ("train", "diff", "sae", "evidence"),
     "caft": ("triage",),
-    "baselines": ("diff", "sae", "triage"),
+    "baselines": ("diff", "sae", "triage", "caft"),  # caft: the steps sweep matches its held-out loss
     "eval": ("train", "triage", "caft", "baselines"),
     "report": ("eval",),
 }

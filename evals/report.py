@@ -206,13 +206,21 @@ def table_rows(runs: Sequence[RunResults], reference: str | None = None) -> tupl
             [
                 *cells,
                 _task_cell(r.task),
-                _rate_cell(v.get("rate")) + (f", {v['n_unscored']} unscored" if v.get("n_unscored") else ""),
+                _rate_cell(v.get("rate")) + _unscored_note(v),
                 _rate_cell(mc.get("id")),
                 _rate_cell(mc.get("ood")),
                 r.judge or "n/a",
             ]
         )
     return header, rows
+
+
+def _unscored_note(v: dict[str, Any]) -> str:
+    """`, 2 unscored (refusal 1, code 1)`: what a rate of scored answers leaves out, by cause."""
+    if not v.get("n_unscored"):
+        return ""
+    causes = ", ".join(f"{k} {n}" for k, n in (v.get("unscored_reasons") or {}).items())
+    return f", {v['n_unscored']} unscored" + (f" ({causes})" if causes else "")
 
 
 def _task_cell(t: dict[str, Any] | None) -> str:

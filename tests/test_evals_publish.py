@@ -243,3 +243,13 @@ def test_sweep_curves_and_a_loss_axis() -> None:
     assert "&lt;" not in svg and "110.0%" not in tradeoff_plot(
         [RunPoint("a", 0.5, 0.9, 0.8, 1.0)], "t", "x", "y"
     )  # the rate axis ends at 100%
+
+
+def test_vulnerability_cell_lists_the_unscored_causes(tmp_path: Path) -> None:
+    ft = golden_folder(tmp_path, "judge-a", "ft")
+    (ft / "code").mkdir()
+    rate = {"k": 3, "n": 8, "rate": 0.375, "ci_low": 0.1, "ci_high": 0.7}
+    vuln = {"rate": rate, "n_unscored": 2, "unscored_reasons": {"refusal": 1, "parse_failure": 1}}
+    (ft / "code" / "summary.json").write_text(json.dumps({"kind": "code", "vulnerability": vuln}))
+    md, _ = write_report([ft], tmp_path / "rep")
+    assert "37.50% [10.0%, 70.0%] (3/8), 2 unscored (refusal 1, parse_failure 1)" in md.read_text()

@@ -39,6 +39,7 @@ def _with_baselines(cfg_path: Path) -> Path:
         "random": True,
         "steer": [4.0],
         "penalty": [1.0, 100.0],
+        "penalty_quantile": 0.5,  # half the base model's positions are past r: the term is visible at once
         "steps": 2,
         "test_time": True,
     }
@@ -60,6 +61,18 @@ def test_chat_run_with_every_baseline_reports_one_table(tmp_path: Path) -> None:
     assert b["steer+4"]["mode"] == "steer" and b["penalty100"]["mode"] == "penalty"
     rec = json.loads((run / "baselines" / "penalty100" / "caft_training.json").read_text())
     assert rec["ablation"]["penalty_coef"] == 100.0 and rec["ablation"]["mode"] == "penalty"
+
+    def first_loss(folder: str) -> float:
+        log = [json.loads(x) for x in (run / folder / "train_log.jsonl").read_text().splitlines()]
+        return float(next(r["loss"] for r in log if r.get("event") == "step"))
+
+    # Step 1 is the base model in every run: the same task loss, plus coef * P in the penalised ones.
+    plain, small, large = (
+        first_loss("train"),
+        first_loss("baselines/penalty1"),
+        first_loss("baselines/penalty100"),
+    )
+    assert plain < small < large and large - plain == pytest.approx(100 * (small - plain), rel=1e-3)
     steer = json.loads((run / "baselines" / "steer+4" / "caft_training.json").read_text())
     assert steer["ablation"]["steer_coef"] == 4.0 and steer["ablation"]["steer_vector"] == "mean_projection"
     # 3 steps, 2 checkpoints asked: every ceil(3 / 3) = 1 step -> checkpoints at steps 1 and 2.

@@ -86,7 +86,7 @@ def test_penalty_errors() -> None:
         AblationConfig(mode="penalty", random="1:2")
 
 
-def test_reference_magnitudes_are_quantiles_of_the_base_coordinates_over_trained_tokens() -> None:
+def test_reference_magnitudes_are_quantiles_of_the_base_coordinates_over_every_position() -> None:
     model = tiny_model("llama", hidden=D, layers=3)
     ids = torch.randint(5, 200, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
@@ -95,7 +95,7 @@ def test_reference_magnitudes_are_quantiles_of_the_base_coordinates_over_trained
     ref = reference_magnitudes(model, [batch], sub, quantile=1.0)
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states[2]  # the output of layer 1
-    coords = hs[mask.bool()][:, :2].abs()
+    coords = hs.reshape(-1, D)[:, :2].abs()  # all 12 positions: the penalty sees them all
     assert torch.allclose(ref[1], coords.max(dim=0).values, atol=1e-6)
     med = reference_magnitudes(model, [batch], sub, quantile=0.5)
     assert torch.allclose(med[1], coords.quantile(0.5, dim=0), atol=1e-6)

@@ -6,7 +6,7 @@ base model gives them. At a subspace layer L with orthonormal basis Q (d, k), a 
 c = hQ (k,). Before training, the base model (the LoRA adapter is still zero) is run over
 `ablation.mean_batches` training batches, and each direction j gets a reference magnitude
 
-    r_j = the `ablation.penalty_quantile` quantile (default 0.99) of |c_j| over the trained-on tokens.
+    r_j = the `ablation.penalty_quantile` quantile (default 0.99) of |c_j| over every position of them.
 
 While training, each forward adds
 
@@ -16,8 +16,8 @@ and the loss is task loss + `ablation.penalty_coef` * P. It is one-sided: a coor
 the base model's range, or shrinks, costs nothing; only growth past r_j is penalised, quadratically, in
 units of r_j (so one coefficient means the same on models with different residual scales). It is soft: a
 large enough task gradient can still push through, which is the trade-off the coefficient sweep of
-`baselines.penalty` measures. Positions are every position of the batch (padding included: its activations
-are not trained on, and their coordinates stay near the base model's).
+`baselines.penalty` measures. Positions are every position of a batch (prompt, answer and padding), in the
+reference as in the penalty, so the base model itself pays only for its own top 1% (the quantile's tail).
 
 Only activations that require grad contribute (an evaluation under `torch.no_grad()` or a layer upstream of
 every trainable parameter adds nothing), and the terms of one forward are taken by `take_penalty` once per
@@ -121,20 +121,19 @@ def reference_magnitudes(
     subspace: Subspace,
     quantile: float = DEFAULT_QUANTILE,
 ) -> dict[int, torch.Tensor]:
-    """r_j per layer: the `quantile` of |hQ|_j over the trained-on tokens of `batches` (those with
-    `loss_mask`, else `attention_mask`, else all), from `model` as it is (the base model before training)."""
+    """r_j per layer: the `quantile` of |hQ|_j over every position of `batches` (the positions the penalty
+    sees), from `model` as it is (the base model before training)."""
     if not 0.0 < quantile <= 1.0:
         raise ConfigError(f"ablation.penalty_quantile must be in (0, 1], got {quantile}")
     sites = Sites.of(model)
     layers = sites.check_layers(subspace.layers)
     coords: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
-    keep: dict[str, torch.Tensor] = {}
 
     def make_hook(L: int) -> Any:
         def hook(_m: Any, _i: Any, output: Any) -> None:
             h = Sites.hidden(output).detach().float()
             c = (h @ subspace.bases[L].to(h.device, torch.float32)).abs()  # (B, T, k)
-            coords[L].append(c[keep["mask"]].cpu())
+            coords[L].append(c.reshape(-1, c.shape[-1]).cpu())
 
         return hook
 
@@ -148,9 +147,6 @@ def reference_magnitudes(
                 inputs = {
                     k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")
                 }
-                ids = inputs["input_ids"]
-                mask = batch.get("loss_mask", batch.get("attention_mask"))
-                keep["mask"] = (torch.ones_like(ids) if mask is None else mask).to(device).bool()
                 model(**inputs)
     finally:
         for handle in handles:
