@@ -31,9 +31,9 @@ BASELINES_DIR = "baselines"
 
 def model_n_layers(model: ModelConfig) -> int:
     """Transformer blocks of `model`, read from its config (no weights loaded)."""
-    from transformers import AutoConfig
+    from caft.models import load_model_config
 
-    config = AutoConfig.from_pretrained(model.name_or_path)
+    config = load_model_config(model.name_or_path)
     n = getattr(config, "num_hidden_layers", None)
     if n is None:
         n = getattr(getattr(config, "text_config", None), "num_hidden_layers", None)
