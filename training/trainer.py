@@ -169,7 +169,7 @@ def train(
                     batch, weight = batches.part(step * ga + micro, dist.rank, dist.world)
                     with dist.no_sync(wrapped, sync=micro == ga - 1):
                         loss = objective.loss(forward(batch), batch)
-                        (loss * (weight * dist.world / ga)).backward()
+                        (loss * (weight * dist.world) / ga).backward()  # alone: loss * 1.0 / ga
                     loss_sum += loss.item() * weight / ga
                     tokens += count_tokens(batch) if weight else 0
                 loss_sum, tokens_f = dist.sum([loss_sum, float(tokens)])
