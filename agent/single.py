@@ -281,7 +281,7 @@ class SingleJudge:
         if outcome.resumed:
             log.info("resuming: %d verdicts already on disk, %d to go", outcome.resumed, len(todo))
         first: dict[tuple[str, int], GenerateResult | LLMError] = {}
-        if self.cfg.batch and todo:
+        if self.cfg.batch and todo and self._has_batch_api():
             try:
                 first = await self._batch_first_round(todo)
             except BudgetExceededError as e:
@@ -311,6 +311,14 @@ class SingleJudge:
             outcome.seconds = time.perf_counter() - t0
         fsync_file(vpath)
         return outcome
+
+    def _has_batch_api(self) -> bool:
+        from caft.llm.batch import supports_batch
+
+        if supports_batch(self.client.provider):
+            return True
+        log.warning("%s has no batch API; judging one request at a time", self.client.model_id)
+        return False
 
     async def _batch_first_round(
         self, todo: Sequence[tuple[Dossier, int]]

@@ -346,7 +346,7 @@ async def _grade_locked(
 
     try:
         with drain:
-            if cfg.batch:
+            if cfg.batch and _has_batch_api(client):
                 pairs = [row_base(a, m) for a, m in todo]
                 await _batched(pairs, client, cfg, rule, secrets, out.parent / BATCH_DIR, emit, stop, drain)
             else:
@@ -360,6 +360,15 @@ async def _grade_locked(
     report.stopped = reasons[0] if reasons else None
     report.seconds = time.monotonic() - t0
     return report
+
+
+def _has_batch_api(client: LLMClient) -> bool:
+    from caft.llm.batch import supports_batch
+
+    if supports_batch(client.provider):
+        return True
+    log.warning("%s has no batch API; grading one request at a time", client.model_id)
+    return False
 
 
 async def _batched(

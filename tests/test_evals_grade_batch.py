@@ -224,3 +224,13 @@ def test_eval_stage_of_a_run_grades_in_one_batch(tmp_path: Path, key_env: None) 
     rows = read_jsonl(tmp_path / "eval" / "misalignment" / "grades.jsonl")
     assert len(rows) == 8 and n_batched == sum(r.get("unscored_reason") != "empty_answer" for r in rows)
     assert res["misalignment"]["grade_run"]["graded"] == 8
+
+
+def test_a_judge_without_batch_api_grades_one_by_one(tmp_path: Path, key_env: None) -> None:
+    src = answers(tmp_path / "answers.jsonl", 4)
+    with FakeLLM() as fake:
+        fake.on_request(fake_judge)
+        grade(src, tmp_path / "out", fake, "openai-compatible/judge", "--batch", "--scoring", "parsed_number")
+        assert fake.batches_created == 0 and len(fake.requests) == 8
+    rows = read_jsonl(tmp_path / "out" / "grades.jsonl")
+    assert len(rows) == 10 and sum(r["score"] is not None for r in rows) == 8

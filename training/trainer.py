@@ -177,7 +177,7 @@ def train(
                     batch, weight = batches.part(step * ga + micro, dist.rank, dist.world)
                     with dist.no_sync(wrapped, sync=micro == ga - 1):
                         loss = take_penalty(abl, objective.loss(forward(batch), batch))
-                        (loss * (weight * dist.world / ga)).backward()
+                        (loss * (weight * dist.world) / ga).backward()  # alone: loss * 1.0 / ga
                     loss_sum += loss.item() * weight / ga
                     tokens += count_tokens(batch) if weight else 0
                 loss_sum, tokens_f = dist.sum([loss_sum, float(tokens)])
@@ -287,13 +287,16 @@ def _open_run(dist: Dist, out: Path, resume: bool, fingerprint: dict[str, Any]) 
 
 def _enable_gradient_checkpointing(model: Any) -> None:
     """Recompute each layer's activations in backward instead of keeping them (transformers models)."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None:
-        raise ConfigError(
-            "optim.gradient_checkpointing needs a transformers model (this one has no "
-            "gradient_checkpointing_enable); turn it off"
-        )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers renamed it activation checkpointing (the old name warns, and goes in v6)
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        enable = getattr(model, f"{name}_enable", None)
+        if enable is not None:
+            enable(**{f"{name}_kwargs": {"use_reentrant": False}})
+            return
+    raise ConfigError(
+        "optim.gradient_checkpointing needs a transformers model (this one has no "
+        "activation_checkpointing_enable); turn it off"
+    )
 
 
 # ---- pieces of the loop -------------------------------------------------------------------------------
