@@ -420,7 +420,12 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     if not dirs:
         raise RunDirError(f"nothing to report: {eval_dir} holds no evaluated model (run the eval stage)")
     md, page = write_report(dirs, ctx.path / "report", [p.name for p in dirs])
-    return {"markdown": str(md), "html": str(page)}
+    from caft.app.report_evidence import write_selection_page
+
+    sel = write_selection_page(
+        ctx.path, ctx.path / "report", f"{ctx.cfg.name}: the selection and its evidence"
+    )
+    return {"markdown": str(md), "html": str(page), "selection_html": str(sel) if sel else None}
 
 
 def _marker_info(folder: Path) -> dict[str, Any]:

@@ -275,3 +275,11 @@ def test_report_shows_the_evidence_of_selected_and_close_rejected_directions(tmp
     assert "Selected per layer: L1: 1." in page and "Random controls judged: 3" in page
     assert "<b>destroy</b>" in page and "abc123" in page
     assert "70.0%" in page and "28.3%" in page  # CAFT mean OOD and its sd over the two seeds
+    # the same evidence on a run's own page (caft run's report stage writes report/selection.html)
+    from caft.app.report_evidence import write_selection_page
+
+    sel_page = write_selection_page(run, tmp_path / "rep")
+    assert sel_page is not None
+    text = sel_page.read_text()
+    assert "<code>pc:L2:3</code><br>rejected" in text and "&lt;script&gt;" in text and "<script>" not in text
+    assert "abc123" in text and write_selection_page(tmp_path / "nothing", tmp_path / "rep2") is None
