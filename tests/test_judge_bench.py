@@ -13,13 +13,11 @@ from caft.agent.bench import (
     BenchConfig,
     _assert_label_free,
     auroc,
-    balanced,
-    correlations,
-    labelled_rows,
     replay_provider,
     run_bench,
     split_random,
 )
+from caft.agent.bench_truth import balanced, correlations, labelled_rows
 from caft.agent.config import SelectionPolicy, TriageConfig
 from caft.config import ModelConfig
 from caft.errors import DataError
