@@ -145,19 +145,24 @@ def split_random(rand: Sequence[Dossier], per_layer: int, seed: int) -> tuple[li
     return held, calib
 
 
-def _keys(obj: Any) -> set[str]:
+def _leaks(obj: Any) -> list[str]:
+    """Ground truth inside a JSON value: a labelled row (a dict with `text` and `label` or `cue`) or a
+    benchmark correlation (`r_cue`, `r_intended`)."""
     if isinstance(obj, dict):
-        return set(obj) | {k for v in obj.values() for k in _keys(v)}
+        found = [k for k in ("r_cue", "r_intended") if k in obj]
+        if "text" in obj and ({"label", "cue"} & set(obj)):
+            found.append("a labelled row")
+        return found + [x for v in obj.values() for x in _leaks(v)]
     if isinstance(obj, list):
-        return {k for v in obj for k in _keys(v)}
-    return set()
+        return [x for v in obj for x in _leaks(v)]
+    return []
 
 
 def _assert_label_free(folder: Path) -> None:
-    """The judge's input files carry no `label` / `cue` field: selection never sees the ground truth."""
+    """The judge's input files hold no labelled row and no correlation: selection never sees the truth."""
     for f in folder.rglob("*.json"):
-        leaked = _keys(json.loads(f.read_text(encoding="utf-8"))) & {"cue", "label", "r_cue", "r_intended"}
-        assert not leaked, f"{f} holds ground-truth fields {sorted(leaked)}: the judge must not see them"
+        leaked = _leaks(json.loads(f.read_text(encoding="utf-8")))
+        assert not leaked, f"{f} holds ground truth ({sorted(set(leaked))}): the judge must not see it"
 
 
 def _write_inputs(root: Path, judged: Sequence[Dossier], controls: Sequence[Dossier]) -> tuple[Path, Path]:
