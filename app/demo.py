@@ -20,11 +20,9 @@ import json
 import logging
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import jinja2
 from pydantic import Field, field_validator
 
 from caft.agent.offline import OfflineJudgeConfig
@@ -494,7 +492,7 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
         }
         for seed, r in per_seed.items()
     ]
-    from caft.app.report_evidence import run_evidence
+    from caft.app.report_evidence import run_evidence, template_env
 
     evidence = {seed: run_evidence(Path(out) / f"seed{seed}" / RUN_DIR) for seed in per_seed}
     spread = [
@@ -515,21 +513,21 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
             if e.get("git")
         }
     )
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    template = env.from_string(
-        (resources.files("caft.app") / "templates" / "demo.html.j2").read_text(encoding="utf-8")
-    )
-    page = template.render(
-        title=f"caft demo: {report['task']}, {report['seeds']} seed(s)",
-        chart=chart,
-        rows=rows,
-        picks=picks,
-        timings=list(report.get("timings_s", {}).items()),
-        wall_s=report.get("wall_s"),
-        spread=spread,
-        evidence=[(seed, e) for seed, e in evidence.items() if e],
-        commits=commits,
-        config=json.dumps(report.get("config", {}), indent=1, sort_keys=True),
+    page = (
+        template_env()
+        .get_template("demo.html.j2")
+        .render(
+            title=f"caft demo: {report['task']}, {report['seeds']} seed(s)",
+            chart=chart,
+            rows=rows,
+            picks=picks,
+            timings=list(report.get("timings_s", {}).items()),
+            wall_s=report.get("wall_s"),
+            spread=spread,
+            evidence=[(seed, e) for seed, e in evidence.items() if e],
+            commits=commits,
+            config=json.dumps(report.get("config", {}), indent=1, sort_keys=True),
+        )
     )
     path = Path(out) / "report.html"
     atomic_write_text(path, page)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from caft.interp.schema import Window, dossier_filename
 from caft.interp.windows import window_words
@@ -131,3 +134,44 @@ def run_evidence(run_dir: str | Path, n_close: int = CLOSE_REJECTED) -> dict[str
         "policy": selection.get("policy", {}),
         "git": git,
     }
+
+
+def template_env() -> jinja2.Environment:
+    """The report templates (app/templates), autoescaped, strict about undefined names."""
+    folder = Path(str(resources.files("caft.app") / "templates"))
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(folder)), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+
+
+SELECTION_PAGE = "selection.html"
+
+
+def write_selection_page(run_dir: str | Path, out_dir: str | Path, title: str = "") -> Path | None:
+    """`<out_dir>/selection.html`: the run's selected and closest rejected directions with their evidence,
+    the per-layer counts, the config and git commit (one page, no scripts, no network). None without triage."""
+    run = Path(run_dir)
+    ev = run_evidence(run)
+    if not ev:
+        return None
+    manifest = run / "manifest.json"
+    config: Any = {}
+    if manifest.is_file():
+        config = json.loads(manifest.read_text(encoding="utf-8")).get("config", {})
+    git = ev.get("git") or {}
+    commits = [str(git.get("commit")) + (" (dirty)" if git.get("dirty") else "")] if git else []
+    page = (
+        template_env()
+        .get_template("selection.html.j2")
+        .render(
+            title=title or f"caft run {run.name}: the selection and its evidence",
+            evidence=[("selection", ev)],
+            commits=commits,
+            config=json.dumps(config, indent=1, sort_keys=True, default=str),
+        )
+    )
+    from caft.rundir import atomic_write_text
+
+    path = Path(out_dir) / SELECTION_PAGE
+    atomic_write_text(path, page)
+    return path

@@ -474,6 +474,11 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
     md, page = write_report(
         [found[n] for n in names], ctx.path / "report", names, reference=reference, notes=notes
     )
+    from caft.app.report_evidence import write_selection_page
+
+    sel = write_selection_page(
+        ctx.path, ctx.path / "report", f"{ctx.cfg.name}: the selection and its evidence"
+    )
     caft_vs_ft = None
     if reference and (md.parent / PAIRED_FILE).is_file():
         pair = json.loads((md.parent / PAIRED_FILE).read_text(encoding="utf-8"))["runs"].get("caft")
@@ -487,6 +492,7 @@ def stage_report(ctx: RunContext) -> dict[str, Any]:
         "rows": names,
         "reference": reference,
         "baselines_ran": ran,
+        "selection_html": str(sel) if sel else None,
     }
 
 

@@ -375,3 +375,12 @@ def test_demo_with_contrast_basis_and_loop_on_minilm(tmp_path: Path, minilm_dir:
         assert sum(counts.values()) == loop["subspace_dims"]  # baselines match the final subspace
     else:
         assert loop["stopped"] == "nothing new" and loop["subspace"] is None
+
+    # the same evidence on a run's own page (caft run's report stage writes report/selection.html)
+    from caft.app.report_evidence import write_selection_page
+
+    sel_page = write_selection_page(run, tmp_path / "rep")
+    assert sel_page is not None
+    text = sel_page.read_text()
+    assert "<code>pc:L2:3</code><br>rejected" in text and "&lt;script&gt;" in text and "<script>" not in text
+    assert "abc123" in text and write_selection_page(tmp_path / "nothing", tmp_path / "rep2") is None

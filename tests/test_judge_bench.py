@@ -12,13 +12,11 @@ from caft.agent.bench import (
     BenchConfig,
     _assert_label_free,
     auroc,
-    balanced,
-    correlations,
-    labelled_rows,
     replay_provider,
     run_bench,
     split_random,
 )
+from caft.agent.bench_truth import balanced, correlations, labelled_rows
 from caft.agent.config import SelectionPolicy, TriageConfig
 from caft.config import ModelConfig
 from caft.errors import DataError
@@ -192,7 +190,11 @@ def test_the_judge_inputs_must_not_carry_labels(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     (folder / "a.json").write_text(d.model_dump_json())
     _assert_label_free(tmp_path / "in")
+    # concept names as keys (a contrast section's figures per concept) are not labels
+    named = d.model_copy(update={"provenance": {"contrast": {"cue": 0.4, "label": "topic"}}})
+    (folder / "c.json").write_text(named.model_dump_json())
+    _assert_label_free(tmp_path / "in")
     leaky = d.model_copy(update={"provenance": {"rows": [{"text": "x", "cue": 1}]}})
     (folder / "b.json").write_text(leaky.model_dump_json())
-    with pytest.raises(AssertionError, match="ground-truth"):
+    with pytest.raises(AssertionError, match="a labelled row"):
         _assert_label_free(tmp_path / "in")

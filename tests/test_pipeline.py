@@ -115,6 +115,7 @@ def test_chat_run_end_to_end_and_resume(tmp_path: Path) -> None:
         assert set(figures["misaligned"]) >= {"of_coherent", "of_scored", "n_unscored"}
     assert stages["triage"]["usage"]["calls"] >= 4  # one verdict per candidate, at least
     assert (run / "report" / "report.html").is_file()
+    assert "pc:L1:0" in (run / "report" / "selection.html").read_text()  # the selection with its evidence
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["judges"]["triage"] == "openai-compatible/judge"
 
