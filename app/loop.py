@@ -111,7 +111,7 @@ def run_loop(ctx: RunContext, sub: Subspace, first_final: Path) -> dict[str, Any
             "round": 0,
             "subspace_dims": sub.total_dims,
             "counts": _counts(sub),
-            "added": [],
+            "added": sub.total_dims,
             "eval": _classification_figures(ctx, model, caft_dir / "eval_round0"),
         }
     ]

@@ -69,5 +69,11 @@ def demo_command(
     for s, r in report["per_seed"].items():
         picked = ", ".join(f"{c['candidate']} ({c['label']})" for c in r.get("selected", [])) or "nothing"
         typer.echo(f"seed {s}: the offline judge selected {r.get('k', 0)}: {picked}")
+        for rd in r.get("loop", []):
+            ood = (rd.get("eval") or {}).get("ood")
+            figure = f", OOD {ood:.1%}" if isinstance(ood, float) else ""
+            typer.echo(
+                f"  loop round {rd['round']}: +{rd.get('added') or 0} -> {rd.get('subspace_dims', '-')} dims{figure}"
+            )
     typer.echo("stage wall time (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()))
     typer.echo(f"results: {out / 'results.json'}; report: {out / 'report.html'}")
