@@ -24,13 +24,13 @@ def main() -> None:
     if spec.get("pid_dir"):
         Path(spec["pid_dir"], f"rank-{rank}").write_text(str(os.getpid()))
     delay = [0.0]
-    clip = trainer._clip
+    clip = trainer.clip_gradients
 
     def slow_clip(cfg: TrainConfig, model: Any) -> float | None:
         time.sleep(delay[0])
         return clip(cfg, model)
 
-    trainer._clip = slow_clip
+    trainer.clip_gradients = slow_clip
     for run in spec["runs"]:
         delay[0] = float(run.get("slow_s", 0.0))
         trainer.train(TrainConfig.model_validate(run["cfg"]), run["out"], resume=run.get("resume", False))

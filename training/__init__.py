@@ -9,6 +9,7 @@ Modules (import them directly; this package imports nothing heavy):
     caft.training.classifier  EncoderClassifier, predict, predict_logits, accuracy
     caft.training.choice      choice_scores, choice_accuracy (causal LM, answer letters)
     caft.training.forward     the nnsight ablated forward used by the trainer
+    caft.training.distributed data-parallel training (DDP through accelerate) and the hooked ablation
     caft.training.penalty     mode `penalty`: the soft one-sided loss term on the subspace's coordinates
     caft.training.sweep       the fewer-steps baseline: checkpoints of a run exported as models
 """

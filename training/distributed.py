@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from caft.errors import ConfigError
+from caft.errors import CaftError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -94,6 +94,21 @@ class Dist:
 
         t = torch.tensor(list(values), dtype=torch.float64, device=self.accelerator.device)
         return [float(v) for v in self.accelerator.reduce(t, reduction="sum").cpu()]
+
+    def on_main(self, fn: Callable[[], T], placeholder: T) -> T:
+        """`fn()` run on rank 0 only (e.g. it rewrites a file), and its answer, or the `CaftError` it
+        raised, on every rank; the other ranks hold `placeholder` until rank 0's answer arrives."""
+        if not self.enabled:
+            return fn()
+        answer: T | CaftError
+        try:
+            answer = fn() if self.is_main else placeholder
+        except CaftError as e:
+            answer = e
+        answer = self.from_main(answer)
+        if isinstance(answer, CaftError):
+            raise answer
+        return answer
 
     def from_main(self, value: T) -> T:
         """Rank 0's `value` on every rank (a picklable object)."""

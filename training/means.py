@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from caft.subspace import Subspace
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["compute_subspace_means", "load_means", "mean_coordinates", "save_means"]
+__all__ = ["compute_subspace_means", "load_means", "mean_coordinates", "run_coordinates", "save_means"]
 
 
 def mean_coordinates(layer: int, q: torch.Tensor, means: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -62,20 +62,49 @@ def compute_subspace_means(
     `loss_mask` when a batch has one (e.g. assistant tokens), else by `attention_mask`, else all count.
     Keys that are not model inputs (`labels`, `loss_mask`) are not passed to the model.
     """
-    sites = Sites.of(model)
-    layers = sites.check_layers(subspace.layers)
     sums: dict[int, torch.Tensor] = {}
     count = torch.zeros((), dtype=torch.float64)
     weight: dict[str, torch.Tensor] = {}
 
+    def on_batch(batch: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        nonlocal count
+        mask = batch.get("loss_mask", batch.get("attention_mask"))
+        w = (
+            torch.ones(batch["input_ids"].shape, dtype=torch.float64)
+            if mask is None
+            else mask.to(torch.float64)
+        )
+        weight["w"] = w.to(device)
+        count += w.sum()
+
+    def on_coords(layer: int, coords: torch.Tensor) -> None:
+        s = (coords.double() * weight["w"][..., None]).sum(dim=(0, 1)).cpu()
+        sums[layer] = sums[layer] + s if layer in sums else s
+
+    layers = run_coordinates(model, batches, subspace, on_coords, on_batch)
+    if count.item() == 0:
+        raise SubspaceError("no tokens to compute reference means from (empty batches or all-zero masks)")
+    return {L: (sums[L] / count).float() for L in layers}
+
+
+def run_coordinates(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    subspace: Subspace,
+    on_coords: Callable[[int, torch.Tensor], None],
+    on_batch: Callable[[Mapping[str, torch.Tensor], torch.device], None] | None = None,
+) -> list[int]:
+    """Run `model` as it is (eval mode, no grad) over `batches`, handing each subspace layer's coordinates
+    hQ ((B, T, k), float32) to `on_coords(layer, coords)`; `on_batch(batch, device)` sees each batch first.
+    Keys that are not model inputs (`labels`, `loss_mask`, `label`) are not passed to the model. Returns the
+    layers (checked against the model)."""
+    sites = Sites.of(model)
+    layers = sites.check_layers(subspace.layers)
+
     def make_hook(L: int) -> Any:
         def hook(_m: Any, _i: Any, output: Any) -> None:
             h = Sites.hidden(output).detach()
-            q = subspace.bases[L].to(h.device, torch.float32)
-            coords = (h.float() @ q).double()  # (B, T, k)
-            w = weight["w"]
-            s = (coords * w[..., None]).sum(dim=(0, 1)).cpu()
-            sums[L] = sums[L] + s if L in sums else s
+            on_coords(L, h.float() @ subspace.bases[L].to(h.device, torch.float32))
 
         return hook
 
@@ -86,19 +115,13 @@ def compute_subspace_means(
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs = {
-                    k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")
-                }
-                ids = inputs["input_ids"]
-                mask = batch.get("loss_mask", batch.get("attention_mask"))
-                w = torch.ones(ids.shape, dtype=torch.float64) if mask is None else mask.to(torch.float64)
-                weight["w"] = w.to(device)
-                model(**inputs)
-                count += w.sum()
+                if on_batch is not None:
+                    on_batch(batch, device)
+                model(
+                    **{k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")}
+                )
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if count.item() == 0:
-        raise SubspaceError("no tokens to compute reference means from (empty batches or all-zero masks)")
-    return {L: (sums[L] / count).float() for L in layers}
+    return layers

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from caft.errors import ConfigError, SubspaceError
-from caft.sites import Sites
 from caft.training.ablation import Ablation
 from caft.training.config import AblationMode
+from caft.training.means import load_means, run_coordinates, save_means
 
 if TYPE_CHECKING:
     from torch import nn
@@ -125,36 +124,16 @@ def reference_magnitudes(
     sees), from `model` as it is (the base model before training)."""
     if not 0.0 < quantile <= 1.0:
         raise ConfigError(f"ablation.penalty_quantile must be in (0, 1], got {quantile}")
-    sites = Sites.of(model)
-    layers = sites.check_layers(subspace.layers)
-    coords: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
+    coords: dict[int, list[torch.Tensor]] = {}
 
-    def make_hook(L: int) -> Any:
-        def hook(_m: Any, _i: Any, output: Any) -> None:
-            h = Sites.hidden(output).detach().float()
-            c = (h @ subspace.bases[L].to(h.device, torch.float32)).abs()  # (B, T, k)
-            coords[L].append(c.reshape(-1, c.shape[-1]).cpu())
+    def on_coords(layer: int, c: torch.Tensor) -> None:
+        c = c.abs()  # (B, T, k)
+        coords.setdefault(layer, []).append(c.reshape(-1, c.shape[-1]).cpu())
 
-        return hook
-
-    device = next(model.parameters()).device
-    handles = [sites.layer_module(model, L).register_forward_hook(make_hook(L)) for L in layers]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = {
-                    k: v.to(device) for k, v in batch.items() if k not in ("labels", "loss_mask", "label")
-                }
-                model(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    layers = run_coordinates(model, batches, subspace, on_coords)
     out: dict[int, torch.Tensor] = {}
     for L in layers:
-        values = torch.cat(coords[L]) if coords[L] else torch.zeros(0)
+        values = torch.cat(coords[L]) if coords.get(L) else torch.zeros(0)
         if values.shape[0] == 0:
             raise SubspaceError("no tokens to compute the penalty's reference magnitudes from")
         if values.numel() > _QUANTILE_MAX:  # torch.quantile's input limit: an even subsample of the tokens
@@ -164,11 +143,13 @@ def reference_magnitudes(
 
 
 def save_reference(path: str | Path, reference: Mapping[int, torch.Tensor]) -> None:
-    save_file({f"layer.{L}": r.contiguous() for L, r in reference.items()}, str(path))
+    """Reference magnitudes as `layer.<L>` tensors (the layout of the reference means)."""
+    save_means(path, reference)
 
 
 def load_reference(path: str | Path) -> dict[int, torch.Tensor]:
-    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+    """Reference magnitudes written by `save_reference`."""
+    return load_means(path)
 
 
 def make_penalty(

@@ -191,6 +191,20 @@ def prepare(cfg: TrainConfig, mcfg: ModelConfig, given_subspace: Subspace | None
     )
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in backward instead of keeping them (transformers models)."""
+    # transformers renamed it activation checkpointing (the old name warns, and goes in v6)
+    for name in ("activation_checkpointing", "gradient_checkpointing"):
+        enable = getattr(model, f"{name}_enable", None)
+        if enable is not None:
+            enable(**{f"{name}_kwargs": {"use_reentrant": False}})
+            return
+    raise ConfigError(
+        "optim.gradient_checkpointing needs a transformers model (this one has no "
+        "activation_checkpointing_enable); turn it off"
+    )
+
+
 def _max_length(cfg: TrainConfig, mcfg: ModelConfig, model: Any) -> int:
     """The configured length, capped by the model's position limit (BERT-style encoders stop at 512)."""
     want = cfg.data.max_length or mcfg.chat.max_length

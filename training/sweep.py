@@ -65,8 +65,8 @@ def export_checkpoints(cfg: TrainConfig, model: ModelConfig, run_dir: Path) -> l
     import torch
     from safetensors.torch import load_file
 
+    from caft.training.output import save_final
     from caft.training.setup import prepare
-    from caft.training.trainer import _save_final
 
     ckpts = list_checkpoints(run_dir)
     if not (run_dir / FINAL_DIR).is_dir():
@@ -88,7 +88,7 @@ def export_checkpoints(cfg: TrainConfig, model: ModelConfig, run_dir: Path) -> l
             with torch.no_grad():
                 for name, tensor in saved.items():
                     params[name].copy_(tensor)
-            _save_final(prep, folder)
+            save_final(prep, folder)
             (folder / CHECKPOINT_RECORD).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         out.append(info)
     return out
