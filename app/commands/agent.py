@@ -339,7 +339,7 @@ def bench(
     except CaftError as e:
         _fail(e)
         return
-    from caft.agent.bench import format_bench
+    from caft.agent.bench_table import format_bench
 
     typer.echo(format_bench(report))
     typer.echo(f"bench.json, bench.md and directions.jsonl in {report['out']}")
