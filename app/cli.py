@@ -170,7 +170,7 @@ def run_command(
         )
     flags = [f"{path}=true" for path in RUN_SKIP_INVALID] if skip_invalid else []
     if data is not None:
-        from caft.app.demo import dataset_overrides
+        from caft.app.spurious import dataset_overrides
 
         flags += dataset_overrides(data)
     cfg = load_config(config, RunConfig, [*flags, *(set_ or [])])

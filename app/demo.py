@@ -108,60 +108,6 @@ class DemoConfig(CaftConfig):
         return v
 
 
-DATASET_FILES = {
-    "train": "train.jsonl",
-    "val": "val.jsonl",
-    "ood": "ood.jsonl",
-    "corpus": "corpus.jsonl",
-    "task": "task.yaml",
-}
-"""The files of a dataset folder in the spurious format, by role (meta.json's `files` may rename them)."""
-
-
-def dataset_files(folder: str | Path) -> dict[str, Path]:
-    """The files of a dataset folder in the spurious format (docs/demo.md), checked: meta.json with
-    `label_names` and `cue_names`, every file present, and the first rows of train / val / ood labelled."""
-    from caft.app.spurious import read_rows
-    from caft.errors import DataError
-
-    root = Path(folder)
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(
-            f"{root}: no meta.json; a dataset folder holds train/val/ood/corpus JSONL, task.yaml and "
-            "meta.json (format in docs/demo.md; `caft data spurious --out DIR` writes an example)"
-        )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DataError(f"{meta_path} is not JSON: {e}") from None
-    missing_keys = [k for k in ("label_names", "cue_names") if not isinstance(meta.get(k), list)]
-    if missing_keys:
-        raise DataError(f"{meta_path} needs the lists {missing_keys} (names of label values 0, 1, ...)")
-    names = {**DATASET_FILES, **(meta.get("files") or {})}
-    files = {role: root / str(names[role]) for role in DATASET_FILES}
-    missing = [f"{role} ({p.name})" for role, p in files.items() if not p.is_file()]
-    if missing:
-        raise DataError(f"{root}: missing {', '.join(missing)}")
-    for role in ("train", "val", "ood"):
-        if not read_rows(files[role]):
-            raise DataError(f"{files[role]} holds no rows")
-    return files
-
-
-def dataset_overrides(folder: str | Path) -> list[str]:
-    """`--set` overrides that point a classification run config at a dataset folder (`caft run --data`)."""
-    f = dataset_files(folder)
-    return [
-        "task_kind=classification",
-        f"task={json.dumps(str(f['task']))}",
-        f"train.data.path={json.dumps(str(f['train']))}",
-        f"evidence.corpus={json.dumps(str(f['corpus']))}",
-        f"classification.val={json.dumps(str(f['val']))}",
-        f"classification.ood={json.dumps(str(f['ood']))}",
-    ]
-
-
 def _base_model(cfg: DemoConfig) -> ModelConfig:
     from caft.assets import minilm_path
 
@@ -187,6 +133,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
         ClassificationEvalConfig,
         RunConfig,
     )
+    from caft.app.spurious import DATASET_FILES, dataset_files
     from caft.app.stages import model_n_layers
     from caft.interp.config import (
         ContrastConfig,

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from caft.agent.schema import TaskDescription
-from caft.errors import ConfigError
+from caft.errors import ConfigError, DataError
 from caft.rundir import atomic_write_text
 
 SpuriousKind = Literal["sentiment-topic", "topic-sentiment", "gender-pronoun"]
@@ -385,3 +385,56 @@ def read_rows(path: str | Path) -> list[dict[str, object]]:
         ):
             raise DataError(f"{path}:{i}: each row needs a string 'text' and an integer 'label'; got {r!r}")
     return rows
+
+
+# ---- a dataset folder in this format, the user's own or one written here (`caft demo / run --data DIR`)
+
+DATASET_FILES = {
+    "train": "train.jsonl",
+    "val": "val.jsonl",
+    "ood": "ood.jsonl",
+    "corpus": "corpus.jsonl",
+    "task": "task.yaml",
+}
+"""The files of a dataset folder in the spurious format, by role (meta.json's `files` may rename them)."""
+
+
+def dataset_files(folder: str | Path) -> dict[str, Path]:
+    """The files of a dataset folder in the spurious format (docs/demo.md), checked: meta.json with
+    `label_names` and `cue_names`, every file present, and the first rows of train / val / ood labelled."""
+    root = Path(folder)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"{root}: no meta.json; a dataset folder holds train/val/ood/corpus JSONL, task.yaml and "
+            "meta.json (format in docs/demo.md; `caft data spurious --out DIR` writes an example)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{meta_path} is not JSON: {e}") from None
+    missing_keys = [k for k in ("label_names", "cue_names") if not isinstance(meta.get(k), list)]
+    if missing_keys:
+        raise DataError(f"{meta_path} needs the lists {missing_keys} (names of label values 0, 1, ...)")
+    names = {**DATASET_FILES, **(meta.get("files") or {})}
+    files = {role: root / str(names[role]) for role in DATASET_FILES}
+    missing = [f"{role} ({p.name})" for role, p in files.items() if not p.is_file()]
+    if missing:
+        raise DataError(f"{root}: missing {', '.join(missing)}")
+    for role in ("train", "val", "ood"):
+        if not read_rows(files[role]):
+            raise DataError(f"{files[role]} holds no rows")
+    return files
+
+
+def dataset_overrides(folder: str | Path) -> list[str]:
+    """`--set` overrides that point a classification run config at a dataset folder (`caft run --data`)."""
+    f = dataset_files(folder)
+    return [
+        "task_kind=classification",
+        f"task={json.dumps(str(f['task']))}",
+        f"train.data.path={json.dumps(str(f['train']))}",
+        f"evidence.corpus={json.dumps(str(f['corpus']))}",
+        f"classification.val={json.dumps(str(f['val']))}",
+        f"classification.ood={json.dumps(str(f['ood']))}",
+    ]

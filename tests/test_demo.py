@@ -237,9 +237,8 @@ def test_demo_on_a_causal_lm_runs_multiple_choice_with_one_ablation_mode(tmp_pat
 def test_demo_and_run_take_a_user_dataset_folder(tmp_path: Path) -> None:
     """`caft demo --data DIR` / `caft run --data DIR`: any folder in the spurious format, files renamed in
     meta.json; a folder without meta.json or with a missing file is refused with the file named."""
-    from caft.app.demo import dataset_files, dataset_overrides
     from caft.app.run_config import RunConfig
-    from caft.app.spurious import write_spurious
+    from caft.app.spurious import dataset_files, dataset_overrides, write_spurious
     from caft.config import apply_overrides
     from caft.errors import DataError
 

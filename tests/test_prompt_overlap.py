@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from caft.app.run_config import RunConfig
-from caft.app.stages import prompt_overlap
+from caft.app.overlap import prompt_overlap
 from caft.evals.questions import load_questions
 from caft.interp.answers import DEFAULT_PROMPTS, overlap_with_questions
 
