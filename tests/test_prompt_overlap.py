@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from caft.app.run_config import RunConfig
 from caft.app.overlap import prompt_overlap
+from caft.app.run_config import RunConfig
 from caft.evals.questions import load_questions
 from caft.interp.answers import DEFAULT_PROMPTS, overlap_with_questions
 
