@@ -101,7 +101,7 @@ def _config(tmp: Path, base_url: str, model: str = MODEL, layers: list[int] = LA
                     "models": ["ft"],
                 },
             },
-            "triage": {"judge": judge},
+            "triage": {"judge": judge, "blind": False},  # the scripted judge routes on the candidate id
             "eval": {
                 "questions": str(tmp / "questions.yaml"),
                 "sample": {"max_new_tokens": 16, "batch_size": 4},
