@@ -303,7 +303,8 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
 
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    if cfg.data is None and not (data / "meta.json").is_file():
+    # a user folder (--data) is read in place by the encoder; a causal LM gets its multiple-choice form
+    if (cfg.data is None or cfg.model is not None) and not (data / "meta.json").is_file():
         t = time.perf_counter()
         if cfg.model is None:
             write_spurious(cfg.task, data, seed=seed, sizes=cfg.sizes)

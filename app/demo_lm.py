@@ -54,12 +54,16 @@ def lm_sizes(cfg: DemoConfig) -> dict[str, int]:
 
 
 def write_lm_data(cfg: DemoConfig, seed_dir: Path, seed: int) -> None:
-    """The seed's spurious data, then its multiple-choice form in `data/`."""
-    from caft.app.spurious import write_spurious
+    """The seed's spurious data (or the user's folder, `--data`), then its multiple-choice form in `data/`."""
+    from caft.app.spurious import dataset_files, write_spurious
     from caft.app.spurious_choice import write_choice
 
-    src = seed_dir / SPURIOUS_DIR
-    write_spurious(cfg.task, src, seed=seed, sizes=lm_sizes(cfg))
+    if cfg.data is not None:
+        dataset_files(cfg.data)  # checked: meta.json and every file present
+        src = Path(cfg.data)
+    else:
+        src = seed_dir / SPURIOUS_DIR
+        write_spurious(cfg.task, src, seed=seed, sizes=lm_sizes(cfg))
     write_choice(src, seed_dir / DATA_DIR, form=cfg.form, seed=seed)
 
 

@@ -383,3 +383,22 @@ def test_demo_with_contrast_basis_and_loop_on_minilm(tmp_path: Path, minilm_dir:
     text = sel_page.read_text()
     assert "<code>pc:L2:3</code><br>rejected" in text and "&lt;script&gt;" in text and "<script>" not in text
     assert "abc123" in text and write_selection_page(tmp_path / "nothing", tmp_path / "rep2") is None
+
+
+def test_a_user_dataset_folder_becomes_multiple_choice_for_a_causal_lm(tmp_path: Path) -> None:
+    """`caft demo --model M --data DIR`: the user's folder (files renamed in meta.json) is converted to the
+    choice form in the seed's data/, not read in place as classification rows."""
+    from caft.app.demo_lm import write_lm_data
+    from caft.app.spurious import write_spurious
+
+    data = tmp_path / "mine"
+    write_spurious("sentiment-topic", data, seed=3, sizes={"train": 12, "val": 6, "ood": 6, "corpus": 6})
+    (data / "ood.jsonl").rename(data / "shifted.jsonl")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["files"]["ood"] = "shifted.jsonl"
+    (data / "meta.json").write_text(json.dumps(meta))
+    cfg = DemoConfig(model="some-causal-lm", data=str(data))
+    write_lm_data(cfg, tmp_path / "seed0", 0)
+    rows = [json.loads(x) for x in (tmp_path / "seed0" / "data" / "ood.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["options"]) == 2 and "prompt" in r for r in rows)
+    assert not (tmp_path / "seed0" / "spurious").exists()  # nothing generated: the user's rows were used
