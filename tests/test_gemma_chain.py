@@ -183,5 +183,10 @@ def check_chain(tmp_path: Path, offline: dict[str, Any]) -> None:
     for role in ("ft", "caft"):
         figures = stages["eval"][role]["misalignment"]
         assert figures["rates"]["aligned"]["n"] == 4 and figures["rates"]["coherent"]["n"] == 4
+        summary = json.loads((run / "eval" / role / "misalignment" / "summary.json").read_text())
+        # the publishable figures are written too; with 2 answers per question every question is below the
+        # minimum of coherent answers, and the block says so instead of reporting a rate
+        assert "2 of 2 questions left out" in summary["statistics"]["overall"]["flag"]
     assert (run / "report" / "report.html").is_file()
+    assert "caft" in json.loads((run / "report" / "paired.json").read_text())["runs"]  # caft vs ft, paired
     assert offline["judged"] == len(dossiers)
