@@ -102,6 +102,7 @@ def _config(tmp: Path, base_url: str, model: str = MODEL, layers: list[int] = LA
                 },
             },
             "triage": {"judge": judge, "blind": False},  # the scripted judge routes on the candidate id
+            "baselines": {"random": True, "penalty": [1.0]},  # a control subspace and the sixth mode
             "eval": {
                 "questions": str(tmp / "questions.yaml"),
                 "sample": {"max_new_tokens": 16, "batch_size": 4},
@@ -148,6 +149,18 @@ def test_caft_run_on_gemma_3_270m(tmp_path: Path, minilm_dir: Path) -> None:
         t = time.perf_counter()
         offline = _offline_triage(cfg, tmp_path / "run", tmp_path / "triage-offline")
         offline_s = time.perf_counter() - t
+        # a second judge regrades the CAFT model's answers: the agreement figures on the real model's answers
+        from typer.testing import CliRunner
+
+        from caft.app.cli import app
+
+        grades = tmp_path / "run" / "eval" / "caft" / "misalignment" / "grades.jsonl"
+        args = ["grade", "--rescore", str(grades), "--judge", "openai-compatible/judge2"]
+        res = CliRunner().invoke(
+            app,
+            [*args, "--base-url", fake.openai_base_url, "--out", str(tmp_path / "rescore"), "--no-progress"],
+        )
+        assert res.exit_code == 0, res.output
     stages = summary["stages"]
     rows = [(name, float(s["seconds"])) for name, s in stages.items()] + [("offline triage", offline_s)]
     print("\nstage                 seconds")
@@ -190,3 +203,7 @@ def check_chain(tmp_path: Path, offline: dict[str, Any]) -> None:
     assert (run / "report" / "report.html").is_file()
     assert "caft" in json.loads((run / "report" / "paired.json").read_text())["runs"]  # caft vs ft, paired
     assert offline["judged"] == len(dossiers)
+    assert stages["baselines"]["ran"] == ["random", "penalty1"]
+    assert {"base", "ft", "caft", "random", "penalty1"} <= set(stages["eval"])
+    agreement = json.loads((tmp_path / "rescore" / "agreement.json").read_text())["judges"]
+    assert len(agreement["judges"]) == 2 and "consensus" in agreement
