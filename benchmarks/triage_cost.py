@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from caft.agent.config import SelectionPolicy, TriageConfig
+from caft.agent.fixtures import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
 from caft.agent.schema import VerdictRecord
 from caft.agent.single import build_messages
 from caft.agent.task import load_task
@@ -31,7 +32,6 @@ from caft.agent.triage import run_triage_async
 from caft.interp.schema import Dossier
 from caft.llm import GenerateConfig, GenerateResult, JudgeConfig, Message, Provider
 from caft.llm.types import Capabilities, Usage
-from caft.testing.dossiers import CONCEPTS, concept_of_text, make_dossier, verdict_for, write_evidence
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 WORDS = [

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from caft.agent.config import TriageConfig
+from caft.agent.fixtures import injected_set
 from caft.agent.single import SingleJudge
 from caft.agent.task import load_task
 from caft.llm import LLMClient, get_provider
-from caft.testing.dossiers import injected_set
 
 JUDGES = {"OPENAI_API_KEY": "openai/gpt-4.1-mini", "ANTHROPIC_API_KEY": "anthropic/claude-haiku-4-5"}
 

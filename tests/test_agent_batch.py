@@ -13,13 +13,13 @@ import pytest
 from llm_helpers import make_client, set_keys
 
 from caft.agent.config import TriageConfig
+from caft.agent.fixtures import concept_of_text, concept_set, verdict_for
 from caft.agent.selection import load_verdicts
 from caft.agent.single import BATCH_DIR, JudgeOutcome, SingleJudge
 from caft.agent.task import load_task
 from caft.llm import Price
 from caft.llm.batch import STATE_FILE
 from caft.llm.prices import BATCH_DISCOUNT
-from caft.testing.dossiers import concept_of_text, concept_set, verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 TASK = load_task("emergent-misalignment")

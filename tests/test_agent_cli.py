@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from caft.agent.fixtures import concept_of_text, concept_set, verdict_for, write_evidence
 from caft.app.cli import app
 from caft.app.commands.agent import parse_budget
 from caft.errors import ConfigError
 from caft.subspace import Subspace
-from caft.testing.dossiers import concept_of_text, concept_set, verdict_for, write_evidence
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 runner = CliRunner()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from caft.agent.config import OfflineJudgeConfig, TriageConfig
+from caft.agent.fixtures import concept_of_text, concept_set, make_dossier, verdict_for, write_evidence
 from caft.agent.judges import JudgeRun, make_judge
 from caft.agent.loop import AgentJudge
 from caft.agent.offline import OfflineEmbeddingJudge
@@ -24,7 +25,6 @@ from caft.interp.schema import Dossier, dossier_filename
 from caft.llm import GenerateConfig, Message, MockProvider
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
-from caft.testing.dossiers import concept_of_text, concept_set, make_dossier, verdict_for, write_evidence
 
 
 def _cfg(**kw: Any) -> TriageConfig:

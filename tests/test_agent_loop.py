@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from caft.agent.config import AgentBudget, TriageConfig
+from caft.agent.fixtures import concept_set, injected_set, verdict_for
 from caft.agent.loop import AGENT_RESULT_FILE, TRANSCRIPT_FILE, AgentSession, parse_text_tool_calls
 from caft.agent.selection import load_verdicts
 from caft.agent.task import load_task
 from caft.llm import GenerateConfig, LLMClient, Message, MockProvider, get_provider
-from caft.testing.dossiers import concept_set, injected_set, verdict_for
 from caft.testing.fakellm import FakeLLM, Reply
 
 TASK = load_task("emergent-misalignment")

@@ -8,11 +8,11 @@ from pathlib import Path
 from interp_helpers import chat_rows, make_pair, write_jsonl
 from typer.testing import CliRunner
 
+from caft.agent.fixtures import verdict_for
 from caft.agent.render import DATA_CLOSE
 from caft.app.cli import app
 from caft.interp.schema import load_directions, load_dossiers
 from caft.subspace import Subspace
-from caft.testing.dossiers import verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 

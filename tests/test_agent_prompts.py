@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from caft.agent.config import AgentBudget, RenderLimits, TriageConfig
+from caft.agent.fixtures import INJECTIONS, injected_set, make_dossier
 from caft.agent.loop import AgentSession
 from caft.agent.render import (
     DATA_CLOSE,
@@ -23,7 +24,6 @@ from caft.agent.task import bundled_tasks, load_task, parse_task
 from caft.agent.tools import TOOL_SPECS, tools_help
 from caft.errors import ConfigError
 from caft.llm import LLMClient, MockProvider
-from caft.testing.dossiers import INJECTIONS, injected_set, make_dossier
 
 # one sample value per placeholder used by any prompt file
 SAMPLE_VALUES = {

@@ -11,13 +11,13 @@ import pytest
 from agent_browser import browser, chromedriver_binary, chromium_binary
 
 from caft.agent.config import SelectionPolicy
+from caft.agent.fixtures import make_dossier, record, write_evidence
 from caft.agent.review import build_review_html, write_review
 from caft.agent.schema import Selection
 from caft.agent.selection import read_selection, select, write_selection
 from caft.interp.schema import load_directions
 from caft.rundir import JsonlWriter, atomic_write_json
 from caft.subspace import Subspace
-from caft.testing.dossiers import make_dossier, record, write_evidence
 
 XSS = '</script><script>document.title="pwned"</script><img src=x onerror=alert(1)>'
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from caft.agent.config import SelectionPolicy
+from caft.agent.fixtures import make_dossier, record, write_evidence
 from caft.agent.schema import JudgeVerdict, SelectedColumn, Selection, VerdictRecord
 from caft.agent.selection import (
     build_subspace,
@@ -21,7 +22,6 @@ from caft.errors import DataError, SubspaceError
 from caft.interp.schema import Candidate, load_directions, load_dossiers
 from caft.rundir import JsonlWriter
 from caft.subspace import Subspace
-from caft.testing.dossiers import make_dossier, record, write_evidence
 
 
 def cand(cid: str, layer: int, rank: int = 0) -> Candidate:

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from caft.agent.config import TriageConfig
+from caft.agent.fixtures import concept_of_text, concept_set, injected_set, verdict_for
 from caft.agent.render import DATA_CLOSE
 from caft.agent.selection import load_verdicts
 from caft.agent.single import EXCHANGES_FILE, SingleJudge, build_messages, relevance_from_logprobs
 from caft.agent.task import load_task
 from caft.llm import BudgetExceededError, GenerateConfig, GenerateResult, LLMClient, Message, MockProvider
 from caft.llm.types import PositionLogprobs, RetryableError, TokenLogprob
-from caft.testing.dossiers import concept_of_text, concept_set, injected_set, verdict_for
 
 TASK = load_task("emergent-misalignment")
 

@@ -269,8 +269,8 @@ def test_demo_and_run_take_a_user_dataset_folder(tmp_path: Path) -> None:
 def test_report_shows_the_evidence_of_selected_and_close_rejected_directions(tmp_path: Path) -> None:
     """Each seed's selected and closest rejected directions with readable windows, their score against the
     random controls, the per-layer counts, the spread over seeds and the commit; corpus text stays escaped."""
+    from caft.agent.fixtures import make_dossier
     from caft.interp.schema import dossier_filename
-    from caft.testing.dossiers import make_dossier
 
     run = tmp_path / "seed0" / "run"
     (run / "evidence" / "dossiers").mkdir(parents=True)

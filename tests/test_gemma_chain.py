@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import yaml
 
+from caft.agent.fixtures import verdict_for
 from caft.app.pipeline import run_pipeline
 from caft.app.run_config import RunConfig
 from caft.app.spurious import write_spurious
 from caft.app.spurious_choice import write_chat
 from caft.subspace import Subspace
-from caft.testing.dossiers import verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 from caft.testing.grading import fake_judge
 

@@ -18,6 +18,7 @@ from caft.agent.bench import (
 )
 from caft.agent.bench_truth import balanced, correlations, labelled_rows
 from caft.agent.config import SelectionPolicy, TriageConfig
+from caft.agent.fixtures import concept_of_text, make_dossier, verdict_for
 from caft.config import ModelConfig
 from caft.errors import DataError
 from caft.interp.schema import (
@@ -27,7 +28,6 @@ from caft.interp.schema import (
     write_random_candidates,
 )
 from caft.llm import GenerateConfig, Message, MockProvider
-from caft.testing.dossiers import concept_of_text, make_dossier, verdict_for
 
 
 def test_auroc_counts_ties_half_and_needs_both_classes() -> None:

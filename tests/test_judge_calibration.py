@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from caft.agent.config import CalibrationConfig, RenderLimits, SelectionPolicy, TriageConfig
+from caft.agent.fixtures import concept_of_text, make_dossier, record, verdict_for, write_evidence
 from caft.agent.judges import calibrate
 from caft.agent.render import blind_aliases, render_dossier, render_overview_entry
 from caft.agent.single import build_messages
 from caft.agent.task import load_task
 from caft.agent.triage import run_triage
 from caft.interp.schema import dossier_filename
-from caft.testing.dossiers import concept_of_text, make_dossier, record, verdict_for, write_evidence
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 
 TASK = load_task("emergent-misalignment")

@@ -15,13 +15,13 @@ import yaml
 from interp_helpers import chat_rows, write_jsonl
 from typer.testing import CliRunner
 
+from caft.agent.fixtures import verdict_for
 from caft.app.cli import app
 from caft.app.pipeline import enabled_stages
 from caft.app.run_config import RunConfig
 from caft.errors import ConfigError
 from caft.subspace import Subspace
 from caft.testing import save_tiny
-from caft.testing.dossiers import verdict_for
 from caft.testing.fakellm import FakeLLM, RecordedRequest, Reply
 from caft.testing.grading import fake_judge
 

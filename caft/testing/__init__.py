@@ -1,7 +1,7 @@
 """Offline building blocks for tests, benchmarks and the demo: a tokenizer built in code, tiny models of
 every supported architecture built from configs (no downloads). The fake LLM wire server is in
 `caft.testing.fakellm`, a scripted grading judge in `caft.testing.grading`, dossiers and verdicts built in
-code in `caft.testing.dossiers`. Production code never imports this package; asset lookups live in
+code live in `caft.agent.fixtures` (they need the stage schemas). Production code never imports this package; asset lookups live in
 `caft.assets`.
 """
 

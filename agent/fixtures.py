@@ -1,7 +1,7 @@
 """Dossiers, directions and verdicts built from the schemas in code, for the agent tests and benchmarks.
 
-The one fixture module above the foundation: it builds interp and agent schema objects (pyproject's import
-contract names these two imports as its exceptions).
+It lives in the agent package, not in the foundation's `caft.testing`, because it builds interp and agent
+schema objects. Production code never imports it.
 
 `make_dossier(..., concept=...)` fills the windows, lens and generations with words of one concept so a
 scripted judge (or a real one) can tell the planted concepts apart. `INJECTIONS` are the prompt-injection
