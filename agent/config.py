@@ -34,6 +34,8 @@ class RenderLimits(CaftConfig):
     """Steered or unsteered generations shown."""
     max_generation_chars: int = Field(default=360, ge=20)
     """Each generation is clipped to this many characters."""
+    max_contrast_concepts: int = Field(default=8, ge=0)
+    """Concepts of the contrast section shown (strongest response first)."""
     overview_candidates: int = Field(default=60, ge=1)
     """Agent mode: candidates summarized in the opening overview (the rest are listed by id)."""
 

@@ -51,7 +51,7 @@ from caft.rundir import JsonlWriter, atomic_write_json
 if TYPE_CHECKING:
     import torch
 
-    from caft.agent.steer import Steerer
+    from caft.agent.steer import Prober, Steerer
     from caft.llm import Provider
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,19 @@ def _unblinded(steerer: Steerer, real: Mapping[str, str]) -> Steerer:
     return steer
 
 
+def _unblinded_prober(steerer: Steerer | None, real: Mapping[str, str]) -> Prober | None:
+    """The steerer's `probe` (a `HookSteerer` has one) called with the real candidate id; None without."""
+    probe = getattr(steerer, "probe", None)
+    if not callable(probe):
+        return None
+
+    def run(cid: str, texts: Sequence[str]) -> list[list[tuple[str, float]]]:
+        rows: list[list[tuple[str, float]]] = probe(real.get(cid, cid), texts)
+        return rows
+
+    return run
+
+
 class AgentSession:
     """One agent run over `dossiers`, writing into `out_dir`."""
 
@@ -209,6 +222,7 @@ class AgentSession:
             self._persist_verdict,
             directions={self.shown[k]: v for k, v in (directions or {}).items() if k in self.shown},
             steerer=live,
+            prober=_unblinded_prober(steerer, self.real),
             max_live=b.max_live,
             state=AgentState(),
             blind=cfg.blind,

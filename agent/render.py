@@ -20,7 +20,7 @@ from pathlib import Path
 from caft.agent.config import RenderLimits
 from caft.agent.schema import TaskDescription
 from caft.errors import ConfigError
-from caft.interp.schema import Dossier, Generation, Window
+from caft.interp.schema import ConceptResponse, Dossier, Generation, Window
 from caft.interp.windows import window_words
 from caft.untrusted import (
     DATA_CLOSE,
@@ -221,6 +221,13 @@ def render_dossier(d: Dossier, limits: RenderLimits | None = None, *, blind: boo
                 out.append(data_block("prompt:" + g.id.rsplit(":", 1)[-1], _clip(g.prompt, 300), "prompt"))
                 last_prompt = g.prompt
             out.append(_generation_block(g, lim))
+    if d.contrast and lim.max_contrast_concepts > 0:
+        out.append(
+            "## Concept contrast (minimal pairs: one concept's words swapped, the rest of the text held fixed; "
+            "projection of the activation shift on this direction; share 1 = the direction is the concept's "
+            "mean shift, near 0 = unrelated)"
+        )
+        out += [contrast_line(r) for r in pick_contrast(d.contrast, lim.max_contrast_concepts)]
     out.append("")
     out.append("Evidence ids you may cite: " + ", ".join(shown_ids(d, lim)))
     return "\n".join(out)
@@ -234,7 +241,24 @@ def shown_ids(d: Dossier, limits: RenderLimits) -> list[str]:
     if d.steering is not None and d.steering.generations:
         ids.append(d.steering.id)
         ids += [g.id for g in pick_generations(d.steering.generations, limits.max_generations)]
+    if limits.max_contrast_concepts > 0:
+        ids += [r.id for r in pick_contrast(d.contrast, limits.max_contrast_concepts)]
     return [safe_id(i) for i in ids]
+
+
+def pick_contrast(responses: Sequence[ConceptResponse], n: int) -> list[ConceptResponse]:
+    """Up to n concept responses, the strongest |share| first (ties by concept name, so the order is stable)."""
+    return sorted(responses, key=lambda r: (-abs(r.share), r.concept))[:n]
+
+
+def contrast_line(r: ConceptResponse) -> str:
+    """One concept's response: its values (written by the user in the task, escaped all the same) and the
+    numbers caft computed (mean +- std of the projections, pairs, share, effect = mean / std)."""
+    values = " -> ".join(escape_untrusted(v) for v in r.values)
+    return (
+        f"[{safe_id(r.id)}] {escape_untrusted(r.concept)} ({values}): mean {r.mean:+.3g} +- {r.std:.3g} "
+        f"over {r.n} pairs, share {r.share:+.3g}, effect {r.effect:+.3g}"
+    )
 
 
 def _prompt_key(g: Generation) -> tuple[str, str, float]:

@@ -1,4 +1,5 @@
-"""The agent's tools: drill-down into dossiers, live steering, comparison, a hypothesis board, verdicts.
+"""The agent's tools: drill-down into dossiers, concept contrast, live steering and probing, comparison, a
+hypothesis board, verdicts.
 
 Each tool takes JSON arguments and returns text. A `ToolError` is a problem the agent can fix (an unknown
 candidate, a bad argument, an evidence id that does not exist); its message goes back to the agent. Untrusted
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from caft.agent.config import RenderLimits
-from caft.agent.render import data_block, safe_id, window_block
+from caft.agent.render import contrast_line, data_block, pick_contrast, safe_id, window_block
 from caft.agent.schema import JudgeVerdict
 from caft.errors import CaftError
 from caft.interp.schema import Dossier
@@ -25,7 +26,7 @@ from caft.llm import ToolSpec
 if TYPE_CHECKING:
     import torch
 
-    from caft.agent.steer import Steerer
+    from caft.agent.steer import Prober, Steerer
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class ToolError(Exception):
     """An error the agent may react to (returned to it as the tool result)."""
 
 
+MAX_PROBE_TEXTS = 6
+MAX_PROBE_CHARS = 400
 _CAND = {"type": "string", "description": "Candidate id, e.g. pc:L12:0."}
 _VERDICT_PROPS: dict[str, Any] = {
     "candidate": _CAND,
@@ -95,6 +98,21 @@ TOOL_SPECS: list[ToolSpec] = [
         "Limited budget.",
         {"candidate": _CAND, "alpha": {"type": "number"}, "prompt": {"type": "string"}},
         ["candidate", "alpha", "prompt"],
+    ),
+    _spec(
+        "get_contrast",
+        "How the candidate responds to each concept of the task on minimal pairs (one concept's words swapped, "
+        "the rest held fixed): mean projection +- spread, pairs, share (1 = the concept's mean shift).",
+        {"candidate": _CAND},
+        ["candidate"],
+    ),
+    _spec(
+        "probe",
+        "Project texts you write onto the candidate, token by token (the residual at its layer); e.g. the same "
+        f"sentence with one word changed. At most {MAX_PROBE_TEXTS} texts of {MAX_PROBE_CHARS} characters; each call "
+        "uses one unit of the live budget (shared with steer_live).",
+        {"candidate": _CAND, "texts": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+        ["candidate", "texts"],
     ),
     _spec(
         "compare",
@@ -159,6 +177,7 @@ class AgentTools:
         on_verdict: Callable[[str, JudgeVerdict], None],
         directions: Mapping[str, torch.Tensor] | None = None,
         steerer: Steerer | None = None,
+        prober: Prober | None = None,
         max_live: int = 0,
         state: AgentState | None = None,
         blind: bool = False,
@@ -169,6 +188,7 @@ class AgentTools:
         self.on_verdict = on_verdict
         self.directions = directions or {}
         self.steerer = steerer
+        self.prober = prober
         self.max_live = max_live
         self.state = state or AgentState()
 
@@ -262,6 +282,41 @@ class AgentTools:
         return f"live generation ({left} left), alpha {alpha:+g}\n" + data_block(
             f"live:{self.state.live_used}", text
         )
+
+    def tool_get_contrast(self, candidate: str) -> str:
+        d = self._dossier(candidate)
+        if not d.contrast:
+            return "no contrast evidence for this candidate (the task names no concept_words)"
+        return "\n".join(contrast_line(r) for r in pick_contrast(d.contrast, len(d.contrast)))
+
+    def tool_probe(self, candidate: str, texts: list[str]) -> str:
+        d = self._dossier(candidate)
+        if self.prober is None:
+            raise ToolError("probing is not available in this session (no model loaded); use get_contrast")
+        if self.state.live_used >= self.max_live:
+            raise ToolError(f"the live budget ({self.max_live}) is used up; use cached evidence")
+        if isinstance(texts, str) or not isinstance(texts, list) or not texts:
+            raise ToolError("texts must be a non-empty list of strings")
+        if len(texts) > MAX_PROBE_TEXTS:
+            raise ToolError(f"at most {MAX_PROBE_TEXTS} texts per probe (got {len(texts)})")
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ToolError("every text must be a non-empty string")
+        self.state.live_used += 1
+        try:
+            rows = self.prober(candidate, [t[:MAX_PROBE_CHARS] for t in texts])
+        except CaftError as e:
+            raise ToolError(f"probe failed: {e}") from None
+        # relative to the candidate's top corpus window, so the numbers read the same for any kind of direction
+        peak = abs(d.max_examples[0].value) if d.max_examples and d.max_examples[0].value else None
+        unit = "x the top corpus window's peak" if peak else "raw projection"
+        left = self.max_live - self.state.live_used
+        parts = [f"probe ({left} left); per token: {unit}"]
+        for i, toks in enumerate(rows):
+            body = " ".join(f"{t}|{v / peak if peak else v:+.2f}" for t, v in toks)
+            top = max((v for _, v in toks), default=0.0)
+            info = f"max {top / peak if peak else top:+.2f}"
+            parts.append(data_block(f"probe:{self.state.live_used}:{i}", body.replace("\n", "⏎"), info))
+        return "\n".join(parts)
 
     def tool_compare(self, a: str, b: str) -> str:
         da, db = self._dossier(a), self._dossier(b)
