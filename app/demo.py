@@ -73,6 +73,10 @@ class DemoConfig(CaftConfig):
     """Most directions the selection keeps per layer."""
     judge: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
     """Offline judge settings (`judge.use_contrast`: score by the minimal-pair responses)."""
+    triage_judge: str | None = None
+    """An LLM judge (`provider/model`) instead of the offline one, blind, on the same controls (caft.app.demo_judge)."""
+    triage_replay: str | None = None
+    """An `exchanges.jsonl` whose recorded replies answer the LLM judge's prompts (no API; caft.app.demo_judge)."""
     contrast_basis: int = Field(default=0, ge=0)
     """Contrast directions per concept and layer added to the candidates (`evidence.contrast.basis`)."""
     model_path: str | None = None
@@ -126,7 +130,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
         from caft.app.demo_lm import causal_run_config
 
         return causal_run_config(cfg, seed_dir, seed)
-    from caft.agent.config import SelectionPolicy, TriageConfig
+    from caft.app.demo_judge import demo_triage
     from caft.app.run_config import (
         BaselinesConfig,
         CaftStageConfig,
@@ -185,11 +189,8 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             batch_size=64,
             contrast=ContrastConfig(basis=cfg.contrast_basis),
         ),
-        triage=TriageConfig(
-            kind="offline-embedding",
-            offline=cfg.judge,
-            controls_per_layer=cfg.null_per_layer,
-            selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None),
+        triage=demo_triage(
+            cfg.judge, cfg.null_per_layer, cfg.max_per_layer, cfg.triage_judge, cfg.triage_replay
         ),
         caft=CaftStageConfig(loop_rounds=cfg.loop_rounds),
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
@@ -298,6 +299,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
     """Every condition for one seed: the spurious data, one pipeline run, then the oracle reference.
     Returns {condition: {val, ood}} plus the judge's selection and `k`; adds each stage's seconds to
     `timings`."""
+    from caft.app.demo_judge import demo_judge_provider
     from caft.app.pipeline import run_pipeline
     from caft.app.spurious import write_spurious
 
@@ -314,7 +316,7 @@ def run_seed(cfg: DemoConfig, out: Path, seed: int, timings: dict[str, float]) -
             write_lm_data(cfg, out, seed)  # the multiple-choice form in data/
         timings["data"] = timings.get("data", 0.0) + time.perf_counter() - t
     run_cfg = demo_run_config(cfg, out, seed)
-    summary = run_pipeline(run_cfg)
+    summary = run_pipeline(run_cfg, judge_provider=demo_judge_provider(cfg.triage_replay))
     for name, stage in summary.get("stages", {}).items():
         timings[name] = timings.get(name, 0.0) + float(stage.get("seconds", 0.0))
     results = seed_results(run_cfg.out_dir, summary)

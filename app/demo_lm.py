@@ -91,8 +91,8 @@ def lm_train_values(cfg: DemoConfig, train_path: str, seed: int) -> dict[str, An
 
 def causal_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConfig:
     """The `caft run` config of one seed on a causal LM (see the module docstring)."""
-    from caft.agent.config import SelectionPolicy, TriageConfig
     from caft.app.demo import EVAL_BATCH, RUN_DIR
+    from caft.app.demo_judge import demo_triage
     from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
     from caft.app.stages import model_n_layers
     from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
@@ -132,11 +132,8 @@ def causal_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunCo
             steering=SteeringConfig(enabled=False),
             batch_size=batch,
         ),
-        triage=TriageConfig(
-            kind="offline-embedding",
-            offline=cfg.judge,
-            controls_per_layer=cfg.null_per_layer,
-            selection=SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None),
+        triage=demo_triage(
+            cfg.judge, cfg.null_per_layer, cfg.max_per_layer, cfg.triage_judge, cfg.triage_replay
         ),
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],
