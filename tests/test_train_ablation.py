@@ -263,6 +263,31 @@ def test_compute_subspace_means_matches_manual() -> None:
     assert means[2].shape == (2,)
 
 
+def test_subspace_means_stop_after_the_last_needed_layer() -> None:
+    """The reference pass runs no layer above the subspace's last one (nor the head), and the means equal
+    those of a full forward."""
+    model = tiny_model("llama", hidden=D, layers=LAYERS)
+    sub = Subspace.from_vectors({0: torch.randn(3, D, generator=torch.Generator().manual_seed(1))}, d_model=D)
+    assert sub.layers == [0]
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    sites = Sites.of(model)
+    ran: list[int] = []
+    probes = [
+        sites.layer_module(model, L).register_forward_hook(lambda *_a, L=L: ran.append(L))
+        for L in range(LAYERS)
+    ]
+    try:
+        means = compute_subspace_means(model, [{"input_ids": ids, "attention_mask": mask}], sub)
+    finally:
+        for handle in probes:
+            handle.remove()
+    assert ran == [0]
+    assert all(not sites.layer_module(model, L)._forward_hooks for L in range(LAYERS))
+    full = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(means[0], (full @ sub.bases[0]).reshape(-1, 3).mean(0), atol=1e-5)
+
+
 def test_random_subspace_and_spec() -> None:
     assert parse_layer_spec("1:4, -1:2") == {1: 4, -1: 2}
     for bad in ("1", "a:2", "1:2,1:3", ""):
