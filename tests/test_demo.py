@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from caft.agent.config import OfflineJudgeConfig
 from caft.app.demo import (
     DemoConfig,
     candidate_basis,
@@ -110,6 +111,15 @@ def test_demo_builds_one_classification_run_config(tmp_path: Path) -> None:
         "eval",
         "report",
     ]
+    # the default judge is the contrast rule (contrast basis, scored by the minimal pairs); --set turns it off
+    assert rc.evidence.contrast.basis == 1
+    oj = rc.triage.offline
+    assert (oj.use_contrast, oj.contrast_veto, oj.contrast_min_share) == (True, 2.0, 0.5)
+    old = DemoConfig.model_validate(
+        {"model_path": cfg.model_path, "contrast_basis": 0, "judge": {"use_contrast": False}}
+    )
+    rc_old = demo_run_config(old, tmp_path / "seed5", 5)
+    assert rc_old.evidence.contrast.basis == 0 and not rc_old.triage.offline.use_contrast
     # conditions switch the pipeline's baselines
     fewer = DemoConfig(model_path=cfg.model_path, conditions=["plain", "caft", "topk"])
     rc2 = demo_run_config(fewer, tmp_path / "seed0", 0)
@@ -203,6 +213,10 @@ def test_demo_on_a_causal_lm_runs_multiple_choice_with_one_ablation_mode(tmp_pat
         null_per_layer=2,
         top_k_windows=3,
         layers=[1, 2],
+        # the windows judge: on a random tiny llama the contrast rule selects nothing, and this test is
+        # about the causal-LM path (baselines, modes), not about the judge
+        contrast_basis=0,
+        judge=OfflineJudgeConfig(),
     )
     out = tmp_path / "out"
     rc = demo_run_config(cfg, out / "seed0", 0)
