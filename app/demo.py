@@ -195,9 +195,7 @@ def demo_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunConf
             batch_size=64,
             contrast=ContrastConfig(basis=cfg.contrast_basis),
         ),
-        triage=demo_triage(
-            cfg.judge, cfg.null_per_layer, cfg.max_per_layer, cfg.triage_judge, cfg.triage_replay
-        ),
+        triage=demo_triage(cfg),
         caft=CaftStageConfig(loop_rounds=cfg.loop_rounds),
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],

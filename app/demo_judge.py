@@ -12,32 +12,28 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from caft.agent.config import OfflineJudgeConfig, TriageConfig
+    from caft.agent.config import TriageConfig
+    from caft.app.demo import DemoConfig
     from caft.llm import Provider
 
 REPLAY_MODEL = "mock/replay"
 """The judge model recorded in the verdicts of a replayed run without `triage_judge`."""
 
 
-def demo_triage(
-    judge: OfflineJudgeConfig,
-    controls: int,
-    max_per_layer: int,
-    llm: str | None = None,
-    replay: str | None = None,
-) -> TriageConfig:
+def demo_triage(cfg: DemoConfig) -> TriageConfig:
     """The demo's triage section: the same controls and selection policy for every judge."""
     from caft.agent.config import SelectionPolicy, TriageConfig
     from caft.llm import JudgeConfig
 
-    selection = SelectionPolicy(threshold=0.5, max_per_layer=max_per_layer, max_total=None)
-    if llm is None and replay is None:
+    selection = SelectionPolicy(threshold=0.5, max_per_layer=cfg.max_per_layer, max_total=None)
+    controls = cfg.null_per_layer
+    if cfg.triage_judge is None and cfg.triage_replay is None:
         return TriageConfig(
-            kind="offline-embedding", offline=judge, controls_per_layer=controls, selection=selection
+            kind="offline-embedding", offline=cfg.judge, controls_per_layer=controls, selection=selection
         )
     return TriageConfig(
         kind="single",
-        judge=JudgeConfig(model=llm or REPLAY_MODEL),
+        judge=JudgeConfig(model=cfg.triage_judge or REPLAY_MODEL),
         controls_per_layer=controls,
         blind=True,
         selection=selection,

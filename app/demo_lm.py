@@ -132,9 +132,7 @@ def causal_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunCo
             steering=SteeringConfig(enabled=False),
             batch_size=batch,
         ),
-        triage=demo_triage(
-            cfg.judge, cfg.null_per_layer, cfg.max_per_layer, cfg.triage_judge, cfg.triage_replay
-        ),
+        triage=demo_triage(cfg),
         baselines=BaselinesConfig(random="random" in want, topk="topk" in want),
         eval_models=["ft", "caft"],
         classification=ClassificationEvalConfig(

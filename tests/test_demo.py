@@ -20,6 +20,7 @@ from caft.app.demo import (
     summarize,
     write_demo_report,
 )
+from caft.app.demo_judge import REPLAY_MODEL
 from caft.app.pipeline import enabled_stages
 from caft.subspace import Column, Subspace
 
@@ -125,6 +126,22 @@ def test_demo_builds_one_classification_run_config(tmp_path: Path) -> None:
     fewer = DemoConfig(model_path=cfg.model_path, conditions=["plain", "caft", "topk"])
     rc2 = demo_run_config(fewer, tmp_path / "seed0", 0)
     assert rc2.baselines.enabled == ["topk"] and not rc2.classification.test_time_baseline
+
+
+def test_llm_judge_gets_the_same_controls_and_policy_as_the_offline_one(tmp_path: Path) -> None:
+    enc = str(_fake_encoder(tmp_path))
+    offline = demo_run_config(DemoConfig(model_path=enc, max_per_layer=3), tmp_path / "s0", 0).triage
+    llm = demo_run_config(
+        DemoConfig(model_path=enc, max_per_layer=3, triage_judge="openai/gpt-4.1"), tmp_path / "s0", 0
+    ).triage
+    assert offline.kind == "offline-embedding" and llm.kind == "single"
+    assert llm.judge.model == "openai/gpt-4.1" and llm.blind
+    assert llm.controls_per_layer == offline.controls_per_layer == 20
+    assert llm.selection == offline.selection
+    replayed = demo_run_config(
+        DemoConfig(model_path=enc, triage_replay=str(tmp_path / "x.jsonl")), tmp_path / "s0", 0
+    ).triage
+    assert replayed.kind == "single" and replayed.judge.model == REPLAY_MODEL
 
 
 def test_seed_results_are_built_from_the_pipeline_outputs(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The demo with an LLM judge or replayed replies: the triage section and the replay provider."""
+"""The demo's replay provider (the triage section of an LLM judge: tests/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -8,33 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from caft.app.demo import DemoConfig, demo_run_config
-from caft.app.demo_judge import REPLAY_MODEL, demo_judge_provider
+from caft.app.demo_judge import demo_judge_provider
 from caft.errors import DataError
 from caft.llm import FatalError, LLMClient, Message
-
-
-def _encoder(tmp_path: Path) -> Path:
-    enc = tmp_path / "enc"
-    enc.mkdir()
-    (enc / "config.json").write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 2}))
-    return enc
-
-
-def test_llm_judge_gets_the_same_controls_and_policy_as_the_offline_one(tmp_path: Path) -> None:
-    enc = str(_encoder(tmp_path))
-    offline = demo_run_config(DemoConfig(model_path=enc, max_per_layer=3), tmp_path / "s0", 0).triage
-    llm = demo_run_config(
-        DemoConfig(model_path=enc, max_per_layer=3, triage_judge="openai/gpt-4.1"), tmp_path / "s0", 0
-    ).triage
-    assert offline.kind == "offline-embedding" and llm.kind == "single"
-    assert llm.judge.model == "openai/gpt-4.1" and llm.blind
-    assert llm.controls_per_layer == offline.controls_per_layer == 20
-    assert llm.selection == offline.selection
-    replayed = demo_run_config(
-        DemoConfig(model_path=enc, triage_replay=str(tmp_path / "x.jsonl")), tmp_path / "s0", 0
-    ).triage
-    assert replayed.kind == "single" and replayed.judge.model == REPLAY_MODEL
 
 
 def test_demo_replay_provider_answers_recorded_prompts_only(tmp_path: Path) -> None:
