@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from caft.agent.offline import OfflineJudgeConfig
 from caft.config import CaftConfig, ModelConfig
 from caft.errors import ModelError
-from caft.rundir import atomic_write_json, atomic_write_text
+from caft.rundir import atomic_write_json
 from caft.training.config import AblationMode
 
 if TYPE_CHECKING:
@@ -363,6 +363,8 @@ def run_demo(
         "wall_s": round(time.perf_counter() - started, 1),
     }
     atomic_write_json(root / RESULTS_FILE, report)
+    from caft.app.demo_report import write_demo_report
+
     write_demo_report(report, root)
     return report
 
@@ -380,109 +382,3 @@ def summarize(per_seed: dict[str, Any]) -> dict[str, dict[str, float]]:
             "n": float(len(rows)),
         }
     return out
-
-
-CONDITION_NAMES = {
-    "plain": "plain fine-tuning",
-    "caft": "CAFT (offline judge)",
-    "random": "random subspace",
-    "topk": "top PCs by variance",
-    "test_time": "test-time ablation only",
-    "oracle": "oracle topic probe (ref.)",
-}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """A plain-text table: condition, ID (val) accuracy, OOD accuracy, per-seed OOD."""
-    names = CONDITION_NAMES
-    lines = [f"{'condition':<28}{'ID acc':>8}{'OOD acc':>9}   OOD per seed"]
-    for cond, m in report["summary"].items():
-        per = [f"{r[cond]['ood']:.0%}" for r in report["per_seed"].values() if isinstance(r.get(cond), dict)]
-        lines.append(f"{names.get(cond, cond):<28}{m['val']:>8.1%}{m['ood']:>9.1%}   {' / '.join(per)}")
-    return "\n".join(lines)
-
-
-def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
-    """One self-contained HTML page (no scripts, no network): ID / OOD accuracy per condition as a chart and
-    a table with per-seed values, the directions the judge selected with their labels, and stage timings.
-    All text is escaped."""
-    from caft.evals.svg import Bar, bar_chart_h
-
-    summary: dict[str, dict[str, float]] = report["summary"]
-    per_seed: dict[str, dict[str, Any]] = report["per_seed"]
-    groups = [CONDITION_NAMES.get(c, c) for c in summary]
-    bars: list[Bar] = []
-    for cond, name in zip(summary, groups, strict=True):
-        ood = [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)]
-        bars.append(Bar(name, 0, summary[cond]["val"]))
-        bars.append(
-            Bar(name, 1, summary[cond]["ood"], min(ood), max(ood), note=f"(range over {len(ood)} seeds)")
-        )
-    chart = bar_chart_h(
-        groups, ["ID (val)", "OOD (cue inverted)"], bars, "Accuracy per condition", "accuracy"
-    )
-    rows = [
-        {
-            "name": name,
-            "val": f"{summary[cond]['val']:.1%}",
-            "ood": f"{summary[cond]['ood']:.1%}",
-            "per_seed": " / ".join(
-                f"{r[cond]['ood']:.0%}" for r in per_seed.values() if isinstance(r.get(cond), dict)
-            ),
-        }
-        for cond, name in zip(summary, groups, strict=True)
-    ]
-    picks = [
-        {
-            "seed": seed,
-            "directions": [
-                {
-                    "candidate": p["candidate"],
-                    "label": p.get("label") or "",
-                    "confidence": f"{float(p.get('confidence') or 0):.2f}",
-                }
-                for p in r.get("selected", [])
-            ],
-        }
-        for seed, r in per_seed.items()
-    ]
-    from caft.app.report_evidence import run_evidence, template_env
-
-    evidence = {seed: run_evidence(Path(out) / f"seed{seed}" / RUN_DIR) for seed in per_seed}
-    spread = [
-        {
-            "name": name,
-            "ood": " / ".join(f"{v:.1%}" for v in vals),
-            "mean": f"{statistics.fmean(vals):.1%}",
-            "sd": f"{statistics.stdev(vals):.1%}" if len(vals) > 1 else "-",
-            "range": f"{min(vals):.1%} - {max(vals):.1%}",
-        }
-        for cond, name in zip(summary, groups, strict=True)
-        if (vals := [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)])
-    ]
-    commits = sorted(
-        {
-            str(e["git"].get("commit")) + (" (dirty)" if e["git"].get("dirty") else "")
-            for e in evidence.values()
-            if e.get("git")
-        }
-    )
-    page = (
-        template_env()
-        .get_template("demo.html.j2")
-        .render(
-            title=f"caft demo: {report['task']}, {report['seeds']} seed(s)",
-            chart=chart,
-            rows=rows,
-            picks=picks,
-            timings=list(report.get("timings_s", {}).items()),
-            wall_s=report.get("wall_s"),
-            spread=spread,
-            evidence=[(seed, e) for seed, e in evidence.items() if e],
-            commits=commits,
-            config=json.dumps(report.get("config", {}), indent=1, sort_keys=True),
-        )
-    )
-    path = Path(out) / "report.html"
-    atomic_write_text(path, page)
-    return path

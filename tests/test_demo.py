@@ -14,13 +14,12 @@ from caft.app.demo import (
     DemoConfig,
     candidate_basis,
     demo_run_config,
-    format_table,
     run_demo,
     seed_results,
     summarize,
-    write_demo_report,
 )
 from caft.app.demo_judge import REPLAY_MODEL
+from caft.app.demo_report import format_table, loop_rows, write_demo_report
 from caft.app.pipeline import enabled_stages
 from caft.subspace import Column, Subspace
 
@@ -65,6 +64,50 @@ def test_html_report_escapes_labels_and_shows_every_condition(tmp_path: Path) ->
     assert "80.0%" in page and "90% / 70%" in page  # CAFT mean OOD and per-seed values
     assert "seed 1: 0 directions" in page and "<td>train</td>" in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing to fetch
+
+
+def test_html_report_shows_the_loop_rounds_of_each_seed(tmp_path: Path) -> None:
+    rounds = [
+        {
+            "round": 0,
+            "subspace_dims": 6,
+            "counts": {"10": 1, "2": 5},
+            "added": 6,
+            "eval": {"val": 1.0, "ood": 0.4},
+        },
+        {
+            "round": 1,
+            "selected": ["pc:L2:3", "<b>x</b>"],
+            "added": 2,
+            "subspace_dims": 8,
+            "counts": {"2": 6, "10": 2},
+            "eval": {"val": 0.99, "ood": 0.875},
+            "seconds": 41.5,
+        },
+        {"round": 2, "selected": [], "added": 0, "seconds": 3.0},
+    ]
+    rows = loop_rows(rounds)
+    assert [r["dims"] for r in rows] == ["6", "8", "-"]
+    assert rows[0]["counts"] == "L2: 5, L10: 1" and rows[1]["ood"] == "87.5%" and rows[2]["val"] == "-"
+    per_seed = {
+        "3": {
+            "plain": {"val": 1.0, "ood": 0.0},
+            "caft": {"val": 0.99, "ood": 0.875},
+            "selected": [],
+            "loop": rounds,
+        },
+        "4": {"plain": {"val": 1.0, "ood": 0.0}, "caft": {"val": 1.0, "ood": 0.5}, "selected": []},
+    }
+    report = {"task": "t", "seeds": 2, "summary": summarize(per_seed), "per_seed": per_seed}
+    page = write_demo_report(report, tmp_path).read_text()
+    assert "Closed loop" in page and page.count("<h3>seed 3</h3>") == 1 and "<h3>seed 4</h3>" not in page
+    assert (
+        "<td>pc:L2:3, &lt;b&gt;x&lt;/b&gt;</td>" in page
+        and "<td>87.5%</td>" in page
+        and "<td>41.5</td>" in page
+    )
+    no_loop = write_demo_report({**report, "per_seed": {"4": per_seed["4"]}}, tmp_path / "b").read_text()
+    assert "Closed loop" not in no_loop
 
 
 def test_config_rejects_unknown_task_and_condition() -> None:

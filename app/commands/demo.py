@@ -50,7 +50,8 @@ def demo_command(
     """Replicate the paper's spurious-correlation result offline on all-MiniLM-L6-v2: plain fine-tuning,
     PCA on differences, evidence, offline judge, CAFT, and the baselines; prints ID / OOD accuracy. With
     --model (e.g. gemma-3-270m) the same run on a causal LM, the task as multiple choice."""
-    from caft.app.demo import DemoConfig, format_table, run_demo
+    from caft.app.demo import DemoConfig, run_demo
+    from caft.app.demo_report import format_table
     from caft.config import apply_overrides, read_yaml, validate_config
 
     values = {
