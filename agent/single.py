@@ -40,7 +40,7 @@ from caft.llm import (
     Message,
     StructuredOutputError,
 )
-from caft.rundir import JsonlWriter, fsync_file
+from caft.rundir import JsonlWriter, SignalDrain, fsync_file
 
 if TYPE_CHECKING:
     import torch
@@ -120,15 +120,20 @@ def relevance_from_logprobs(result: GenerateResult) -> tuple[float | None, float
     return sum(k * p for k, p in weights.items()) / mass, mass
 
 
-async def bounded(items: Sequence[T], fn: Callable[[T], Awaitable[None]], workers: int) -> None:
+async def bounded(
+    items: Sequence[T],
+    fn: Callable[[T], Awaitable[None]],
+    workers: int,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
     """Run `fn` over items with a fixed pool of workers; a fatal or budget error stops new work and is raised
-    after the items in flight finish."""
+    after the items in flight finish. `stopping()` true (a signal) stops new work too, without an error."""
     it = iter(items)
     stop: list[LLMError] = []
 
     async def worker() -> None:
         for x in it:
-            if stop:
+            if stop or stopping():
                 return
             try:
                 await fn(x)
@@ -280,10 +285,32 @@ class SingleJudge:
         outcome.resumed = len(dossiers) * samples - len(todo)
         if outcome.resumed:
             log.info("resuming: %d verdicts already on disk, %d to go", outcome.resumed, len(todo))
+        # the first SIGINT / SIGTERM stops new requests (and a batch's polling: its ids are on disk, a rerun
+        # polls the same batches); verdicts already written are kept and skipped on the rerun
+        with SignalDrain(on_first=self.client.stop_retries) as drain:
+            return await self._judge_todo(todo, outcome, vpath, drain)
+
+    async def _judge_todo(
+        self,
+        todo: Sequence[tuple[Dossier, int]],
+        outcome: JudgeOutcome,
+        vpath: Path,
+        drain: SignalDrain,
+    ) -> JudgeOutcome:
         first: dict[tuple[str, int], GenerateResult | LLMError] = {}
         if self.cfg.batch and todo and self._has_batch_api():
+            task = asyncio.ensure_future(self._batch_first_round(todo))
+            drain.add_callback(task.cancel)
             try:
-                first = await self._batch_first_round(todo)
+                first = await task
+            except asyncio.CancelledError:
+                if drain.reason is None:
+                    raise
+                outcome.stopped = drain.reason
+                log.warning(
+                    "judging stopped (%s) while the batch ran; a rerun polls the same batch", drain.reason
+                )
+                return outcome
             except BudgetExceededError as e:
                 outcome.stopped = f"budget: {e}"
                 log.warning("judging stopped at the budget before the batch was sent: %s", e)
@@ -304,10 +331,15 @@ class SingleJudge:
 
             t0 = time.perf_counter()
             try:
-                await bounded(todo, one, self.client.max_concurrency)
+                await bounded(
+                    todo, one, self.client.max_concurrency, stopping=lambda: drain.reason is not None
+                )
             except BudgetExceededError as e:
                 outcome.stopped = f"budget: {e}"
                 log.warning("judging stopped at the budget; %d verdicts kept: %s", len(outcome.records), e)
+            if drain.reason is not None and outcome.stopped is None:
+                outcome.stopped = drain.reason
+                log.warning("judging stopped (%s); %d verdicts kept", drain.reason, len(outcome.records))
             outcome.seconds = time.perf_counter() - t0
         fsync_file(vpath)
         return outcome

@@ -264,8 +264,9 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
     )
     if not res.complete:
         raise IncompleteError(
-            "triage stopped before judging every candidate (a budget was reached); its verdicts are kept. "
-            "Raise the budget and rerun `caft run` to continue, or review and apply the partial selection"
+            f"triage stopped before judging every candidate ({res.summary.get('stopped') or 'a budget was reached'}); "
+            "its verdicts are kept. Rerun `caft run` to continue (raise the budget if it was reached), or review "
+            "and apply the partial selection"
         )
     return {
         "selected": [c.candidate for c in res.selection.selected],

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,3 +96,55 @@ def test_crash_mid_poll_resumes_the_same_batch(fake: FakeLLM, tmp_path: Path) ->
     assert outcome.judged == 8 and len(records(out)) == 8
     assert fake.batches_created == 1 and len(fake.batch_requests) == 8  # polled again, never resubmitted
     assert len(fake.requests) == 2  # the repair rounds
+
+
+def run_judge_signalled(fake: FakeLLM, out: Path, *, batch: bool, after_s: float | None) -> JudgeOutcome:
+    """`run_judge` with one request at a time, and a SIGTERM to this process `after_s` seconds into the run
+    (None: none from here)."""
+    dossiers = [d for d, _ in concept_set(2)]
+    cfg = TriageConfig(batch=batch, batch_poll_s=0.05)
+
+    async def go() -> JudgeOutcome:
+        async with make_client(
+            fake, "openai/gpt-4.1", prices={"openai/gpt-4.1": PRICE}, max_concurrency=1
+        ) as c:
+            if after_s is not None:
+                asyncio.get_running_loop().call_later(after_s, os.kill, os.getpid(), signal.SIGTERM)
+            return await asyncio.wait_for(SingleJudge(c, TASK, cfg, out).run(dossiers), 60)
+
+    return asyncio.run(go())
+
+
+def test_sigterm_mid_poll_stops_the_batch_and_a_rerun_polls_it(fake: FakeLLM, tmp_path: Path) -> None:
+    out = tmp_path / "triage"
+    fake.batch.delay_s = 3600.0
+    outcome = run_judge_signalled(fake, out, batch=True, after_s=0.8)
+    assert outcome.stopped == f"interrupted by signal {int(signal.SIGTERM)}" and outcome.judged == 0
+    assert fake.batches_created == 1 and not fake.requests
+    fake.end_batches()
+    again = run_judge_signalled(fake, out, batch=True, after_s=None)
+    assert again.stopped is None and again.judged == 8 and len(records(out)) == 8
+    assert fake.batches_created == 1 and len(fake.batch_requests) == 8  # the same batch, polled
+
+
+def test_sigterm_one_by_one_keeps_the_verdicts_in_flight_and_stops_new_ones(
+    fake: FakeLLM, tmp_path: Path
+) -> None:
+    out = tmp_path / "triage"
+    seen: list[int] = []
+
+    def reply(req: RecordedRequest) -> Reply:
+        seen.append(1)
+        if len(seen) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered to the judge's event loop in the main thread
+        return judge_reply(req)
+
+    fake.on_request(reply)
+    outcome = run_judge_signalled(fake, out, batch=False, after_s=None)
+    assert outcome.stopped is not None and "signal" in outcome.stopped
+    kept = records(out)
+    assert 0 < len(kept) < 8 and all(r["verdict"] is not None or r["unscored"] for r in kept.values())
+    first = len(fake.requests)
+    again = run_judge_signalled(fake, out, batch=False, after_s=None)
+    assert again.stopped is None and len(records(out)) == 8
+    assert again.resumed >= 1 and len(fake.requests) - first < 10  # what was kept is not asked again
