@@ -11,6 +11,10 @@ Side by side: launches alternate 1 process / 2 ranks, and inside each launch pla
 
 Prints: throughput ratio (2 ranks / 1 process, steps per second at the same global batch; ideal 2.0 with
 two free cores) and CAFT's step-time ratio (CAFT / plain) in one process and under DDP (target <= 1.03).
+The paired figure: inside each launch the runs go plain, CAFT, CAFT, plain (ABBA, so a load that drifts
+linearly over the launch cancels), the launch's ratio is (CAFT medians) / (plain medians), and a bootstrap over
+the logged steps of every run (2000 resamples) gives its 95% interval; `paired` reports the median of the
+launches' ratios with the pooled interval.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def worker(spec_path: str) -> None:
         if rank == 0:
             rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
             secs = [r["seconds"] for r in rows if r["event"] == "step"][spec["skip"] :]
-            times.append({"variant": run["variant"], "step_s": statistics.median(secs)})
+            times.append({"variant": run["variant"], "step_s": statistics.median(secs), "steps_s": secs})
             shutil.rmtree(out)
     if rank == 0:
         Path(spec["result"]).write_text(json.dumps(times))
@@ -64,6 +68,35 @@ def make_config(model: Path, data: Path, caft: bool, args: argparse.Namespace) -
     if caft:
         values["ablation"] = {"random": "1:16,2:16,3:16", "mode": "project"}
     return build_train_config("em", values=values).model_dump(mode="json")
+
+
+def abba_ratio(runs: list[dict[str, Any]]) -> float:
+    """CAFT / plain of one launch's runs: the sum of the CAFT runs' median step times over the plain runs'."""
+    caft = sum(r["step_s"] for r in runs if r["variant"] == "caft")
+    plain = sum(r["step_s"] for r in runs if r["variant"] == "plain")
+    return caft / plain
+
+
+def bootstrap_ci(launches: list[list[dict[str, Any]]], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the median ABBA ratio over launches, resampling each run's logged steps."""
+    import random
+
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(n):
+        ratios = []
+        for runs in launches:
+            resampled = [
+                {
+                    "variant": r["variant"],
+                    "step_s": statistics.median(rng.choices(r["steps_s"], k=len(r["steps_s"]))),
+                }
+                for r in runs
+            ]
+            ratios.append(abba_ratio(resampled))
+        stats.append(statistics.median(ratios))
+    stats.sort()
+    return stats[int(0.025 * n)], stats[int(0.975 * n) - 1]
 
 
 def launch(nproc: int, spec: Path) -> None:
@@ -112,6 +145,7 @@ def main() -> None:
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfgs = {v: make_config(model, data, v == "caft", args) for v in ("plain", "caft")}
         results: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+        launches: dict[int, list[list[dict[str, Any]]]] = {1: [], 2: []}
         for rep in range(args.repeats):
             for nproc in (1, 2) if rep % 2 == 0 else (2, 1):
                 order = ["plain", "caft", "caft", "plain"]
@@ -123,7 +157,9 @@ def main() -> None:
                 result = root / f"result-{nproc}-{rep}.json"
                 spec.write_text(json.dumps({"runs": runs, "skip": args.skip, "result": str(result)}))
                 launch(nproc, spec)
-                results[nproc] += json.loads(result.read_text())
+                got = json.loads(result.read_text())
+                results[nproc] += got
+                launches[nproc].append(got)
                 print(f"repeat {rep + 1}: {nproc} process(es) done", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +179,14 @@ def main() -> None:
         "throughput_ratio_2p_over_1p_caft": round(med(1, "caft") / med(2, "caft"), 3),
         "caft_overhead_1p": round(med(1, "caft") / med(1, "plain"), 3),
         "caft_overhead_ddp": round(med(2, "caft") / med(2, "plain"), 3),
+        "paired": {
+            f"caft_overhead_{'1p' if n == 1 else 'ddp'}": {
+                "median_abba_ratio": round(statistics.median(abba_ratio(x) for x in launches[n]), 3),
+                "ci95": [round(v, 3) for v in bootstrap_ci(launches[n])],
+                "per_launch": [round(abba_ratio(x), 3) for x in launches[n]],
+            }
+            for n in (1, 2)
+        },
         "cpus": os.cpu_count(),
     }
     print(json.dumps(report, indent=2))
