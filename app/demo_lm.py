@@ -95,7 +95,7 @@ def causal_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunCo
     from caft.app.demo_judge import demo_triage
     from caft.app.run_config import BaselinesConfig, ClassificationEvalConfig, RunConfig
     from caft.app.stages import model_n_layers
-    from caft.interp.config import DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
+    from caft.interp.config import ContrastConfig, DiffConfig, EvidenceConfig, InputsConfig, SteeringConfig
     from caft.training.config import build_train_config
 
     root = Path(seed_dir)
@@ -130,6 +130,7 @@ def causal_run_config(cfg: DemoConfig, seed_dir: str | Path, seed: int) -> RunCo
             diff_summary=False,
             logit_lens=False,
             steering=SteeringConfig(enabled=False),
+            contrast=ContrastConfig(basis=cfg.contrast_basis),
             batch_size=batch,
         ),
         triage=demo_triage(cfg),

@@ -110,6 +110,16 @@ def test_html_report_shows_the_loop_rounds_of_each_seed(tmp_path: Path) -> None:
     assert "Closed loop" not in no_loop
 
 
+def test_causal_lm_demo_gets_the_contrast_basis_like_the_encoder_demo(tmp_path: Path) -> None:
+    from caft.testing import save_tiny
+
+    lm = save_tiny(tmp_path / "lm", "llama", template="chatml", layers=4)
+    default = demo_run_config(DemoConfig(model=str(lm)), tmp_path / "seed0", 0)
+    assert default.evidence.contrast.basis == 1 and default.triage.offline.use_contrast
+    off = demo_run_config(DemoConfig(model=str(lm), contrast_basis=0), tmp_path / "seed0", 0)
+    assert off.evidence.contrast.basis == 0
+
+
 def test_config_rejects_unknown_task_and_condition() -> None:
     with pytest.raises(ValueError, match="sentiment-topic"):
         DemoConfig.model_validate({"task": "nope"})
