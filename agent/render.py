@@ -209,7 +209,7 @@ def render_dossier(d: Dossier, limits: RenderLimits | None = None, *, blind: boo
             + _tokens_line((t.token, t.value) for t in ll.suppressed[:n])
         )
         out.append(f"## Logit lens [{ll.id}]\n" + data_block(ll.id, text))
-    if d.steering is not None and d.steering.generations:
+    if d.steering is not None and d.steering.generations and lim.max_generations > 0:
         st = d.steering
         out.append(
             f"## Steered generations [{st.id}] (coherent strength alpha={st.alpha:g}, "
@@ -238,7 +238,7 @@ def shown_ids(d: Dossier, limits: RenderLimits) -> list[str]:
     ids = [w.id for w in d.max_examples[: limits.max_examples]]
     ids += [w.id for w in d.min_examples[: limits.min_examples]]
     ids += [x.id for x in (d.diff, d.logit_lens) if x is not None]
-    if d.steering is not None and d.steering.generations:
+    if d.steering is not None and d.steering.generations and limits.max_generations > 0:
         ids.append(d.steering.id)
         ids += [g.id for g in pick_generations(d.steering.generations, limits.max_generations)]
     if limits.max_contrast_concepts > 0:

@@ -151,6 +151,13 @@ def test_dossier_rendering_limits_and_ids() -> None:
     )
 
 
+def test_no_steering_section_when_no_generation_is_shown() -> None:
+    d = make_dossier("pc:L3:1", 3, "evil", n_max=4, n_min=2)
+    text = render_dossier(d, RenderLimits(max_generations=0))
+    assert "Steered generations" not in text and "steer" not in text.rsplit("Evidence ids", 1)[1]
+    assert "Steered generations" in render_dossier(d, RenderLimits(max_generations=1))
+
+
 def test_escape_fuzz() -> None:
     import random
     import re
