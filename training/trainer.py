@@ -36,7 +36,7 @@ from caft.errors import CaftError, ConfigError
 from caft.rundir import SUBSPACE_DIR, JsonlWriter, atomic_write_json
 from caft.training.ablation import Ablation
 from caft.training.batches import MicroBatches
-from caft.training.checkpoint import load_checkpoint, save_checkpoint
+from caft.training.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from caft.training.data import count_tokens
 from caft.training.distributed import attach_ablation
 from caft.training.distributed import setup as setup_distributed
@@ -57,6 +57,7 @@ from caft.training.runstate import (
     training_fingerprint,
 )
 from caft.training.setup import Prepared, enable_gradient_checkpointing, prepare
+from caft.training.sharded import final_state
 
 if TYPE_CHECKING:
     from caft.subspace import Subspace
@@ -151,9 +152,10 @@ def train(
             writer.write(record)
 
     def checkpoint(step: int) -> None:
+        state = checkpoint_state(prep.model, optimizer, dist.is_main)  # gathered on every rank under FSDP
         if dist.is_main:
             info = {"fingerprint": fingerprint, "total_steps": total_steps}
-            save_checkpoint(out, step, prep.model, optimizer, scheduler, info, cfg.keep_checkpoints)
+            save_checkpoint(out, step, state, scheduler, info, cfg.keep_checkpoints)
         dist.barrier()
 
     def evaluate_at(step: int) -> None:
@@ -205,8 +207,9 @@ def train(
             writer.close()
 
     final = out / FINAL_DIR
+    state = final_state(prep.model, trainable_only=cfg.method == "lora")  # None unless sharded
     if dist.is_main:
-        final = save_final(prep, out)
+        final = save_final(prep, out, state)
         record = run_record(cfg, mcfg, prep, abl, metrics, total_steps, fingerprint)
         atomic_write_json(final / RECORD_FILE, record)
         atomic_write_json(out / RECORD_FILE, record)
