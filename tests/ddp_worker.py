@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py SPEC.json
 
 SPEC: {"runs": [{"cfg": TrainConfig as JSON, "out": DIR, "resume": bool, "slow_s": seconds added to each
-optimizer step (so that a test can kill a rank mid-run)}], "pid_dir": where each rank writes its pid}."""
+optimizer step (so that a test can kill a rank mid-run), "stop_after": stop_after_steps}], "pid_dir": where
+each rank writes its pid}. The launcher's environment picks DDP or FSDP (`ACCELERATE_USE_FSDP`)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ def main() -> None:
     trainer.clip_gradients = slow_clip
     for run in spec["runs"]:
         delay[0] = float(run.get("slow_s", 0.0))
-        trainer.train(TrainConfig.model_validate(run["cfg"]), run["out"], resume=run.get("resume", False))
+        cfg = TrainConfig.model_validate(run["cfg"])
+        trainer.train(
+            cfg, run["out"], resume=run.get("resume", False), stop_after_steps=run.get("stop_after")
+        )
     print(f"rank {rank} done", flush=True)
 
 

@@ -7,54 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 import train_helpers
-from safetensors.torch import load_file
+from dist_helpers import adapter, close, finish, launch, losses, steps
 from train_helpers import CHAT, jsonl, train_cfg
 
 from caft.training.trainer import train
 
 llama_dir = train_helpers.llama_dir
-WORKER = Path(__file__).with_name("ddp_worker.py")
-
-
-def launch(spec: dict[str, Any], path: Path) -> subprocess.Popen[str]:
-    path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.Popen(
-        [*cmd, str(WORKER), str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    return out
-
-
-def adapter(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "final" / "adapter_model.safetensors"))
-
-
-def losses(out: Path) -> list[float]:
-    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["event"] == "step"]
-
-
-def steps(out: Path) -> list[int]:
-    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if r["event"] == "step"]
-
-
-def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_two_ranks_equal_one_process_and_resume_after_kill_9(tmp_path: Path, llama_dir: Path) -> None:

@@ -10,6 +10,10 @@ A checkpoint is a directory `checkpoints/step-000120/`:
 
 It is written into a temporary sibling folder and renamed into place, so a folder named `step-*` is always
 complete. Only the newest `keep` checkpoints stay on disk.
+
+The files hold whole tensors whatever the training ran on: a sharded (FSDP) model's state is gathered to
+rank 0 first (`checkpoint_state`, `caft.training.sharded`) and scattered back on load, so one process can
+resume a sharded run's checkpoint and the reverse.
 """
 
 from __future__ import annotations
@@ -44,6 +48,20 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, main: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable parameters, optimizer state) as `save_checkpoint` writes them, on the rank that writes
+    (`main`); empty elsewhere. Every rank calls it: for a sharded model it is a collective."""
+    from caft.training.sharded import full_optimizer_state, full_trainable_state, is_sharded
+
+    if is_sharded(model):
+        return full_trainable_state(model), full_optimizer_state(model, optimizer)
+    if not main:
+        return {}, {}
+    return trainable_state(model), optimizer.state_dict()
+
+
 def rng_state() -> dict[str, Any]:
     import numpy as np
     import torch
@@ -72,12 +90,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     out_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    state: tuple[dict[str, torch.Tensor], dict[str, Any]],
     scheduler: Any,
     info: dict[str, Any],
     keep: int,
 ) -> Path:
+    """Write checkpoint `step` from `state` (`checkpoint_state`'s answer) and the scheduler and RNG states."""
     import torch
     from safetensors.torch import save_file
 
@@ -88,8 +106,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / PARAMS_FILE))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    params, optimizer_state = state
+    save_file(params, str(tmp / PARAMS_FILE))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     atomic_write_json(tmp / STATE_FILE, {"step": step, **info})
@@ -118,9 +137,12 @@ def list_checkpoints(out_dir: Path) -> list[CheckpointState]:
 def load_checkpoint(
     ckpt: CheckpointState, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> None:
-    """Restore parameters, optimizer, scheduler and RNG states from `ckpt` (in place)."""
+    """Restore parameters, optimizer, scheduler and RNG states from `ckpt` (in place); a sharded model keeps
+    its shard of the saved tensors (a collective then: every rank calls it)."""
     import torch
     from safetensors.torch import load_file
+
+    from caft.training.sharded import is_sharded, load_full_state
 
     saved = load_file(str(ckpt.path / PARAMS_FILE))
     params = dict(model.named_parameters())
@@ -131,9 +153,13 @@ def load_checkpoint(
             f"checkpoint {ckpt.path} does not fit this model (missing {missing[:3]}, unexpected {unknown[:3]}); "
             "it was written by a different configuration: start a new --out directory"
         )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(ckpt.path / "optimizer.pt", weights_only=True)
+    if is_sharded(model):
+        load_full_state(model, optimizer, saved, optimizer_state)
+    else:
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(ckpt.path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(ckpt.path / "rng.pt", weights_only=False))

@@ -54,8 +54,14 @@ def make_optimizer(cfg: TrainConfig, model: Any, total_steps: int) -> tuple[torc
 
 
 def clip_gradients(cfg: TrainConfig, model: Any) -> float | None:
-    """Clip the global gradient norm as configured; returns the norm before clipping."""
+    """Clip the global gradient norm as configured; returns the norm before clipping. `clip_grad_norm_`'s
+    two halves: a sharded model's norm is a DTensor of partial norms, made whole (over the ranks) first."""
     if cfg.optim.max_grad_norm is None:
         return None
     params = [p for p in model.parameters() if p.requires_grad]
-    return float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    full = getattr(norm, "full_tensor", None)  # a DTensor (FSDP)
+    if full is not None:
+        norm = full()
+    torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.max_grad_norm, norm)
+    return float(norm)

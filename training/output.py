@@ -13,6 +13,8 @@ from caft.training.classifier import EncoderClassifier
 from caft.training.runstate import FINAL_DIR, MEANS_FILE
 
 if TYPE_CHECKING:
+    import torch
+
     from caft.config import ModelConfig
     from caft.training.config import TrainConfig
     from caft.training.setup import Prepared
@@ -20,8 +22,10 @@ if TYPE_CHECKING:
 __all__ = ["run_record", "save_final"]
 
 
-def save_final(prep: Prepared, out: Path) -> Path:
-    """Write the adapter (LoRA) or the full model, plus the tokenizer, into `out/final` atomically."""
+def save_final(prep: Prepared, out: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapter (LoRA) or the full model, plus the tokenizer, into `out/final` atomically. `state`:
+    the whole tensors to write instead of the model's own (a sharded model's, from
+    `caft.training.sharded.final_state`); the files are the same as one process writes."""
     final, tmp = out / FINAL_DIR, out / f".{FINAL_DIR}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -30,7 +34,7 @@ def save_final(prep: Prepared, out: Path) -> Path:
     if isinstance(model, EncoderClassifier):
         model.save(tmp, prep.tokenizer)
     else:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
         prep.tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -14,7 +14,8 @@ Output directory::
 
 The ablation is applied through an nnsight trace at every token position of the subspace's layers, in
 training steps and held-out evaluations only; the loop does not know which mode runs. Nothing stays
-attached to the model, so `final/` holds plain weights.
+attached to the model, so `final/` holds plain weights. Under a launcher the same loop runs on every rank
+(DDP or FSDP: see caft.training.distributed).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from caft.errors import CaftError, ConfigError
 from caft.rundir import SUBSPACE_DIR, JsonlWriter, atomic_write_json
 from caft.training.ablation import Ablation
 from caft.training.batches import MicroBatches
-from caft.training.checkpoint import load_checkpoint, save_checkpoint
+from caft.training.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
 from caft.training.data import count_tokens
 from caft.training.distributed import attach_ablation
 from caft.training.distributed import setup as setup_distributed
@@ -57,6 +58,7 @@ from caft.training.runstate import (
     training_fingerprint,
 )
 from caft.training.setup import Prepared, enable_gradient_checkpointing, prepare
+from caft.training.sharded import final_state
 
 if TYPE_CHECKING:
     from caft.subspace import Subspace
@@ -74,7 +76,7 @@ class DivergenceError(CaftError):
 @dataclass
 class TrainResult:
     """Where the run's files are, its last metrics, and (when this call trained) the trained model in
-    memory, hook-free, in eval mode."""
+    memory, hook-free, in eval mode (under FSDP: this rank's sharded module; `final/` holds the whole)."""
 
     out_dir: Path
     final_path: Path
@@ -114,14 +116,24 @@ def train(
         return TrainResult(out, out / FINAL_DIR, log_path, run.finished.get("metrics", {}))
     if dist.enabled and dist.accelerator.device.type != "cpu":
         mcfg = mcfg.model_copy(update={"device": str(dist.accelerator.device)})  # one device per rank
+    if dist.fsdp and cfg.objective == "encoder_classifier":
+        raise ConfigError(
+            "FSDP shards causal LMs; the encoder classifier is small enough to replicate: launch it without "
+            "FSDP (DDP) or in one process"
+        )
 
     _seed_everything(cfg.seed)
-    prep = prepare(cfg, mcfg, subspace)
+    prep = prepare(cfg, dist.load_config(mcfg), subspace)
     if cfg.optim.gradient_checkpointing:
         enable_gradient_checkpointing(prep.model)
     total_steps, micro_per_epoch = plan_steps(cfg, len(prep.train))
     abl = build_ablation(cfg, prep, out, resume, save=dist.is_main)
-    objective = ObjectiveLoss(cfg.objective, prep.letter_ids, model=prep.model)
+    # a sharded LM head cannot be read outside the forward: choice_lm takes the letters from the full logits
+    objective = ObjectiveLoss(cfg.objective, prep.letter_ids, model=None if dist.fsdp else prep.model)
+    # the optimizer comes after the wrap: sharding replaces the parameters
+    wrapped = dist.wrap(prep.model, prep.sites)
+    if dist.fsdp:
+        prep.device = dist.accelerator.device
     optimizer, scheduler = make_optimizer(cfg, prep.model, total_steps)
     if run.checkpoint is not None:
         load_checkpoint(run.checkpoint, prep.model, optimizer, scheduler)
@@ -130,10 +142,9 @@ def train(
         if prep.subspace is not None and not (out / SUBSPACE_DIR).exists():
             prep.subspace.save(out / SUBSPACE_DIR)
 
-    # with several ranks (a DDP wrapper to call) or gradient checkpointing the ablation is hooked onto the
-    # layers for the whole loop; else one nnsight trace per forward
+    # with several ranks (a DDP wrapper or a sharded model to call) or gradient checkpointing the ablation is
+    # hooked onto the layers for the whole loop; else one nnsight trace per forward
     hooked = dist.enabled or cfg.optim.gradient_checkpointing
-    wrapped = dist.wrap(prep.model)
     forward = make_forward(cfg, prep, objective, None if hooked else abl, wrapped)
     batches = MicroBatches(prep.train, cfg, micro_per_epoch, int(prep.tokenizer.pad_token_id))
     header = _header(cfg, prep, abl, run.start_step, total_steps, micro_per_epoch)
@@ -151,9 +162,10 @@ def train(
             writer.write(record)
 
     def checkpoint(step: int) -> None:
+        state = checkpoint_state(prep.model, optimizer, dist.is_main)  # gathered on every rank under FSDP
         if dist.is_main:
             info = {"fingerprint": fingerprint, "total_steps": total_steps}
-            save_checkpoint(out, step, prep.model, optimizer, scheduler, info, cfg.keep_checkpoints)
+            save_checkpoint(out, step, state, scheduler, info, cfg.keep_checkpoints)
         dist.barrier()
 
     def evaluate_at(step: int) -> None:
@@ -205,8 +217,9 @@ def train(
             writer.close()
 
     final = out / FINAL_DIR
+    state = final_state(prep.model, trainable_only=cfg.method == "lora")  # None unless sharded
     if dist.is_main:
-        final = save_final(prep, out)
+        final = save_final(prep, out, state)
         record = run_record(cfg, mcfg, prep, abl, metrics, total_steps, fingerprint)
         atomic_write_json(final / RECORD_FILE, record)
         atomic_write_json(out / RECORD_FILE, record)
