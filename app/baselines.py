@@ -99,7 +99,6 @@ def _mode_cfg(ctx: RunContext, **ablation: Any) -> Any:
 def _train_baseline(ctx: RunContext, name: str, sub: Subspace, counts: dict[int, int]) -> dict[str, Any]:
     """Train baseline `name` (not `steps`) into baselines/<name>/."""
     from caft.app.run_config import penalty_name, steer_name
-    from caft.training.trainer import train
 
     b = ctx.cfg.baselines
     folder = ctx.path / BASELINES_DIR / name
@@ -116,7 +115,7 @@ def _train_baseline(ctx: RunContext, name: str, sub: Subspace, counts: dict[int,
         run_sub = baseline_subspace(ctx, name, counts, sub.d_model, n_layers)
     _clear_stale(folder, run_sub)
     run_sub.save(folder / SUBSPACE_DIR)
-    res = train(tc, folder, model=ctx.cfg.model, subspace=run_sub, resume=True)
+    res = ctx.fine_tune(tc, folder, subspace=run_sub)
     return {
         "final": str(res.final_path),
         "metrics": res.metrics,
@@ -131,11 +130,10 @@ def _steps_baseline(ctx: RunContext) -> dict[str, Any]:
     checkpoint becomes a model `steps@N`. The checkpoint whose held-out loss is nearest the CAFT model's is
     named (`matched_to_caft`), the early-stopping point at matched task metric."""
     from caft.training.sweep import export_checkpoints, sweep_config
-    from caft.training.trainer import train
 
     folder = ctx.path / BASELINES_DIR / "steps"
     tc = sweep_config(_train_cfg(ctx), ctx.cfg.baselines.steps)
-    res = train(tc, folder, model=ctx.cfg.model, resume=True)
+    res = ctx.fine_tune(tc, folder)
     points = export_checkpoints(tc, ctx.cfg.model, folder)
     models = {f"steps@{p['step']}": f"{BASELINES_DIR}/steps/step-{p['step']:06d}" for p in points}
     info: dict[str, Any] = {

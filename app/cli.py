@@ -164,9 +164,9 @@ def run_command(
 
     if launched_world_size() > 1:  # every rank would run the judges and evals
         raise ConfigError(
-            "caft run was started as one of several ranks; launch only the training under accelerate "
-            "(accelerate launch ... -m caft.app.cli train run.yaml --out RUN/train) and run `caft run` in one "
-            "process (docs/scaling.md)"
+            "caft run was started as one of several ranks (every rank would run the judges and evals); run "
+            "`caft run` in one process with `--set launch.processes=N`: it starts each fine-tune as an N-rank "
+            "job itself (docs/scaling.md)"
         )
     flags = [f"{path}=true" for path in RUN_SKIP_INVALID] if skip_invalid else []
     if data is not None:

@@ -101,7 +101,6 @@ def run_loop(ctx: RunContext, sub: Subspace, first_final: Path) -> dict[str, Any
     from caft.interp.evidence import build_dossiers
     from caft.interp.pca import run_diff
     from caft.subspace import Subspace
-    from caft.training.trainer import train
 
     caft_dir = ctx.path / "caft"
     rounds_max = ctx.cfg.caft.loop_rounds
@@ -157,13 +156,7 @@ def run_loop(ctx: RunContext, sub: Subspace, first_final: Path) -> dict[str, Any
             log.info("loop round %d: the judge found nothing new; stopping", r)
             break
         merged.save(rdir / SUBSPACE_DIR)
-        tres = train(
-            _train_cfg(ctx),
-            rdir / "train",
-            model=ctx.cfg.model,
-            subspace=Subspace.load(rdir / SUBSPACE_DIR),
-            resume=True,
-        )
+        tres = ctx.fine_tune(_train_cfg(ctx), rdir / "train", subspace=Subspace.load(rdir / SUBSPACE_DIR))
         final, current = tres.final_path, merged
         model = ctx.cfg.model.model_copy(update={"name_or_path": str(final), "adapter": None})
         if (final / "adapter_config.json").is_file():

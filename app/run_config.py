@@ -99,6 +99,18 @@ def penalty_name(coef: float) -> str:
     return f"penalty{coef:g}"
 
 
+class LaunchConfig(CaftConfig):
+    """How the run's fine-tunes use this machine's devices (`caft.training.launch`); the other stages run once,
+    in the `caft run` process. Not part of any stage's fingerprint: the same run resumes with any count."""
+
+    processes: int = Field(default=1, ge=1)
+    """Ranks per fine-tune (train, caft, the loop's rounds, the baselines): > 1 starts each as a torchrun job
+    on this machine, one rank per GPU (gloo ranks on CPU), and waits for it. 1: in this process."""
+    fsdp: bool = False
+    """With `processes` > 1: shard the model (FSDP2) instead of replicating it (DDP), for models that do
+    not fit one device."""
+
+
 class CaftStageConfig(CaftConfig):
     """The `caft` stage: the fine-tune with the triage subspace ablated, and its optional closed loop."""
 
@@ -142,6 +154,8 @@ class RunConfig(CaftConfig):
     selected subspace."""
     caft: CaftStageConfig = Field(default_factory=CaftStageConfig)
     """The CAFT fine-tune's closed loop (`caft.loop_rounds`)."""
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    """Multi-process fine-tunes (`launch.processes`, `launch.fsdp`; docs/scaling.md)."""
     baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
     """Control fine-tunes (random subspace, top PCs) trained after the `caft` stage and evaluated with it."""
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -27,6 +27,9 @@ from caft.rundir import DIRECTIONS_FILE, RunDir
 
 if TYPE_CHECKING:
     from caft.llm.types import Provider
+    from caft.subspace import Subspace
+    from caft.training.config import TrainConfig
+    from caft.training.trainer import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,16 @@ class RunContext:
             return base.model_copy(update={"adapter": str(final)})
         return base.model_copy(update={"name_or_path": str(final), "adapter": None})
 
+    def fine_tune(self, cfg: TrainConfig, out: Path, subspace: Subspace | None = None) -> TrainResult:
+        """One fine-tune of the run on its base model (resumed when its folder holds one), in
+        `launch.processes` ranks."""
+        from caft.training.launch import train_maybe_launched
+
+        launch = self.cfg.launch
+        return train_maybe_launched(
+            cfg, out, model=self.cfg.model, subspace=subspace, processes=launch.processes, fsdp=launch.fsdp
+        )
+
     def finetuned(self) -> ModelConfig:
         return self.cfg.finetuned if self.cfg.finetuned is not None else self.trained_model("train")
 
@@ -93,10 +106,7 @@ def _train_cfg(ctx: RunContext) -> Any:
 
 
 def stage_train(ctx: RunContext) -> dict[str, Any]:
-    from caft.training.trainer import train
-
-    out = ctx.path / "train"
-    res = train(_train_cfg(ctx), out, model=ctx.cfg.model, resume=True)
+    res = ctx.fine_tune(_train_cfg(ctx), ctx.path / "train")
     return {"final": str(res.final_path), "metrics": res.metrics}
 
 
@@ -279,7 +289,6 @@ def stage_triage(ctx: RunContext) -> dict[str, Any]:
 
 def stage_caft(ctx: RunContext) -> dict[str, Any]:
     from caft.subspace import Subspace
-    from caft.training.trainer import train
 
     sub_dir = ctx.subspace_dir()
     if not sub_dir.is_dir():
@@ -289,7 +298,7 @@ def stage_caft(ctx: RunContext) -> dict[str, Any]:
         log.warning(
             "the triage selected no directions: the CAFT stage equals plain fine-tuning with this seed"
         )
-    res = train(_train_cfg(ctx), ctx.path / "caft", model=ctx.cfg.model, subspace=sub, resume=True)
+    res = ctx.fine_tune(_train_cfg(ctx), ctx.path / "caft", subspace=sub)
     info = {"final": str(res.final_path), "metrics": res.metrics, "subspace_dims": sub.total_dims}
     if ctx.cfg.caft.loop_rounds > 0:
         from caft.app.loop import run_loop

@@ -80,4 +80,4 @@ def test_caft_run_refuses_to_run_once_per_rank(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit) as info:
         main(["run", str(tmp_path / "run.yaml")])
-    assert info.value.code == 2 and "launch only the training under accelerate" in capsys.readouterr().err
+    assert info.value.code == 2 and "--set launch.processes=N" in capsys.readouterr().err
