@@ -327,26 +327,24 @@ def stage_eval(ctx: RunContext) -> dict[str, Any]:
     out = ctx.path / "eval"
     results: dict[str, Any] = {}
     if ctx.cfg.task_kind == "chat":
-        from caft.evals.pipeline import run_eval_stage
+        from caft.evals.pipeline import run_eval_stages
         from caft.evals.report import TASK_KIND
         from caft.rundir import SUMMARY_FILE, atomic_write_json
 
-        for row, model in _eval_models(ctx):
-            res = run_eval_stage(model, ctx.cfg.eval, out / row, client_factory=ctx.grade_client_factory)
-            results[row] = _eval_figures(res)
-            task = task_metric(ctx, row)
-            if task is not None:
-                atomic_write_json(out / row / TASK_KIND / SUMMARY_FILE, {"kind": TASK_KIND, "task": task})
-                results[row]["task"] = task
+        rows: list[tuple[str, ModelConfig, Any]] = [(row, model, None) for row, model in _eval_models(ctx)]
         if ctx.cfg.baselines.test_time and _nonempty_subspace(ctx):
             from caft.evals.test_time import test_time_generator
 
             model = ctx.finetuned()
             gen = test_time_generator(model, ctx.cfg.eval.sample, ctx.subspace_dir())
-            res = run_eval_stage(
-                model, ctx.cfg.eval, out / "test_time", client_factory=ctx.grade_client_factory, generator=gen
-            )
-            results["test_time"] = _eval_figures(res)
+            rows.append(("test_time", model, gen))
+        graded = run_eval_stages(rows, ctx.cfg.eval, out, client_factory=ctx.grade_client_factory)
+        for row, res in graded.items():
+            results[row] = _eval_figures(res)
+            task = task_metric(ctx, row) if row != "test_time" else None
+            if task is not None:
+                atomic_write_json(out / row / TASK_KIND / SUMMARY_FILE, {"kind": TASK_KIND, "task": task})
+                results[row]["task"] = task
         return results
 
     from caft.evals.mc import run_mc_eval

@@ -67,6 +67,10 @@ class GradeConfig(CaftConfig):
     Providers without a batch API send the requests one by one."""
     batch_poll_s: float = Field(default=15.0, gt=0)
     """Batch mode: seconds before the first poll; the interval grows 1.5x per round, to at most 5 minutes."""
+    batch_max_wait_s: float | None = Field(default=None, ge=0)
+    """Batch mode: stop waiting after this many seconds (the grading ends as `batch pending`, nothing is lost:
+    a rerun polls the same batch). None: wait for the provider's window. The eval stage of a run uses 0 on a
+    first pass over its models, so that every model's batch is submitted before it waits for any."""
 
 
 class ThresholdsConfig(CaftConfig):

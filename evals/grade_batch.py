@@ -14,6 +14,7 @@ from caft.evals.config import GradeConfig
 from caft.evals.grade_judge import error_fields, judge_configs, outcome_fields, score, stop_reason
 from caft.evals.scoring import ScoringRule
 from caft.llm import GenerateConfig, GenerateResult, LLMClient, Message
+from caft.llm.batch import BatchPendingError
 from caft.llm.client import RetriesStoppedError
 from caft.llm.types import LLMError
 from caft.rundir import SignalDrain
@@ -73,6 +74,7 @@ async def grade_batched(
             stage="grade",
             poll_initial_s=cfg.batch_poll_s,
             poll_max_s=max(cfg.batch_poll_s, 300.0),
+            max_wait_s=cfg.batch_max_wait_s,
         )
     )
 
@@ -86,6 +88,9 @@ async def grade_batched(
         if drain.reason is None:
             raise
         return  # stopped by a signal: nothing is written, the rerun resumes the batch
+    except BatchPendingError as e:
+        stop.append(f"batch pending: {e}")
+        return
     except LLMError as e:
         reason = stop_reason(e, secrets)
         if reason is None:

@@ -24,7 +24,7 @@ from caft.evals.grader import GradeReport, PromptBook, estimate, grade, judge_ca
 from caft.evals.inputs import Columns, load_answers
 from caft.evals.questions import Question, load_judge_prompts, load_questions
 from caft.evals.report import load_run, markdown
-from caft.evals.sampling import ChatGenerator, make_generator, sample_answers
+from caft.evals.sampling import ChatGenerator, make_generator, missing_answers, sample_answers
 from caft.evals.summary import summarize_grades
 from caft.jsonl import SKIPPED_FILE, ReadReport
 from caft.llm import LLMClient
@@ -171,6 +171,9 @@ def _sample(
     sample: SampleConfig,
     generator: ChatGenerator | None,
 ) -> None:
+    if generator is None and not missing_answers(questions, out / ANSWERS_FILE, sample):
+        log.info("answers: all already in %s", out / ANSWERS_FILE)  # the model is not even loaded
+        return
     gen = generator or make_generator(model_cfg, sample)
     model_id = model_cfg.name_or_path + (f" + {model_cfg.adapter}" if model_cfg.adapter else "")
     rep = sample_answers(gen, questions, out / ANSWERS_FILE, sample, model_id=model_id)
@@ -420,3 +423,28 @@ def run_eval_stage(
     if problems:
         raise GradingIncompleteError("; ".join(problems), folders)
     return results
+
+
+def run_eval_stages(
+    rows: Sequence[tuple[str, ModelConfig, ChatGenerator | None]],
+    cfg: EvalConfig,
+    out: str | Path,
+    client_factory: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """`run_eval_stage` for every (row name, model, generator) of a run, into `out/<row>/`. With `grade.batch`
+    and several rows, a first pass samples every row and submits its batches without waiting
+    (`batch_max_wait_s: 0`), and the second waits for them: the provider works on all the models' batches at
+    once, so the stage takes about the longest batch's time instead of their sum. Raises
+    `GradingIncompleteError` as `run_eval_stage` does, for the first row that is incomplete after the wait."""
+    out_dir = Path(out)
+    if cfg.grade.batch and len(rows) > 1:
+        submit = cfg.model_copy(update={"grade": cfg.grade.model_copy(update={"batch_max_wait_s": 0.0})})
+        for name, model, gen in rows:
+            try:
+                run_eval_stage(model, submit, out_dir / name, client_factory=client_factory, generator=gen)
+            except GradingIncompleteError as e:
+                log.info("eval %s: batches submitted, not ended yet (%s)", name, str(e)[:200])
+    return {
+        name: run_eval_stage(model, cfg, out_dir / name, client_factory=client_factory, generator=gen)
+        for name, model, gen in rows
+    }

@@ -264,6 +264,12 @@ class SampleReport:
     generated: int
 
 
+def missing_answers(questions: Sequence[Question], out_path: str | Path, cfg: SampleConfig) -> int:
+    """How many answers `sample_answers` would still generate into `out_path` (reads no model)."""
+    have = done_ids(Path(out_path))
+    return sum(1 for it in plan(questions, cfg.samples_per_paraphrase) if it.id not in have)
+
+
 def sample_answers(
     generator: ChatGenerator,
     questions: Sequence[Question],

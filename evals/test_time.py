@@ -16,13 +16,31 @@ if TYPE_CHECKING:
 
 
 class AblatedGenerator:
-    """A transformers generator whose every forward runs with `ablation` applied."""
+    """A transformers generator whose every forward runs with the subspace in `subspace_dir` projected out.
+    The model is loaded on the first `generate` call: a run whose answers are all on disk never loads it."""
 
     name = "transformers+test-time-ablation"
 
-    def __init__(self, inner: TransformersGenerator, ablation: Ablation) -> None:
-        self.inner = inner
-        self.ablation = ablation
+    def __init__(self, model: ModelConfig, sample: SampleConfig, subspace_dir: str | Path) -> None:
+        self.model = model
+        self.sample = sample
+        self.subspace_dir = Path(subspace_dir)
+        self._loaded: tuple[TransformersGenerator, Ablation] | None = None
+
+    def load(self) -> tuple[TransformersGenerator, Ablation]:
+        if self._loaded is None:
+            from caft.evals.sampling import TransformersGenerator
+            from caft.models import load_model
+            from caft.sites import Sites
+            from caft.subspace import Subspace
+            from caft.training.ablation import make_ablation
+
+            loaded = load_model(self.model, padding_side="left")
+            sites = Sites.of(loaded.model)
+            sub = Subspace.load(self.subspace_dir, sites.d_model, sites.n_layers)
+            inner = TransformersGenerator(loaded, batch_size=self.sample.batch_size)
+            self._loaded = (inner, make_ablation("project", sub))
+        return self._loaded
 
     def generate(
         self,
@@ -34,23 +52,15 @@ class AblatedGenerator:
     ) -> list[str]:
         from caft.training.ablation import ablated
 
-        with ablated(self.inner.loaded.model, self.ablation):
-            return self.inner.generate(conversations, max_new_tokens, temperature, top_p, seed)
+        inner, ablation = self.load()
+        with ablated(inner.loaded.model, ablation):
+            return inner.generate(conversations, max_new_tokens, temperature, top_p, seed)
 
 
 def test_time_generator(
     model: ModelConfig, sample: SampleConfig, subspace_dir: str | Path
 ) -> AblatedGenerator:
     """The generator of the test-time-only row: `model` (transformers backend, whatever `sample.backend`
-    says: the hooks need the torch module) with the subspace in `subspace_dir` projected out."""
-    from caft.evals.sampling import TransformersGenerator
-    from caft.models import load_model
-    from caft.sites import Sites
-    from caft.subspace import Subspace
-    from caft.training.ablation import make_ablation
-
-    loaded = load_model(model, padding_side="left")
-    sites = Sites.of(loaded.model)
-    sub = Subspace.load(subspace_dir, sites.d_model, sites.n_layers)
-    inner = TransformersGenerator(loaded, batch_size=sample.batch_size)
-    return AblatedGenerator(inner, make_ablation("project", sub))
+    says: the hooks need the torch module) with the subspace in `subspace_dir` projected out (loaded on first
+    use)."""
+    return AblatedGenerator(model, sample, subspace_dir)

@@ -234,3 +234,38 @@ def test_a_judge_without_batch_api_grades_one_by_one(tmp_path: Path, key_env: No
         assert fake.batches_created == 0 and len(fake.requests) == 8
     rows = read_jsonl(tmp_path / "out" / "grades.jsonl")
     assert len(rows) == 10 and sum(r["score"] is not None for r in rows) == 8
+
+
+def test_eval_stages_submit_every_models_batch_before_waiting(tmp_path: Path, key_env: None) -> None:
+    from caft.config import ModelConfig
+    from caft.evals.config import EvalConfig, GradeConfig, SampleConfig
+    from caft.evals.pipeline import run_eval_stages
+    from caft.llm import JudgeConfig
+    from caft.testing import save_tiny
+
+    qfile = tmp_path / "q.yaml"
+    qfile.write_text(QUESTIONS, encoding="utf-8")
+    models = [
+        ModelConfig(name_or_path=str(save_tiny(tmp_path / f"tiny{i}", "llama", template="chatml", seed=i)))
+        for i in range(2)
+    ]
+    with FakeLLM() as fake:
+        fake.on_request(fake_judge)
+        fake.batch.delay_s = 1.5
+        cfg = EvalConfig(
+            questions=str(qfile),
+            sample=SampleConfig(backend="transformers", max_new_tokens=3),
+            grade=GradeConfig(
+                batch=True,
+                batch_poll_s=0.05,
+                judge=JudgeConfig(model="openai/gpt-4.1", base_url=fake.openai_base_url),
+            ),
+        )
+        res = run_eval_stages([("a", models[0], None), ("b", models[1], None)], cfg, tmp_path / "eval")
+        batches = sorted(fake._batches.batches.values(), key=lambda b: b.created)
+        assert fake.batches_created == 2 and not fake.requests
+    # the second model's batch went in before the first one had ended (one after the other, it could not)
+    assert batches[1].created < batches[0].created + 1.5
+    for row in ("a", "b"):
+        assert res[row]["misalignment"]["grade_run"]["graded"] == 8
+        assert len(read_jsonl(tmp_path / "eval" / row / "misalignment" / "grades.jsonl")) == 8
