@@ -120,10 +120,13 @@ def run_dossiers(run: Path) -> tuple[list[Dossier], list[Dossier]]:
 
 
 def run_directions(run: Path) -> dict[str, torch.Tensor]:
-    """Every direction of the run's candidate and control folders."""
+    """Every direction of the run's candidate and control folders (the contrast basis included)."""
+    from caft.interp.contrast import CONTRAST_DIR
+
+    folders = [run / "diff", run / "sae", run / "evidence" / CONTRAST_DIR, *(run / c for c in CONTROL_DIRS)]
     files = [
         p / DIRECTIONS_FILE
-        for p in [run / "diff", run / "sae", *(run / c for c in CONTROL_DIRS)]
+        for p in folders
         if (p / CANDIDATES_FILE).is_file() and (p / DIRECTIONS_FILE).is_file()
     ]
     return load_directions(files)

@@ -300,7 +300,11 @@ class SingleJudge:
         first: dict[tuple[str, int], GenerateResult | LLMError] = {}
         if self.cfg.batch and todo and self._has_batch_api():
             task = asyncio.ensure_future(self._batch_first_round(todo))
-            drain.add_callback(task.cancel)
+
+            def cancel() -> None:
+                task.cancel()
+
+            drain.add_callback(cancel)
             try:
                 first = await task
             except asyncio.CancelledError:

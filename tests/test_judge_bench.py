@@ -14,6 +14,7 @@ from caft.agent.bench import (
     auroc,
     replay_provider,
     run_bench,
+    run_directions,
     split_random,
 )
 from caft.agent.bench_truth import balanced, correlations, labelled_rows
@@ -198,3 +199,16 @@ def test_the_judge_inputs_must_not_carry_labels(tmp_path: Path) -> None:
     (folder / "b.json").write_text(leaky.model_dump_json())
     with pytest.raises(AssertionError, match="a labelled row"):
         _assert_label_free(tmp_path / "in")
+
+
+def test_run_directions_include_the_contrast_basis(tmp_path: Path) -> None:
+    import torch
+
+    from caft.interp.contrast import CONTRAST_DIR
+
+    run = tmp_path / "run"
+    write_random_candidates(run / "diff", 8, [1], 2, seed=0)
+    ct = Candidate(id="vec:L1:ct-topic-0", kind="vector", layer=1, index=0, source="contrast")
+    save_candidates(run / "evidence" / CONTRAST_DIR, [ct], {ct.id: torch.ones(8) / 8**0.5})
+    dirs = run_directions(run)
+    assert "vec:L1:ct-topic-0" in dirs and {"vec:L1:null0", "vec:L1:null1"} <= dirs.keys()
