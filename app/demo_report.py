@@ -21,9 +21,18 @@ CONDITION_NAMES = {
 }
 
 
+def condition_names(report: dict[str, Any]) -> dict[str, str]:
+    """The conditions' display names; the CAFT row names the judge that selected its subspace."""
+    config = report.get("config") or {}
+    judge = config.get("triage_judge") or (
+        "LLM judge, replayed replies" if config.get("triage_replay") else None
+    )
+    return {**CONDITION_NAMES, "caft": f"CAFT ({judge})"} if judge else dict(CONDITION_NAMES)
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table: condition, ID (val) accuracy, OOD accuracy, per-seed OOD."""
-    names = CONDITION_NAMES
+    names = condition_names(report)
     lines = [f"{'condition':<28}{'ID acc':>8}{'OOD acc':>9}   OOD per seed"]
     for cond, m in report["summary"].items():
         per = [f"{r[cond]['ood']:.0%}" for r in report["per_seed"].values() if isinstance(r.get(cond), dict)]
@@ -68,7 +77,8 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
 
     summary: dict[str, dict[str, float]] = report["summary"]
     per_seed: dict[str, dict[str, Any]] = report["per_seed"]
-    groups = [CONDITION_NAMES.get(c, c) for c in summary]
+    names = condition_names(report)
+    groups = [names.get(c, c) for c in summary]
     bars: list[Bar] = []
     for cond, name in zip(summary, groups, strict=True):
         ood = [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)]

@@ -120,6 +120,15 @@ def test_causal_lm_demo_gets_the_contrast_basis_like_the_encoder_demo(tmp_path: 
     assert off.evidence.contrast.basis == 0
 
 
+def test_the_caft_row_names_an_llm_judge() -> None:
+    per_seed = {"0": {"plain": {"val": 1.0, "ood": 0.0}, "caft": {"val": 1.0, "ood": 0.9}}}
+    report = {"summary": summarize(per_seed), "per_seed": per_seed}
+    assert "CAFT (offline judge)" in format_table(report)
+    llm = format_table({**report, "config": {"triage_judge": "openai/gpt-4.1"}})
+    assert "CAFT (openai/gpt-4.1)" in llm and "offline" not in llm
+    assert "replayed" in format_table({**report, "config": {"triage_replay": "x.jsonl"}})
+
+
 def test_config_rejects_unknown_task_and_condition() -> None:
     with pytest.raises(ValueError, match="sentiment-topic"):
         DemoConfig.model_validate({"task": "nope"})
