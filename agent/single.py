@@ -299,26 +299,19 @@ class SingleJudge:
     ) -> JudgeOutcome:
         first: dict[tuple[str, int], GenerateResult | LLMError] = {}
         if self.cfg.batch and todo and self._has_batch_api():
-            task = asyncio.ensure_future(self._batch_first_round(todo))
-
-            def cancel() -> None:
-                task.cancel()
-
-            drain.add_callback(cancel)
             try:
-                first = await task
-            except asyncio.CancelledError:
-                if drain.reason is None:
-                    raise
+                answered = await drain.cancel_on_signal(self._batch_first_round(todo))
+            except BudgetExceededError as e:
+                outcome.stopped = f"budget: {e}"
+                log.warning("judging stopped at the budget before the batch was sent: %s", e)
+                return outcome
+            if answered is None:
                 outcome.stopped = drain.reason
                 log.warning(
                     "judging stopped (%s) while the batch ran; a rerun polls the same batch", drain.reason
                 )
                 return outcome
-            except BudgetExceededError as e:
-                outcome.stopped = f"budget: {e}"
-                log.warning("judging stopped at the budget before the batch was sent: %s", e)
-                return outcome
+            first = answered
         # flushed per record (a crashed process loses nothing); one fsync at the end instead of one per record,
         # which would block the event loop for milliseconds per verdict
         with JsonlWriter(vpath, fsync=False) as vw, JsonlWriter(self.out / EXCHANGES_FILE, fsync=False) as xw:

@@ -24,10 +24,13 @@ CONDITION_NAMES = {
 def condition_names(report: dict[str, Any]) -> dict[str, str]:
     """The conditions' display names; the CAFT row names the judge that selected its subspace."""
     config = report.get("config") or {}
-    judge = config.get("triage_judge") or (
-        "LLM judge, replayed replies" if config.get("triage_replay") else None
-    )
+    judge = config.get("triage_judge") or ("replayed LLM judge" if config.get("triage_replay") else None)
     return {**CONDITION_NAMES, "caft": f"CAFT ({judge})"} if judge else dict(CONDITION_NAMES)
+
+
+def seed_values(per_seed: dict[str, Any], cond: str, key: str = "ood") -> list[float]:
+    """`key` (val / ood) of condition `cond` on every seed that ran it."""
+    return [float(r[cond][key]) for r in per_seed.values() if isinstance(r.get(cond), dict)]
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -35,7 +38,7 @@ def format_table(report: dict[str, Any]) -> str:
     names = condition_names(report)
     lines = [f"{'condition':<28}{'ID acc':>8}{'OOD acc':>9}   OOD per seed"]
     for cond, m in report["summary"].items():
-        per = [f"{r[cond]['ood']:.0%}" for r in report["per_seed"].values() if isinstance(r.get(cond), dict)]
+        per = [f"{v:.0%}" for v in seed_values(report["per_seed"], cond)]
         lines.append(f"{names.get(cond, cond):<28}{m['val']:>8.1%}{m['ood']:>9.1%}   {' / '.join(per)}")
     return "\n".join(lines)
 
@@ -81,7 +84,7 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
     groups = [names.get(c, c) for c in summary]
     bars: list[Bar] = []
     for cond, name in zip(summary, groups, strict=True):
-        ood = [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)]
+        ood = seed_values(per_seed, cond)
         bars.append(Bar(name, 0, summary[cond]["val"]))
         bars.append(
             Bar(name, 1, summary[cond]["ood"], min(ood), max(ood), note=f"(range over {len(ood)} seeds)")
@@ -94,9 +97,7 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
             "name": name,
             "val": f"{summary[cond]['val']:.1%}",
             "ood": f"{summary[cond]['ood']:.1%}",
-            "per_seed": " / ".join(
-                f"{r[cond]['ood']:.0%}" for r in per_seed.values() if isinstance(r.get(cond), dict)
-            ),
+            "per_seed": " / ".join(f"{v:.0%}" for v in seed_values(per_seed, cond)),
         }
         for cond, name in zip(summary, groups, strict=True)
     ]
@@ -127,7 +128,7 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
             "range": f"{min(vals):.1%} - {max(vals):.1%}",
         }
         for cond, name in zip(summary, groups, strict=True)
-        if (vals := [float(r[cond]["ood"]) for r in per_seed.values() if isinstance(r.get(cond), dict)])
+        if (vals := seed_values(per_seed, cond))
     ]
     commits = sorted(
         {
@@ -141,6 +142,7 @@ def write_demo_report(report: dict[str, Any], out: str | Path) -> Path:
         .get_template("demo.html.j2")
         .render(
             title=f"caft demo: {report['task']}, {report['seeds']} seed(s)",
+            judge=names["caft"].removeprefix("CAFT (").removesuffix(")"),
             chart=chart,
             rows=rows,
             picks=picks,

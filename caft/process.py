@@ -12,14 +12,15 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from caft.errors import RunDirError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOCK_FILE = ".caft.lock"
 
@@ -70,6 +71,22 @@ class SignalDrain:
                 continue
             self._installed.append(int(sig))
         return self
+
+    async def cancel_on_signal(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """`work`'s result, or None when the first signal cancelled it (e.g. a batch's polling: its state is
+        on disk, so a rerun resumes it); a cancellation from elsewhere propagates."""
+        task = asyncio.ensure_future(work)
+
+        def cancel() -> None:
+            task.cancel()
+
+        self.add_callback(cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if self.reason is None:
+                raise
+            return None
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -4,7 +4,6 @@ one-by-one path (`caft.evals.grade_judge` builds both)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,29 +64,19 @@ async def grade_batched(
         requests.extend((messages, g) for g in gens)
     if not requests:
         return
-    task = asyncio.ensure_future(
-        generate_all(
-            client,
-            requests,
-            batch=True,
-            state_dir=state_dir,
-            stage="grade",
-            poll_initial_s=cfg.batch_poll_s,
-            poll_max_s=max(cfg.batch_poll_s, 300.0),
-            max_wait_s=cfg.batch_max_wait_s,
-        )
-    )
-
-    def cancel() -> None:
-        task.cancel()
-
-    drain.add_callback(cancel)
     try:
-        results = await task
-    except asyncio.CancelledError:
-        if drain.reason is None:
-            raise
-        return  # stopped by a signal: nothing is written, the rerun resumes the batch
+        results = await drain.cancel_on_signal(
+            generate_all(
+                client,
+                requests,
+                batch=True,
+                state_dir=state_dir,
+                stage="grade",
+                poll_initial_s=cfg.batch_poll_s,
+                poll_max_s=max(cfg.batch_poll_s, 300.0),
+                max_wait_s=cfg.batch_max_wait_s,
+            )
+        )
     except BatchPendingError as e:
         stop.append(f"batch pending: {e}")
         return
@@ -97,6 +86,8 @@ async def grade_batched(
             raise
         stop.append(reason)
         return
+    if results is None:
+        return  # stopped by a signal: nothing is written, the rerun resumes the batch
     for base, start in spans:
         chunk = results[start : start + len(gens)]
         errors = [r for r in chunk if isinstance(r, LLMError)]

@@ -264,10 +264,18 @@ class SampleReport:
     generated: int
 
 
+def _todo(
+    questions: Sequence[Question], out: Path, cfg: SampleConfig
+) -> tuple[list[SampleItem], list[SampleItem]]:
+    """(every planned answer, the ones not yet in `out`)."""
+    items = plan(questions, cfg.samples_per_paraphrase)
+    have = done_ids(out)
+    return items, [it for it in items if it.id not in have]
+
+
 def missing_answers(questions: Sequence[Question], out_path: str | Path, cfg: SampleConfig) -> int:
     """How many answers `sample_answers` would still generate into `out_path` (reads no model)."""
-    have = done_ids(Path(out_path))
-    return sum(1 for it in plan(questions, cfg.samples_per_paraphrase) if it.id not in have)
+    return len(_todo(questions, Path(out_path), cfg)[1])
 
 
 def sample_answers(
@@ -280,11 +288,9 @@ def sample_answers(
 ) -> SampleReport:
     """Generate every missing answer of `questions` into `out_path` (JSONL, one answer per line)."""
     out = Path(out_path)
-    items = plan(questions, cfg.samples_per_paraphrase)
+    items, todo = _todo(questions, out, cfg)
     if not items:
         raise DataError("no questions to sample (the question file is empty)")
-    have = done_ids(out)
-    todo = [it for it in items if it.id not in have]
     report = SampleReport(out, planned=len(items), already_done=len(items) - len(todo), generated=0)
     if not todo:
         return report

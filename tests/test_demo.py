@@ -120,13 +120,15 @@ def test_causal_lm_demo_gets_the_contrast_basis_like_the_encoder_demo(tmp_path: 
     assert off.evidence.contrast.basis == 0
 
 
-def test_the_caft_row_names_an_llm_judge() -> None:
+def test_the_caft_row_names_an_llm_judge(tmp_path: Path) -> None:
     per_seed = {"0": {"plain": {"val": 1.0, "ood": 0.0}, "caft": {"val": 1.0, "ood": 0.9}}}
-    report = {"summary": summarize(per_seed), "per_seed": per_seed}
+    report = {"task": "t", "seeds": 1, "summary": summarize(per_seed), "per_seed": per_seed}
     assert "CAFT (offline judge)" in format_table(report)
-    llm = format_table({**report, "config": {"triage_judge": "openai/gpt-4.1"}})
-    assert "CAFT (openai/gpt-4.1)" in llm and "offline" not in llm
-    assert "replayed" in format_table({**report, "config": {"triage_replay": "x.jsonl"}})
+    llm = {**report, "config": {"triage_judge": "openai/gpt-4.1"}}
+    assert "CAFT (openai/gpt-4.1)" in format_table(llm) and "offline" not in format_table(llm)
+    page = write_demo_report(llm, tmp_path).read_text()
+    assert "the judge (openai/gpt-4.1) read" in page and "offline judge" not in page
+    assert "CAFT (replayed LLM judge)" in format_table({**report, "config": {"triage_replay": "x.jsonl"}})
 
 
 def test_config_rejects_unknown_task_and_condition() -> None:

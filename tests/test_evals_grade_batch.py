@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from evals_helpers import write_answers
@@ -196,11 +197,25 @@ QUESTIONS = """
 """
 
 
+def batched_eval_config(questions: Path, fake: FakeLLM) -> Any:
+    """An eval section sampling 3 tokens per answer and grading through the fake server's batch API."""
+    from caft.evals.config import EvalConfig, GradeConfig, SampleConfig
+    from caft.llm import JudgeConfig
+
+    return EvalConfig(
+        questions=str(questions),
+        sample=SampleConfig(backend="transformers", max_new_tokens=3),
+        grade=GradeConfig(
+            batch=True,
+            batch_poll_s=0.05,
+            judge=JudgeConfig(model="openai/gpt-4.1", base_url=fake.openai_base_url),
+        ),
+    )
+
+
 def test_eval_stage_of_a_run_grades_in_one_batch(tmp_path: Path, key_env: None) -> None:
     from caft.config import ModelConfig
-    from caft.evals.config import EvalConfig, GradeConfig, SampleConfig
     from caft.evals.pipeline import run_eval_stage
-    from caft.llm import JudgeConfig
     from caft.testing import save_tiny
 
     qfile = tmp_path / "q.yaml"
@@ -209,15 +224,7 @@ def test_eval_stage_of_a_run_grades_in_one_batch(tmp_path: Path, key_env: None) 
     model = ModelConfig(name_or_path=str(tiny), device="cpu", dtype="float32")
     with FakeLLM() as fake:
         fake.on_request(fake_judge)
-        cfg = EvalConfig(
-            questions=str(qfile),
-            sample=SampleConfig(backend="transformers", max_new_tokens=3),
-            grade=GradeConfig(
-                batch=True,
-                batch_poll_s=0.05,
-                judge=JudgeConfig(model="openai/gpt-4.1", base_url=fake.openai_base_url),
-            ),
-        )
+        cfg = batched_eval_config(qfile, fake)
         res = run_eval_stage(model, cfg, tmp_path / "eval", progress=False)
         assert not fake.requests and fake.batches_created == 1
         n_batched = len(fake.batch_requests)
@@ -238,9 +245,7 @@ def test_a_judge_without_batch_api_grades_one_by_one(tmp_path: Path, key_env: No
 
 def test_eval_stages_submit_every_models_batch_before_waiting(tmp_path: Path, key_env: None) -> None:
     from caft.config import ModelConfig
-    from caft.evals.config import EvalConfig, GradeConfig, SampleConfig
     from caft.evals.pipeline import run_eval_stages
-    from caft.llm import JudgeConfig
     from caft.testing import save_tiny
 
     qfile = tmp_path / "q.yaml"
@@ -252,15 +257,7 @@ def test_eval_stages_submit_every_models_batch_before_waiting(tmp_path: Path, ke
     with FakeLLM() as fake:
         fake.on_request(fake_judge)
         fake.batch.delay_s = 1.5
-        cfg = EvalConfig(
-            questions=str(qfile),
-            sample=SampleConfig(backend="transformers", max_new_tokens=3),
-            grade=GradeConfig(
-                batch=True,
-                batch_poll_s=0.05,
-                judge=JudgeConfig(model="openai/gpt-4.1", base_url=fake.openai_base_url),
-            ),
-        )
+        cfg = batched_eval_config(qfile, fake)
         res = run_eval_stages([("a", models[0], None), ("b", models[1], None)], cfg, tmp_path / "eval")
         batches = sorted(fake._batches.batches.values(), key=lambda b: b.created)
         assert fake.batches_created == 2 and not fake.requests
