@@ -7,6 +7,12 @@ A stage's fingerprint holds:
   models and adapters);
 - `upstream`: for each earlier stage it reads, that stage's fingerprint hash and a digest of its output folder.
 
+The hash does not depend on where the files are: in the hashed copy of `config` a string that names a local file
+or folder stands for its digest, so a run folder copied or moved together with its data (a demo seed folder
+copied to try another judge) resumes instead of redoing every stage. The recorded fingerprint keeps the paths
+(`config`, `files`) for `what_changed`. `path_hash` is the older, path-keyed hash, accepted for stages recorded
+before this change.
+
 Digests hash file contents up to `HASH_LIMIT` bytes per file and use (size, mtime) above it, so model weights are
 not read in full on every run while subspaces, candidates, dossiers, selections, answers and grades are.
 """
@@ -149,13 +155,26 @@ def stage_fingerprint(cfg: RunConfig, run_path: Path, stage: str, enabled: Itera
             "fingerprint": recorded.get("hash") if recorded else None,
             "outputs": path_digest(folder, skip=_SELF_FILES),
         }
-    body = {
-        "version": {"stage": STAGE_VERSIONS.get(stage, 1), "caft": __version__},
-        "config": config,
-        "files": files,
-        "upstream": upstream,
-    }
-    return {"stage": stage, "hash": _hash(body), **body}
+    version = {"stage": STAGE_VERSIONS.get(stage, 1), "caft": __version__}
+    body = {"version": version, "config": config, "files": files, "upstream": upstream}
+    by_content = {"version": version, "config": _by_content(config, files), "upstream": upstream}
+    return {"stage": stage, "hash": _hash(by_content), "path_hash": _hash(body), **body}
+
+
+def _by_content(obj: Any, digests: Mapping[str, str]) -> Any:
+    """`obj` with every string that names a local path replaced by that path's digest."""
+    if isinstance(obj, Mapping):
+        return {k: _by_content(v, digests) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_by_content(v, digests) for v in obj]
+    if isinstance(obj, str) and obj in digests:
+        return f"<local path {digests[obj]}>"
+    return obj
+
+
+def same_inputs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether a recorded fingerprint matches a new one (by content; or by the older path-keyed hash)."""
+    return old.get("hash") in (new["hash"], new.get("path_hash"))
 
 
 def _hash(obj: Any) -> str:

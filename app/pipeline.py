@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caft.app.fingerprint import FINGERPRINT_FILE, read_fingerprint, stage_fingerprint, what_changed
+from caft.app.fingerprint import FINGERPRINT_FILE, read_fingerprint, same_inputs, stage_fingerprint, what_changed
 from caft.app.preflight import preflight, raise_if_problems
 from caft.app.run_config import RunConfig
 from caft.app.stages import OFFLINE_JUDGE, STAGE_FUNCS, STAGES, RunContext, uses_offline_judge
@@ -145,7 +145,7 @@ def _run_locked(
             why = f"the earlier stage {redone_upstream} was redone"
         elif stage.path.exists() and old is None:
             why = "its folder has no fingerprint (written by an older caft, or not by `caft run`)"
-        elif old is not None and old.get("hash") != fp["hash"]:
+        elif old is not None and not same_inputs(old, fp):
             why = "its inputs changed: " + ", ".join(what_changed(old, fp)[:8])
         if why is not None and stage.path.exists():
             moved = supersede(stage.path)

@@ -139,3 +139,42 @@ def test_a_second_run_on_the_same_folder_refuses(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_run_copied_with_its_inputs_resumes_and_a_changed_copied_input_still_redoes(tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    runner = CliRunner()
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.mkdir()
+    with FakeLLM() as fake:
+        fake.on_request(router("pc:L1:0"))
+        cfg_path = write_config(src, fake.openai_base_url)
+        assert runner.invoke(app, ["run", str(cfg_path)]).exit_code == 0
+        shutil.copytree(src, dst)
+        copied = dst / "run.yaml"
+        copied.write_text(cfg_path.read_text().replace(str(src), str(dst)))
+        assert str(src) not in copied.read_text()
+        before = {s: json.loads((dst / "run" / s / "DONE.json").read_text())["finished_at"] for s in STAGES}
+        n_requests = len(fake.requests)
+
+        # Every path moved, no content changed: every stage is skipped, nothing is re-requested.
+        res = runner.invoke(app, ["run", str(copied)])
+        assert res.exit_code == 0, res.output
+        after = {s: json.loads((dst / "run" / s / "DONE.json").read_text())["finished_at"] for s in STAGES}
+        assert after == before
+        assert not (dst / "run" / ".superseded").exists()
+        assert len(fake.requests) == n_requests
+
+        # The copy's training data changed: train and everything after it are redone in the copy.
+        cfg = yaml.safe_load(copied.read_text())
+        data = Path(cfg["train"]["data"]["path"])
+        rows = data.read_text().splitlines()
+        data.write_text("\n".join(rows[:-1]) + "\n")
+        res = runner.invoke(app, ["run", str(copied)])
+        assert res.exit_code == 0, res.output
+        assert _superseded(dst / "run")[0] == "baselines" and "train" in _superseded(dst / "run")
+        # The original run is untouched.
+        assert not (src / "run" / ".superseded").exists()
