@@ -197,12 +197,20 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
 
 
 def undesired_score(records: Sequence[Any], policy: Any) -> float:
-    """A direction's undesired score for the AUROC: the offline judge's calibrated z (mean over records), else
-    the mean undesired confidence (0 for other relations; relevance with `score: relevance`)."""
+    """A direction's undesired score for the AUROC: the offline judge's calibrated z (mean over records); for an
+    LLM judge the signed confidence (mean over records: +confidence for `undesired`, -confidence for `intended`,
+    0 for `unrelated` / `unclear`), so a confident "the task needs this" ranks below "neither"; with
+    `score: relevance` the mean relevance. The selection's scale (`control_score`) is unchanged."""
     zs = [float(r.scores["z"]) for r in records if "z" in r.scores]
     if zs:
         return statistics.fmean(zs)
-    return control_score(records, policy) or 0.0
+    if getattr(policy, "score", None) == "relevance":
+        return control_score(records, policy) or 0.0
+    signs = {"undesired": 1.0, "intended": -1.0}
+    judged = [r.verdict for r in records if r.verdict is not None]
+    if not judged:
+        return 0.0
+    return statistics.fmean(signs.get(v.relation, 0.0) * v.confidence for v in judged)
 
 
 def _pr(picked: set[str], truth: set[str]) -> dict[str, float | int | None]:
