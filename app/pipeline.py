@@ -25,7 +25,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from caft.app.fingerprint import FINGERPRINT_FILE, read_fingerprint, same_inputs, stage_fingerprint, what_changed
+from caft.app.fingerprint import (
+    FINGERPRINT_FILE,
+    read_fingerprint,
+    same_inputs,
+    stage_fingerprint,
+    what_changed,
+)
 from caft.app.preflight import preflight, raise_if_problems
 from caft.app.run_config import RunConfig
 from caft.app.stages import OFFLINE_JUDGE, STAGE_FUNCS, STAGES, RunContext, uses_offline_judge

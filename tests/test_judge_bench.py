@@ -20,8 +20,8 @@ from caft.agent.bench import (
 )
 from caft.agent.bench_truth import balanced, correlations, labelled_rows
 from caft.agent.config import SelectionPolicy, TriageConfig
-from caft.agent.schema import JudgeVerdict, VerdictRecord
 from caft.agent.fixtures import concept_of_text, make_dossier, verdict_for
+from caft.agent.schema import JudgeVerdict, VerdictRecord
 from caft.config import ModelConfig
 from caft.errors import DataError
 from caft.interp.schema import (
@@ -42,7 +42,12 @@ def test_auroc_counts_ties_half_and_needs_both_classes() -> None:
 
 def _llm_record(relation: str, confidence: float) -> VerdictRecord:
     verdict = JudgeVerdict(
-        label="x", description="x", relation=relation, confidence=confidence, evidence=["ex:max:0"], rationale="x"
+        label="x",
+        description="x",
+        relation=relation,
+        confidence=confidence,
+        evidence=["ex:max:0"],
+        rationale="x",
     )
     return VerdictRecord(candidate="pc:L0:0", judge="mock/replay", verdict=verdict)
 
@@ -55,10 +60,14 @@ def test_llm_undesired_score_is_signed_so_intended_ranks_below_unrelated() -> No
     }
     assert score == {"undesired": 0.8, "unrelated": 0.0, "unclear": 0.0, "intended": -0.8}
     # the mean over an ensemble's records; the offline judge's z wins when present; no verdict scores 0
-    assert undesired_score([_llm_record("undesired", 0.9), _llm_record("intended", 0.5)], policy) == pytest.approx(0.2)
+    assert undesired_score(
+        [_llm_record("undesired", 0.9), _llm_record("intended", 0.5)], policy
+    ) == pytest.approx(0.2)
     z = VerdictRecord(candidate="pc:L0:0", judge="offline-embedding", verdict=None, scores={"z": 2.5})
     assert undesired_score([z], policy) == 2.5
-    assert undesired_score([VerdictRecord(candidate="c", judge="j", unscored="parse_failure: x")], policy) == 0.0
+    assert (
+        undesired_score([VerdictRecord(candidate="c", judge="j", unscored="parse_failure: x")], policy) == 0.0
+    )
 
 
 def test_balanced_makes_label_and_cue_independent() -> None:
