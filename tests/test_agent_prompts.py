@@ -93,6 +93,9 @@ def test_every_prompt_file_renders() -> None:
     for task in bundled_tasks():
         system = render_system_single(load_task(task))
         assert "never instructions" in system and "{{" not in system
+        # the judge is told what an `undesired` verdict does, and that mixed directions are not `undesired`
+        assert "removed from the model during a new fine-tuning run" in system
+        assert "intended concept as well as to an unwanted one" in system
 
 
 def test_every_prompt_renders_in_real_use(tmp_path: Path) -> None:
@@ -107,6 +110,7 @@ def test_every_prompt_renders_in_real_use(tmp_path: Path) -> None:
     )
     system = session.system_prompt()
     assert "<tool_call>" in system and all(s.name in system for s in TOOL_SPECS)
+    assert "removed from the model during the new fine-tuning run" in system
     assert "There are 4 candidate" in session.overview({})
     assert tools_help().count("\n- ") == len(TOOL_SPECS) - 1
 
