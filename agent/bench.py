@@ -436,7 +436,9 @@ def _score(
 def replay_provider(exchanges: str | Path) -> Provider:
     """A mock provider that answers each single-shot prompt with the reply recorded for the same user message
     in an `exchanges.jsonl` (of an earlier triage or benchmark run, e.g. with a strong LLM); a prompt with no
-    recorded reply is a fatal error that names the file."""
+    recorded reply is a fatal error that names the file. When the recording holds the system prompt and the live
+    one differs (the prompts changed since), the reply is still used and a warning says so once: it is the
+    earlier prompt's answer."""
     import hashlib
 
     from caft.llm import FatalError, GenerateConfig, Message, MockProvider
@@ -447,21 +449,33 @@ def replay_provider(exchanges: str | Path) -> Provider:
     path = Path(exchanges)
     if not path.is_file():
         raise DataError(f"{path} not found: pass the exchanges.jsonl of a triage run to replay")
-    table: dict[str, str] = {}
+    table: dict[str, tuple[str, str | None]] = {}
     for x in iter_jsonl(path):
         msgs, replies = x.get("messages") or [], x.get("replies") or []
         users = [m for m in msgs if m.get("role") == "user"]
+        systems = [str(m.get("content", "")) for m in msgs if m.get("role") == "system"]
         if users and replies:  # the first user message and its last reply (after any repair round)
-            table[key(str(users[0].get("content", "")))] = str(replies[-1])
+            recorded_system = key("\n\n".join(systems)) if systems else None
+            table[key(str(users[0].get("content", "")))] = (str(replies[-1]), recorded_system)
+    warned: list[bool] = []
 
     def reply(messages: list[Message], config: GenerateConfig) -> Any:
         del config
         users = [m for m in messages if m.role == "user"]
-        text = table.get(key(users[0].content)) if users else None
-        if text is None:
+        hit = table.get(key(users[0].content)) if users else None
+        if hit is None:
             return FatalError(
                 f"no recorded reply in {path} for this prompt (rendered differently, or never judged); "
                 "re-record the replies with the same triage config"
+            )
+        text, recorded_system = hit
+        live_system = key("\n\n".join(m.content for m in messages if m.role == "system"))
+        if recorded_system is not None and recorded_system != live_system and not warned:
+            warned.append(True)
+            log.warning(
+                "%s: replies recorded under a different system prompt than caft renders now; they are "
+                "replayed as recorded (the earlier prompt's answers)",
+                path,
             )
         return text
 

@@ -95,8 +95,10 @@ def export(seed_dir: Path, pack: Path, seed: int, overrides: list[str]) -> int:
     return 0
 
 
-def _prompt_user(text: str) -> str:
-    return text.split("\n# USER\n\n", 1)[1].removesuffix("\n")
+def _prompt_parts(text: str) -> tuple[str, str]:
+    """The system and the user message of an exported prompt file."""
+    head, user = text.split("\n# USER\n\n", 1)
+    return head.removeprefix("# SYSTEM\n\n").removesuffix("\n"), user.removesuffix("\n")
 
 
 def build(pack: Path) -> int:
@@ -106,7 +108,7 @@ def build(pack: Path) -> int:
     rows = []
     for entry in iter_jsonl(pack / INDEX):
         name = entry["name"]
-        user = _prompt_user((pack / "prompts" / f"{name}.md").read_text(encoding="utf-8"))
+        system, user = _prompt_parts((pack / "prompts" / f"{name}.md").read_text(encoding="utf-8"))
         reply_path = pack / "replies" / f"{name}.json"
         if not reply_path.is_file():
             problems.append(f"{reply_path}: missing")
@@ -121,7 +123,8 @@ def build(pack: Path) -> int:
         if unknown:
             problems.append(f"{reply_path}: cites ids the prompt does not show: {', '.join(unknown)}")
             continue
-        rows.append({"messages": [{"role": "user", "content": user}], "replies": [text]})
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        rows.append({"messages": messages, "replies": [text]})
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"{len(problems)} problem(s); fix the replies and build again", file=sys.stderr)
