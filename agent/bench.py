@@ -37,8 +37,9 @@ from pydantic import Field
 
 from caft.agent.bench_table import format_bench
 from caft.agent.bench_truth import balanced, correlations, labelled_rows
-from caft.agent.config import OFFLINE_KIND, TriageConfig
+from caft.agent.config import OFFLINE_KIND, SelectionPolicy, TriageConfig
 from caft.agent.judges import control_score
+from caft.agent.schema import VerdictRecord
 from caft.config import CaftConfig, ModelConfig
 from caft.errors import ConfigError, DataError
 from caft.interp.schema import (
@@ -196,7 +197,7 @@ def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def undesired_score(records: Sequence[Any], policy: Any) -> float:
+def undesired_score(records: Sequence[VerdictRecord], policy: SelectionPolicy) -> float:
     """A direction's undesired score for the AUROC: the offline judge's calibrated z (mean over records); for an
     LLM judge the signed confidence (mean over records: +confidence for `undesired`, -confidence for `intended`,
     0 for `unrelated` / `unclear`), so a confident "the task needs this" ranks below "neither"; with
@@ -204,7 +205,7 @@ def undesired_score(records: Sequence[Any], policy: Any) -> float:
     zs = [float(r.scores["z"]) for r in records if "z" in r.scores]
     if zs:
         return statistics.fmean(zs)
-    if getattr(policy, "score", None) == "relevance":
+    if policy.score == "relevance":
         return control_score(records, policy) or 0.0
     signs = {"undesired": 1.0, "intended": -1.0}
     judged = [r.verdict for r in records if r.verdict is not None]
@@ -457,9 +458,10 @@ def replay_provider(exchanges: str | Path) -> Provider:
         if users and replies:  # the first user message and its last reply (after any repair round)
             recorded_system = key("\n\n".join(systems)) if systems else None
             table[key(str(users[0].get("content", "")))] = (str(replies[-1]), recorded_system)
-    warned: list[bool] = []
+    warned = False
 
     def reply(messages: list[Message], config: GenerateConfig) -> Any:
+        nonlocal warned
         del config
         users = [m for m in messages if m.role == "user"]
         hit = table.get(key(users[0].content)) if users else None
@@ -471,7 +473,7 @@ def replay_provider(exchanges: str | Path) -> Provider:
         text, recorded_system = hit
         live_system = key("\n\n".join(m.content for m in messages if m.role == "system"))
         if recorded_system is not None and recorded_system != live_system and not warned:
-            warned.append(True)
+            warned = True
             log.warning(
                 "%s: replies recorded under a different system prompt than caft renders now; they are "
                 "replayed as recorded (the earlier prompt's answers)",
